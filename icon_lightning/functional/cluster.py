@@ -1,0 +1,41 @@
+"""The shared cluster likelihood q(j|i) = Σ_c φ_ic φ_jc / Σ_k φ_kc in log space."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def log_matmul_exp(a: Tensor, b: Tensor) -> Tensor:
+    """(B, M) log Σ_c exp(a_ic + b_jc) for a (B, K), b (M, K), without a (B, M, K) intermediate.
+
+    Shifts each row by its maximum and multiplies the exponentials (one matmul). Entries whose sum
+    underflows to 0 (pairs whose mass is more than ~e^-80 below the row scales) are recomputed exactly
+    with a logsumexp over K for just those pairs, so the result is exact everywhere and never -inf for
+    finite inputs.
+    """
+    a_max = a.amax(-1, keepdim=True)
+    b_max = b.amax(-1, keepdim=True)
+    s = torch.exp(a - a_max) @ torch.exp(b - b_max).T
+    tiny = torch.finfo(s.dtype).tiny
+    under = s <= tiny
+    out = torch.log(torch.where(under, torch.ones_like(s), s)) + a_max + b_max.T
+    if bool(under.any()):
+        i, j = under.nonzero(as_tuple=True)
+        out = out.index_put((i, j), torch.logsumexp(a[i] + b[j], dim=-1))
+    return out
+
+
+def log_cluster_affinity(log_phi_a: Tensor, log_phi_c: Tensor, log_weight_c: Tensor | None = None) -> Tensor:
+    """(B, M) log q(j|i) before masking: log Σ_c φ_ic w_j φ_jc / Σ_k w_k φ_kc.
+
+    log_phi_a: (B, K) log cluster probabilities of the anchors.
+    log_phi_c: (M, K) log cluster probabilities of the candidates.
+    log_weight_c: optional (M,) log weights w_j of the candidates: the degree d_j for the
+        normalized-cuts variant; uniform (None) for k-means and I-Con clustering.
+    Cluster sizes n_c = Σ_k w_k φ_kc are taken over the candidates.
+    """
+    if log_weight_c is not None:
+        log_phi_c = log_phi_c + log_weight_c.unsqueeze(-1)
+    log_size = torch.logsumexp(log_phi_c, dim=0)  # (K,)
+    return log_matmul_exp(log_phi_a, log_phi_c - log_size)

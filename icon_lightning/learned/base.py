@@ -1,0 +1,19 @@
+"""Base class of the learned distributions q."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from icon_lightning.functional import masked_log_softmax
+from icon_lightning.rows import Rows
+
+
+class Learned(nn.Module):
+    """log q(j|i) = masked log_softmax_j of ``log_kernel(anchors, candidates)``."""
+
+    def log_kernel(self, anchors: Rows, candidates: Rows) -> Tensor:  # pragma: no cover
+        """(B, M) unnormalised log-kernel between anchor and candidate outputs ``z``."""
+        raise NotImplementedError
+
+    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        return masked_log_softmax(self.log_kernel(anchors, candidates), valid)

@@ -1,0 +1,39 @@
+"""The shared cluster likelihood → k-means, normalized cuts, MI clustering, I-Con clustering."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from icon_lightning.functional import log_cluster_affinity
+from icon_lightning.learned.base import Learned
+from icon_lightning.rows import Rows
+
+
+class UniformCluster(Learned):
+    """q(j|i) = Σ_c φ_ic φ_jc / Σ_k φ_kc with φ = softmax(logits / temperature) (rows' ``z``: (B, K) logits).
+
+    Two items are neighbours when they share a cluster; picking j uniformly inside the anchor's cluster.
+    degree_weighted: q(j|i) = Σ_c φ_ic d_j φ_jc / Σ_k d_k φ_kc with degrees d from ``candidates.degree``
+        (the random walk restricted to a cluster, as in normalized cuts).
+    Computed in log space, without a (B, M, K) tensor (see ``functional.log_matmul_exp``).
+    """
+
+    def __init__(self, temperature: float = 1.0, degree_weighted: bool = False) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {temperature}")
+        self.temperature = float(temperature)
+        self.degree_weighted = degree_weighted
+
+    def log_kernel(self, anchors: Rows, candidates: Rows) -> Tensor:
+        log_phi_a = torch.log_softmax(anchors.z / self.temperature, dim=-1)
+        log_phi_c = torch.log_softmax(candidates.z / self.temperature, dim=-1)
+        log_weight = None
+        if self.degree_weighted:
+            if candidates.degree is None:
+                raise ValueError("degree: UniformCluster(degree_weighted=True) needs candidates.degree")
+            if bool((candidates.degree <= 0).any()):
+                raise ValueError("degree: expected positive degrees")
+            log_weight = torch.log(candidates.degree.to(log_phi_c.dtype))
+        return log_cluster_affinity(log_phi_a, log_phi_c, log_weight)

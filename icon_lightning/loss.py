@@ -1,0 +1,134 @@
+"""The I-Con equation: L = mean over anchors i of KL(p(.|i) ‖ q(.|i)), and the losses beside it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from icon_lightning.divergence import KL
+from icon_lightning.functional import check_shape, self_pairs_valid
+from icon_lightning.learned import Learned
+from icon_lightning.rows import Rows
+from icon_lightning.supervisory import Supervisory
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """Scalars: ``loss`` is what is minimised; ``kl`` and ``cross_entropy`` are logged beside it."""
+
+    loss: Tensor
+    kl: Tensor | None = None
+    cross_entropy: Tensor | None = None
+
+
+class Objective(nn.Module):
+    """Anything the LightningModule can minimise: ``forward(anchors, candidates=None) -> LossOutput``.
+
+    ``candidates=None`` means the anchors are their own candidates (a square batch, self pairs masked);
+    otherwise the pair matrix is rectangular (cross-view, image-text, class prototypes) and unmasked.
+    """
+
+    @staticmethod
+    def pairs(anchors: Rows, candidates: Rows | None) -> tuple[Rows, Tensor | None]:
+        if candidates is None:
+            return anchors, self_pairs_valid(len(anchors), len(anchors), device=anchors.z.device)
+        check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})
+        return candidates, None
+
+
+class IConLoss(Objective):
+    """mean_i KL(p(.|i) ‖ q(.|i)) over anchors that have at least one positive among the candidates."""
+
+    def __init__(self, p: Supervisory, q: Learned, divergence: nn.Module | None = None) -> None:
+        super().__init__()
+        self.p = p
+        self.q = q
+        self.divergence = divergence if divergence is not None else KL()
+
+    def target(self, anchors: Rows, candidates: Rows | None = None) -> Tensor:
+        """(B, M) p for these rows; pass it back to ``forward`` to share it across heads."""
+        candidates, valid = self.pairs(anchors, candidates)
+        return self.p(anchors, candidates, valid).detach()
+
+    def forward(self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None) -> LossOutput:
+        """p: optional precomputed ``target(anchors, candidates)``; q always comes from the rows' z."""
+        candidates, valid = self.pairs(anchors, candidates)
+        if p is None:
+            p = self.p(anchors, candidates, valid).detach()
+        else:
+            check_shape("p", p, 2, {0: len(anchors), 1: len(candidates)})
+        log_q = self.q(anchors, candidates, valid)
+        per_anchor = self.divergence(p, log_q)
+        has_positive = p.sum(-1) > 0
+        if not bool(has_positive.any()):
+            raise ValueError("p: no anchor has a positive among the candidates; check the batch composition")
+        kl = per_anchor.divergence[has_positive].mean()
+        return LossOutput(loss=kl, kl=kl, cross_entropy=per_anchor.cross_entropy[has_positive].mean())
+
+
+class WeightedSum(Objective):
+    """Σ_k w_k · term_k, e.g. Kernel-InfoNCE as released by its authors: λ·I-Con(p, q_γ) + (1−λ)·I-Con(p, q_γ=2).
+
+    A sum of KLs against different q is not one KL, so this lives beside ``IConLoss`` rather than inside q.
+    """
+
+    def __init__(self, terms: list[Objective], weights: list[float]) -> None:
+        super().__init__()
+        if len(terms) != len(weights) or not terms:
+            raise ValueError(f"weights: expected one weight per term ({len(terms)}), got {weights}")
+        self.terms = nn.ModuleList(terms)
+        self.weights = list(weights)
+
+    def forward(self, anchors: Rows, candidates: Rows | None = None) -> LossOutput:
+        outs = [t(anchors, candidates) for t in self.terms]
+
+        def total(name: str) -> Tensor | None:
+            values = [getattr(o, name) for o in outs]
+            return None if any(v is None for v in values) else sum(w * v for w, v in zip(self.weights, values))
+
+        return LossOutput(loss=total("loss"), kl=total("kl"), cross_entropy=total("cross_entropy"))
+
+
+class SCInfoNCE(Objective):
+    """SC-InfoNCE (Cheng et al., 2025): ℓ_i = −α s_ii + log Σ_{j≠i} e^{s_ij} + β/(B−1) Σ_{j≠i} s_ij.
+
+    Anchors are view 1, candidates view 2 (B × B), the positive of anchor i the candidate with the same
+    ``index``; s_ij = cos(z1_i, z2_j) / T. At α = 1, β = 0 it is the decoupled InfoNCE (DCL).
+
+    It is *not* a KL in general, so it is an ``Objective`` of its own rather than a (p, q) pair. When
+    β = α − 1 its gradient is that of KL(p~ ‖ q) with q = softmax_j(s_ij) and a stop-gradient, debiased
+    target p~ that puts 1 − ε_i on the positive and ε_i/(B−1) on each other candidate, with
+    ε_i = (1 − α)(1 − q_i⁺), scaled by 1/(1 − q_i⁺):  ∇ℓ_i = ∇KL(p~_i ‖ q_i) / (1 − q_i⁺).
+    Released configs (T = 0.15): CIFAR-10 α=1.0, β=−0.2; CIFAR-100 α=0.5, β=0.2; ImageNet-100 α=0.1, β=0.5.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0, temperature: float = 0.15) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {temperature}")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+
+    def logits(self, anchors: Rows, candidates: Rows) -> tuple[Tensor, Tensor]:
+        """(B, B) s_ij and the bool (B, B) positive mask, one positive per row."""
+        positive = anchors.index.unsqueeze(1) == candidates.index.unsqueeze(0)
+        if positive.shape[0] != positive.shape[1] or not bool((positive.sum(1) == 1).all()):
+            raise ValueError("candidates: SC-InfoNCE needs B × B views with exactly one positive (same index) per row")
+        s = F.normalize(anchors.z, dim=-1) @ F.normalize(candidates.z, dim=-1).T / self.temperature
+        return s, positive
+
+    def forward(self, anchors: Rows, candidates: Rows | None = None) -> LossOutput:
+        if candidates is None:
+            raise ValueError("candidates: SC-InfoNCE compares view 1 (anchors) with view 2 (candidates)")
+        check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})
+        s, positive = self.logits(anchors, candidates)
+        b = s.shape[0]
+        s_pos = s[positive]
+        negatives = s.masked_fill(positive, float("-inf"))
+        s_neg_sum = s.masked_fill(positive, 0.0).sum(1)
+        per_anchor = -self.alpha * s_pos + torch.logsumexp(negatives, 1) + self.beta / (b - 1) * s_neg_sum
+        return LossOutput(loss=per_anchor.mean())

@@ -1,0 +1,70 @@
+"""Combinators on supervisory distributions: debiasing, propagation along walks, mixtures."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from icon_lightning.functional import check_alpha, debias, propagate
+from icon_lightning.rows import Rows
+from icon_lightning.supervisory.base import Supervisory
+
+
+class Debiased(Supervisory):
+    """p~ = (1−α) p + α/M over the valid candidates (I-Con's debiasing; α ∈ [0, 1))."""
+
+    def __init__(self, base: Supervisory, alpha: float = 0.6) -> None:
+        super().__init__()
+        self.base = base
+        self.alpha = check_alpha("alpha", alpha)
+
+    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        return debias(self.base(anchors, candidates, valid), self.alpha, valid)
+
+
+class Propagated(Supervisory):
+    """Neighbour propagation: P̃ ∝ P + P² + … + P^(1+walks), or uniform over its support.
+
+    walks: number of extra walk steps on the in-batch graph (0 = no propagation, 1 = neighbours of
+        neighbours). Needs candidates == anchors (a square batch).
+    uniform: p uniform over every item reachable in ≤ 1+walks steps instead of walk-weighted.
+    """
+
+    def __init__(self, base: Supervisory, walks: int = 1, uniform: bool = False) -> None:
+        super().__init__()
+        if walks < 0:
+            raise ValueError(f"walks: expected a non-negative number of steps, got {walks}")
+        self.base = base
+        self.walks = walks
+        self.uniform = uniform
+
+    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        p = self.base(anchors, candidates, valid)
+        if p.shape[0] != p.shape[1]:
+            raise ValueError(f"walks: propagation needs candidates == anchors, got p of shape {tuple(p.shape)}")
+        return propagate(p, self.walks + 1, self.uniform, valid)
+
+
+class Mixture(Supervisory):
+    """Weighted average of several neighbourhoods, e.g. augmentations ∪ k-NN.
+
+    Per row, components without mass (no positive among the candidates) are left out and the remaining
+    weights renormalised, so every anchor with some positive keeps a probability row.
+    """
+
+    def __init__(self, components: list[Supervisory], weights: list[float] | None = None) -> None:
+        super().__init__()
+        if not components:
+            raise ValueError("components: expected at least one supervisory distribution")
+        weights = [1.0] * len(components) if weights is None else list(weights)
+        if len(weights) != len(components) or any(w < 0 for w in weights):
+            raise ValueError(f"weights: expected {len(components)} non-negative numbers, got {weights}")
+        self.components = nn.ModuleList(components)
+        self.weights = weights
+
+    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        ps = torch.stack([c(anchors, candidates, valid) for c in self.components])  # (C, B, M)
+        w = torch.tensor(self.weights, dtype=ps.dtype, device=ps.device).view(-1, 1, 1)
+        w = w * (ps.sum(-1, keepdim=True) > 0)
+        total = w.sum(0)
+        return (w * ps).sum(0) / torch.where(total > 0, total, torch.ones_like(total))

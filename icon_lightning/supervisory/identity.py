@@ -1,0 +1,47 @@
+"""Neighbourhoods defined by identity: same image (augmentations), other modality, same class."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from icon_lightning.functional import normalize_rows
+from icon_lightning.rows import Rows
+from icon_lightning.supervisory.base import Supervisory
+
+
+def _require(name: str, rows: Rows, side: str):
+    value = getattr(rows, name)
+    if value is None:
+        raise ValueError(f"{side}.{name}: required by this supervisory distribution but missing")
+    return value
+
+
+class Augmentation(Supervisory):
+    """Uniform over the other views of the same dataset item → InfoNCE / SimCLR (2B anchors × 2B−1)."""
+
+    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        same = anchors.index.unsqueeze(1) == candidates.index.unsqueeze(0)
+        return normalize_rows(same.to(anchors.z.dtype), valid)
+
+
+class CrossView(Supervisory):
+    """Positives only where the item is the same and the view / modality differs → CMC, CLIP."""
+
+    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        view_a, view_c = _require("view", anchors, "anchors"), _require("view", candidates, "candidates")
+        same = anchors.index.unsqueeze(1) == candidates.index.unsqueeze(0)
+        other = view_a.unsqueeze(1) != view_c.unsqueeze(0)
+        return normalize_rows((same & other).to(anchors.z.dtype), valid)
+
+
+class SameLabel(Supervisory):
+    """Uniform over candidates of the anchor's class → SupCon.
+
+    With class prototypes as candidates (candidates.label = arange(C)) this is the one-hot target of
+    cross-entropy.
+    """
+
+    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        label_a, label_c = _require("label", anchors, "anchors"), _require("label", candidates, "candidates")
+        same = label_a.unsqueeze(1) == label_c.unsqueeze(0)
+        return normalize_rows(same.to(anchors.z.dtype), valid)
