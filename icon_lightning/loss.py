@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icon_lightning.divergence import KL
-from icon_lightning.functional import check_shape, self_pairs_valid
+from icon_lightning.functional import check_shape, sc_infonce, self_pairs_valid
 from icon_lightning.learned import Learned
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory import Supervisory
@@ -126,9 +125,4 @@ class SCInfoNCE(Objective):
             raise ValueError("candidates: SC-InfoNCE compares view 1 (anchors) with view 2 (candidates)")
         check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})
         s, positive = self.logits(anchors, candidates)
-        b = s.shape[0]
-        s_pos = s[positive]
-        negatives = s.masked_fill(positive, float("-inf"))
-        s_neg_sum = s.masked_fill(positive, 0.0).sum(1)
-        per_anchor = -self.alpha * s_pos + torch.logsumexp(negatives, 1) + self.beta / (b - 1) * s_neg_sum
-        return LossOutput(loss=per_anchor.mean())
+        return LossOutput(loss=sc_infonce(s, positive, self.alpha, self.beta).mean())

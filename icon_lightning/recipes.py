@@ -36,4 +36,4 @@ def load_recipe(name_or_path: str | Path) -> Objective:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--model.loss", type=Objective, required=True)
     cfg = parser.parse_path(str(recipe_path(name_or_path)))
-    return parser.instantiate_classes(cfg).model.loss
+    return parser.instantiate(cfg).model.loss

@@ -5,6 +5,7 @@ Shape letters: B anchors, M candidates, D dim, K clusters, k neighbours.
 
 from icon_lightning.functional.checks import check_alpha, check_finite, check_rows, check_shape
 from icon_lightning.functional.cluster import log_cluster_affinity, log_matmul_exp
+from icon_lightning.functional.contrastive import sc_infonce
 from icon_lightning.functional.debias import debias, log_debias
 from icon_lightning.functional.distances import cosine_similarity, pairwise_sqeuclidean
 from icon_lightning.functional.divergence import kl_divergence
@@ -34,6 +35,7 @@ __all__ = [
     "normalize_rows",
     "pairwise_sqeuclidean",
     "propagate",
+    "sc_infonce",
     "self_pairs_valid",
     "sigma_for_perplexity",
 ]

@@ -1,0 +1,139 @@
+"""The functional layer against independent references: scipy, scikit-learn, brute force."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import entropy
+
+from icon_lightning import functional as fn
+
+
+def test_log_matmul_exp_matches_logsumexp_including_underflow():
+    torch.manual_seed(0)
+    a = torch.randn(7, 5, dtype=torch.float32) * 3
+    b = torch.randn(6, 5, dtype=torch.float32) * 3
+    a[0] = torch.tensor([0.0, -500.0, -500.0, -500.0, -500.0])  # the sum underflows in float32
+    b[0] = torch.tensor([-500.0, 0.0, -500.0, -500.0, -500.0])
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    out = fn.log_matmul_exp(a, b)
+    ref = torch.logsumexp(a.unsqueeze(1) + b.unsqueeze(0), -1)
+    torch.testing.assert_close(out, ref)
+    assert out[0, 0].item() == pytest.approx(-500.0 + np.log(2.0))  # e^-500 + e^-500, not -inf
+    g_out = torch.autograd.grad(out.sum(), (a, b))
+    g_ref = torch.autograd.grad(ref.sum(), (a, b))
+    for x, y in zip(g_out, g_ref):
+        torch.testing.assert_close(x, y)
+
+
+def test_cluster_affinity_rows_sum_to_one_before_masking():
+    log_phi = torch.log_softmax(torch.randn(9, 4, dtype=torch.float64), -1)
+    q = fn.log_cluster_affinity(log_phi, log_phi).exp()
+    torch.testing.assert_close(q.sum(1), torch.ones(9, dtype=torch.float64))
+
+
+def test_kl_matches_scipy_and_ignores_zero_p():
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
+    log_q = torch.tensor(
+        [[np.log(0.25), np.log(0.75), -np.inf], [np.log(0.1), np.log(0.6), np.log(0.3)]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    kl, ce = fn.kl_divergence(p, log_q)
+    q = log_q.detach().exp().numpy()
+    for i in range(2):
+        assert kl[i].item() == pytest.approx(entropy(p[i].numpy(), q[i]), rel=1e-12)
+        assert ce[i].item() == pytest.approx(entropy(p[i].numpy(), q[i]) + entropy(p[i].numpy()), rel=1e-12)
+    (grad,) = torch.autograd.grad(kl.sum(), log_q)
+    assert torch.isfinite(grad).all() and grad[0, 2] == 0
+
+
+def test_masked_log_softmax_empty_row_stays_minus_inf():
+    scores = torch.randn(3, 4)
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[1] = False
+    out = fn.masked_log_softmax(scores, valid)
+    assert torch.isneginf(out[1]).all() and not torch.isnan(out).any()
+    torch.testing.assert_close(out[0].exp().sum(), torch.tensor(1.0))
+
+
+def test_self_pairs_valid_with_offset():
+    valid = fn.self_pairs_valid(3, 9, offset=3)  # rank 1 of 3 with B = 3
+    assert [(i, j) for i, j in zip(*torch.nonzero(~valid, as_tuple=True))] == [(0, 3), (1, 4), (2, 5)]
+
+
+def test_debias_linear_and_log_space_agree():
+    valid = fn.self_pairs_valid(5, 5)
+    p = fn.normalize_rows(torch.rand(5, 5, dtype=torch.float64), valid)
+    for alpha in (0.0, 0.3, 0.8):
+        lin = fn.debias(p, alpha, valid)
+        torch.testing.assert_close(lin.sum(1), torch.ones(5, dtype=torch.float64))
+        torch.testing.assert_close(lin[valid], ((1 - alpha) * p + alpha / 4)[valid])
+        log = fn.log_debias(p.log().masked_fill(~valid, float("-inf")), alpha, valid)
+        torch.testing.assert_close(log.exp(), lin)
+
+
+def test_propagation_matches_dense_powers():
+    torch.manual_seed(0)
+    n = 12
+    adj = (torch.rand(n, n) < 0.2).double()
+    adj.fill_diagonal_(0)
+    adj[adj.sum(1) == 0, 0] = 1
+    adj[0, 0] = 0
+    adj[0, 1] = 1
+    valid = fn.self_pairs_valid(n, n)
+    p = fn.normalize_rows(adj, valid)
+    pn = p.numpy()
+    for steps in (1, 2, 3):
+        total = sum(np.linalg.matrix_power(pn, t) for t in range(1, steps + 1))
+        np.fill_diagonal(total, 0)
+        torch.testing.assert_close(
+            fn.propagate(p, steps, False, valid), torch.from_numpy(total / total.sum(1, keepdims=True))
+        )
+        support = (total > 0).astype(float)
+        torch.testing.assert_close(
+            fn.propagate(p, steps, True, valid), torch.from_numpy(support / support.sum(1, keepdims=True))
+        )
+
+
+def test_perplexity_search_matches_scikit_learn():
+    from sklearn.manifold._utils import _binary_search_perplexity
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 5))
+    sq = ((x[:, None] - x[None]) ** 2).sum(-1)
+    n = len(x)
+    neighbours_sq = np.stack([np.delete(sq[i], i) for i in range(n)]).astype(np.float32)
+    ref = _binary_search_perplexity(neighbours_sq, 20.0, 0)  # (N, N-1) conditional P, self removed
+    sq_t = torch.from_numpy(sq)
+    valid = fn.self_pairs_valid(n, n)
+    sigma = fn.sigma_for_perplexity(sq_t, 20.0, valid)
+    p = fn.masked_log_softmax(fn.gaussian_log_affinity(sq_t, sigma), valid).exp().numpy()
+    ours = np.stack([np.delete(p[i], i) for i in range(n)])
+    np.testing.assert_allclose(ours, ref, atol=2e-4)
+    perplexity = np.exp(-np.sum(np.where(ours > 0, ours * np.log(np.where(ours > 0, ours, 1)), 0), 1))
+    np.testing.assert_allclose(perplexity, 20.0, rtol=1e-6)
+
+
+def brute_force_accuracy(pred: np.ndarray, target: np.ndarray, k: int, c: int) -> float:
+    best = 0
+    for image in itertools.permutations(range(max(k, c)), k):  # injective cluster -> class maps
+        mapped = np.array([image[p] for p in pred])
+        best = max(best, int((mapped == target).sum()))
+    return best / len(pred)
+
+
+@pytest.mark.parametrize("k,c", [(3, 3), (4, 4), (5, 5), (5, 3), (3, 5)])
+def test_hungarian_accuracy_matches_brute_force(k, c):
+    rng = np.random.default_rng(k * 10 + c)
+    for _ in range(5):
+        pred = rng.integers(0, k, 60)
+        target = rng.integers(0, c, 60)
+        conf = fn.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), k, c)
+        acc, mapping = fn.hungarian_accuracy(conf)
+        assert acc == pytest.approx(brute_force_accuracy(pred, target, k, c))
+        assert (mapping >= 0).sum() == min(k, c)
