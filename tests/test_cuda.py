@@ -1,0 +1,63 @@
+"""CUDA paths: every recipe gives the CPU's loss and gradient on the GPU, and stays finite under bf16 autocast.
+
+Skipped without a GPU (CI never has one); run on a lent GPU machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from icon_lightning.recipes import load_recipe, recipe_names
+from icon_lightning.rows import Rows
+from tests.conftest import RECIPE_KIND, make_problem
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def to_cuda(rows: Rows | None) -> Rows | None:
+    if rows is None:
+        return None
+    return Rows(
+        **{
+            f.name: (None if getattr(rows, f.name) is None else getattr(rows, f.name).cuda())
+            for f in dataclasses.fields(rows)
+        }
+    )
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_recipe_on_cuda_matches_cpu(name):
+    problem = make_problem(RECIPE_KIND[name], dtype=torch.float32)
+    z = torch.randn(len(problem.x), problem.out_dim, generator=torch.Generator().manual_seed(3))
+    loss = load_recipe(name)
+    z_cpu = z.clone().requires_grad_(True)
+    out_cpu = loss(*problem.rows(z_cpu))
+    (g_cpu,) = torch.autograd.grad(out_cpu.loss, z_cpu)
+    z_gpu = z.cuda().requires_grad_(True)
+    anchors, candidates = problem.rows(z_gpu)
+    out_gpu = loss.cuda()(to_cuda(anchors), to_cuda(candidates))
+    (g_gpu,) = torch.autograd.grad(out_gpu.loss, z_gpu)
+    torch.testing.assert_close(out_gpu.loss.cpu(), out_cpu.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_recipe_under_bf16_autocast_is_finite_and_close(name):
+    problem = make_problem(RECIPE_KIND[name], dtype=torch.float32)
+    model = torch.nn.Linear(problem.x.shape[1], problem.out_dim).cuda()
+    x = problem.x.cuda()
+    loss = load_recipe(name).cuda()
+
+    def run():
+        anchors, candidates = problem.rows(model(x))
+        return loss(to_cuda(anchors), to_cuda(candidates)).loss
+
+    full = run()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = run()
+    half.backward()
+    assert torch.isfinite(half) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert half.float().item() == pytest.approx(full.item(), rel=0.05, abs=0.05)
