@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -50,13 +51,18 @@ class IConLoss(Objective):
     def target(self, anchors: Rows, candidates: Rows | None = None) -> Tensor:
         """(B, M) p for these rows; pass it back to ``forward`` to share it across heads."""
         candidates, valid = self.pairs(anchors, candidates)
-        return self.p(anchors, candidates, valid).detach()
+        return self._target(anchors, candidates, valid)
+
+    def _target(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        # p is a fixed target: computed outside autocast (full precision), and never differentiated.
+        with torch.autocast(anchors.z.device.type, enabled=False):
+            return self.p(anchors, candidates, valid).detach()
 
     def forward(self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None) -> LossOutput:
         """p: optional precomputed ``target(anchors, candidates)``; q always comes from the rows' z."""
         candidates, valid = self.pairs(anchors, candidates)
         if p is None:
-            p = self.p(anchors, candidates, valid).detach()
+            p = self._target(anchors, candidates, valid)
         else:
             check_shape("p", p, 2, {0: len(anchors), 1: len(candidates)})
         log_q = self.q(anchors, candidates, valid)

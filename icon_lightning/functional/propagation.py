@@ -16,12 +16,14 @@ def propagate(p: Tensor, steps: int, uniform: bool = False, valid: Tensor | None
     """
     # P is sparse for graph neighbourhoods (k non-zeros a row): multiply with a sparse left factor, so one
     # step costs nnz(P)·B instead of B³.
-    left = p.to_sparse() if p.layout == torch.strided and (p != 0).float().mean() < 0.25 else p
-    total = p
-    power = p
+    # Walk in at least float32: sparse CUDA matmuls have no bf16 kernel, and sums of powers lose mass in bf16.
+    work = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+    left = work.to_sparse() if (work != 0).float().mean() < 0.25 else work
+    total = work
+    power = work
     for _ in range(steps - 1):
         power = left @ power
         total = total + power
     if uniform:
-        total = (total > 0).to(p.dtype)
-    return normalize_rows(total, valid)
+        total = (total > 0).to(work.dtype)
+    return normalize_rows(total, valid).to(p.dtype)

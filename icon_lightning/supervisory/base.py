@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from icon_lightning.rows import Rows
@@ -13,3 +14,8 @@ class Supervisory(nn.Module):
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:  # pragma: no cover
         """(B, M) probabilities; ``valid`` (B, M) marks allowed pairs (False at self pairs)."""
         raise NotImplementedError
+
+
+def target_dtype(rows: Rows) -> torch.dtype:
+    """p is built in at least float32, also when the model's output is bf16/fp16 under autocast."""
+    return torch.promote_types(rows.z.dtype, torch.float32)

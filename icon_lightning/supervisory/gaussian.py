@@ -13,7 +13,7 @@ from icon_lightning.functional import (
     sigma_for_perplexity,
 )
 from icon_lightning.rows import Rows
-from icon_lightning.supervisory.base import Supervisory
+from icon_lightning.supervisory.base import Supervisory, target_dtype
 
 
 class Gaussian(Supervisory):
@@ -52,4 +52,4 @@ class Gaussian(Supervisory):
             if p.shape[0] != p.shape[1]:
                 raise ValueError(f"symmetric: needs candidates == anchors, got p of shape {tuple(p.shape)}")
             p = normalize_rows((p + p.T) / 2, valid)
-        return p.to(anchors.z.dtype)
+        return p.to(target_dtype(anchors))

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from icon_lightning.functional import cosine_similarity, normalize_rows
 from icon_lightning.rows import Rows
-from icon_lightning.supervisory.base import Supervisory
+from icon_lightning.supervisory.base import Supervisory, target_dtype
 
 
 class KNNGraph(Supervisory):
@@ -60,4 +60,4 @@ class KNNGraph(Supervisory):
                 adj = adj | adj.T
             else:
                 raise ValueError("symmetric: needs candidates.neighbours or a square batch")
-        return normalize_rows(adj.to(anchors.z.dtype), valid)
+        return normalize_rows(adj.to(target_dtype(anchors)), valid)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from icon_lightning.functional import normalize_rows
 from icon_lightning.rows import Rows
-from icon_lightning.supervisory.base import Supervisory
+from icon_lightning.supervisory.base import Supervisory, target_dtype
 
 
 def _require(name: str, rows: Rows, side: str):
@@ -21,7 +21,7 @@ class Augmentation(Supervisory):
 
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
         same = anchors.index.unsqueeze(1) == candidates.index.unsqueeze(0)
-        return normalize_rows(same.to(anchors.z.dtype), valid)
+        return normalize_rows(same.to(target_dtype(anchors)), valid)
 
 
 class CrossView(Supervisory):
@@ -31,7 +31,7 @@ class CrossView(Supervisory):
         view_a, view_c = _require("view", anchors, "anchors"), _require("view", candidates, "candidates")
         same = anchors.index.unsqueeze(1) == candidates.index.unsqueeze(0)
         other = view_a.unsqueeze(1) != view_c.unsqueeze(0)
-        return normalize_rows((same & other).to(anchors.z.dtype), valid)
+        return normalize_rows((same & other).to(target_dtype(anchors)), valid)
 
 
 class SameLabel(Supervisory):
@@ -44,4 +44,4 @@ class SameLabel(Supervisory):
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
         label_a, label_c = _require("label", anchors, "anchors"), _require("label", candidates, "candidates")
         same = label_a.unsqueeze(1) == label_c.unsqueeze(0)
-        return normalize_rows(same.to(anchors.z.dtype), valid)
+        return normalize_rows(same.to(target_dtype(anchors)), valid)
