@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,28 @@ def test_kl_is_zero_when_q_matches_p():
     out = loss(anchors)
     assert out.kl.item() == pytest.approx(0.0, abs=1e-12)
     assert out.cross_entropy.item() > 1.0
+
+
+def test_mixture_of_augmentations_and_knn_is_the_average_of_its_parts():
+    """p = ½ Augmentation + ½ KNNGraph (augmentations ∪ k-NN), against numpy; an anchor whose k-NN are
+    absent from the batch keeps its augmentation row."""
+    from icon_lightning.supervisory import KNNGraph, Mixture
+
+    b = 6
+    index = torch.arange(b).repeat(2)
+    table = torch.tensor([[(i + 1) % b, (i + 2) % b] for i in range(b)])
+    table[0] = torch.tensor([100, 101])  # neighbours outside the batch
+    rows = Rows(z=torch.randn(2 * b, 3, dtype=torch.float64), index=index, neighbours=table[index])
+    valid = self_pairs_valid(2 * b, 2 * b)
+    p = Mixture([Augmentation(), KNNGraph(k=2)])(rows, rows, valid).numpy()
+    aug = (index[:, None] == index[None]).double().numpy() * valid.numpy()
+    knn = np.zeros((2 * b, 2 * b))
+    for i in range(2 * b):
+        for j in range(2 * b):
+            knn[i, j] = float(int(index[j]) in table[index[i]].tolist()) * valid[i, j].item()
+    aug /= aug.sum(1, keepdims=True)
+    has_knn = knn.sum(1) > 0
+    knn[has_knn] /= knn[has_knn].sum(1, keepdims=True)
+    expected = np.where(has_knn[:, None], (aug + knn) / 2, aug)
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    np.testing.assert_allclose(p.sum(1), 1.0)
