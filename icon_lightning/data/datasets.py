@@ -1,0 +1,280 @@
+"""Datasets whose items carry their dataset index: ``(x, label, index)``; label is -1 when unknown.
+
+Each dataset also has ``cache_key`` (what identifies its content for the feature store), ``labels``
+(an (N,) int64 array, -1 when unlabelled) and ``classes``. A missing or malformed path raises an error
+that names the path and the expected layout.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+def _require(path: str | Path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; expected {what}")
+    return path
+
+
+def _stamp(path: Path) -> str:
+    """Path, size and modification time: changes when the file is replaced."""
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+class IndexedDataset(Dataset):
+    """Base class: subclasses fill ``labels`` and implement ``load(i)`` returning the raw sample."""
+
+    transform: Callable | None = None
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int):  # pragma: no cover
+        raise NotImplementedError
+
+    def __getitem__(self, i: int):
+        x = self.load(int(i))
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[i]), int(i)
+
+    @property
+    def cache_key(self) -> str:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class ImageFolderDataset(IndexedDataset):
+    """torchvision's ``ImageFolder`` layout (the ImageNet train/val layout): ``root/<class>/<image>``."""
+
+    def __init__(self, root: str, transform: Callable | None = None) -> None:
+        from torchvision.datasets import ImageFolder
+
+        root_path = _require(root, "an image folder root/<class>/<image>.jpg")
+        try:
+            self._folder = ImageFolder(str(root_path))
+        except (FileNotFoundError, RuntimeError) as err:
+            raise FileNotFoundError(f"{root_path}: expected an image folder root/<class>/<image>.jpg ({err})") from err
+        self.root = root_path
+        self.transform = transform
+        self.classes = list(self._folder.classes)
+        self.labels = np.asarray(self._folder.targets, dtype=np.int64)
+
+    def load(self, i: int):
+        return self._folder.loader(self._folder.samples[i][0])
+
+    @property
+    def cache_key(self) -> str:
+        return f"imagefolder:{self.root.resolve()}:{len(self)}"
+
+
+class TarImageFolder(IndexedDataset):
+    """An image folder packed in a ``.tar``: members ``[split/]<class>/<image>`` (e.g. the CIFAR-10 JPEG tars).
+
+    The member list is read once; each worker process opens its own handle on first use.
+    """
+
+    def __init__(self, path: str, split: str | None = None, transform: Callable | None = None) -> None:
+        self.path = _require(path, "a .tar of [split/]<class>/<image> files")
+        layout = f"members [{split + '/' if split else ''}]<class>/<image>"
+        if not tarfile.is_tarfile(self.path):
+            raise ValueError(f"{self.path}: not a tar archive; expected {layout}")
+        with tarfile.open(self.path) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(IMAGE_SUFFIXES)]
+        prefix = "" if split is None else split.strip("/") + "/"
+        entries = []
+        for m in members:
+            name = m.name[2:] if m.name.startswith("./") else m.name
+            if not name.startswith(prefix):
+                continue
+            parts = name[len(prefix) :].split("/")
+            if len(parts) != 2:
+                raise ValueError(f"{self.path}: member {m.name!r} does not follow {layout}")
+            entries.append((parts[0], name, m))
+        if not entries:
+            raise ValueError(f"{self.path}: no images under {prefix or 'the top level'}; expected {layout}")
+        entries.sort(key=lambda e: e[1])
+        self.classes = sorted({c for c, _, _ in entries})
+        to_label = {c: i for i, c in enumerate(self.classes)}
+        self.labels = np.asarray([to_label[c] for c, _, _ in entries], dtype=np.int64)
+        self._members = [m for _, _, m in entries]
+        self.split = split
+        self.transform = transform
+        self._tar: tarfile.TarFile | None = None
+        self._pid: int | None = None
+
+    def load(self, i: int):
+        if self._tar is None or self._pid != os.getpid():
+            self._tar = tarfile.open(self.path)
+            self._pid = os.getpid()
+        data = self._tar.extractfile(self._members[i]).read()
+        return Image.open(io.BytesIO(data)).convert("RGB")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tar"] = None
+        return state
+
+    @property
+    def cache_key(self) -> str:
+        return f"tar:{_stamp(self.path)}:{self.split}:{len(self)}"
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An idx file (MNIST format), gzipped or not, as a numpy array."""
+    path = _require(path, "an idx file (e.g. t10k-images-idx3-ubyte[.gz])")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (bad magic {data[:4]!r})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * d : 8 + 4 * d], "big") for d in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: header says shape {shape} but holds {body.size} bytes")
+    return body.reshape(shape)
+
+
+class IdxDataset(IndexedDataset):
+    """MNIST / Fashion-MNIST from local idx files: ``root/<prefix>-images-idx3-ubyte[.gz]`` and labels.
+
+    prefix: ``t10k`` (test) or ``train``. Images come out as grayscale PIL images (transform to tensors).
+    Fashion-MNIST from Debian's dataset-fashion-mnist lives in /usr/share/datasets/fashion-mnist/.
+    """
+
+    def __init__(
+        self, root: str, prefix: str = "t10k", transform: Callable | None = None, classes: list[str] | None = None
+    ) -> None:
+        self.root = _require(root, f"a folder with {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]")
+
+        def find(kind: str, dims: int) -> Path:
+            for name in (f"{prefix}-{kind}-idx{dims}-ubyte.gz", f"{prefix}-{kind}-idx{dims}-ubyte"):
+                if (self.root / name).is_file():
+                    return self.root / name
+            raise FileNotFoundError(f"{self.root}: no {prefix}-{kind}-idx{dims}-ubyte[.gz]")
+
+        self._image_path, self._label_path = find("images", 3), find("labels", 1)
+        self.images = read_idx(self._image_path)
+        self.labels = read_idx(self._label_path).astype(np.int64)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{self.root}: {len(self.images)} images but {len(self.labels)} labels")
+        self.classes = classes or [str(c) for c in range(int(self.labels.max()) + 1)]
+        self.prefix = prefix
+        self.transform = transform
+
+    def load(self, i: int):
+        return Image.fromarray(self.images[i], mode="L")
+
+    @property
+    def cache_key(self) -> str:
+        return f"idx:{_stamp(self._image_path)}:{_stamp(self._label_path)}"
+
+
+class TorchvisionDataset(IndexedDataset):
+    """CIFAR-10, CIFAR-100 and STL-10 in torchvision's own on-disk format (``download`` is off by default)."""
+
+    NAMES = ("cifar10", "cifar100", "stl10")
+
+    def __init__(
+        self, name: str, root: str, split: str = "train", transform: Callable | None = None, download: bool = False
+    ) -> None:
+        from torchvision import datasets
+
+        if name not in self.NAMES:
+            raise ValueError(f"name: expected one of {self.NAMES}, got {name!r}")
+        root_path = Path(root).expanduser()
+        try:
+            if name == "stl10":
+                self._data = datasets.STL10(str(root_path), split=split, download=download)
+                labels = self._data.labels
+            else:
+                cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+                if split not in ("train", "test"):
+                    raise ValueError(f"split: expected 'train' or 'test' for {name}, got {split!r}")
+                self._data = cls(str(root_path), train=split == "train", download=download)
+                labels = self._data.targets
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{root_path}: no {name} in torchvision's format ({err}); pass download=True online"
+            ) from err
+        self.name, self.root, self.split = name, root_path, split
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(getattr(self._data, "classes", [str(c) for c in range(int(self.labels.max()) + 1)]))
+        self.transform = transform
+
+    def load(self, i: int):
+        return self._data[i][0]
+
+    @property
+    def cache_key(self) -> str:
+        return f"torchvision:{self.name}:{self.root.resolve()}:{self.split}:{len(self)}"
+
+
+class DigitsDataset(IndexedDataset):
+    """scikit-learn's bundled digits (1797 × 64 raw pixels, 10 classes) as float vectors; no download."""
+
+    def __init__(self, transform: Callable | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self.data = torch.from_numpy(digits.data.astype(np.float32))
+        self.labels = digits.target.astype(np.int64)
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def load(self, i: int):
+        return self.data[i]
+
+    @property
+    def cache_key(self) -> str:
+        return "sklearn:digits"
+
+
+class FeaturesFile(IndexedDataset):
+    """Precomputed features: an ``.npz`` with ``features`` (N, D) and optional ``labels`` (N,) and ``classes``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = _require(path, "an .npz with 'features' (N, D) and optional 'labels' (N,), 'classes'")
+        with np.load(self.path, allow_pickle=False) as npz:
+            if "features" not in npz:
+                raise ValueError(f"{self.path}: missing array 'features'; found {list(npz.keys())}")
+            features = npz["features"]
+            labels = npz["labels"] if "labels" in npz else np.full(len(features), -1)
+            classes = [str(c) for c in npz["classes"]] if "classes" in npz else []
+        if features.ndim != 2:
+            raise ValueError(f"{self.path}: 'features' must be (N, D), got shape {features.shape}")
+        if labels.shape != (len(features),):
+            raise ValueError(f"{self.path}: 'labels' must be ({len(features)},), got shape {labels.shape}")
+        if not np.isfinite(features).all():
+            raise ValueError(f"{self.path}: 'features' contains NaN or inf")
+        self.features = torch.from_numpy(features.astype(np.float32))
+        self.labels = labels.astype(np.int64)
+        self.classes = classes or ([str(c) for c in range(int(labels.max()) + 1)] if labels.max() >= 0 else [])
+        self.transform = None
+
+    def load(self, i: int):
+        return self.features[i]
+
+    @property
+    def cache_key(self) -> str:
+        return f"npz:{_stamp(self.path)}"

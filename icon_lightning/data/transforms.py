@@ -1,0 +1,35 @@
+"""Image transforms: the deterministic one features are extracted with, and the augmentations of views."""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def eval_transform(size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_to_rgb: bool = False):
+    """Resize the whole image to size × size (bilinear), to tensor, normalise."""
+    steps = [T.Grayscale(3)] if grayscale_to_rgb else []
+    steps += [
+        T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ]
+    return T.Compose(steps)
+
+
+def augment_transform(
+    size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_to_rgb: bool = False, min_scale: float = 0.25
+):
+    """The views of the paper's clusterer: random resized crop, flip, colour jitter, grayscale."""
+    steps = [T.Grayscale(3)] if grayscale_to_rgb else []
+    steps += [
+        T.ToTensor(),
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.Normalize(mean, std),
+    ]
+    return T.Compose(steps)
