@@ -1,6 +1,6 @@
 """Time the shared-cluster-likelihood kernel against a plain matmul of the same shape, in one run.
 
-    python benchmarks/cluster_kernel.py [--device cuda] [--out benchmarks/results/cluster_kernel_<device>.json]
+    python -m benchmarks.cluster_kernel [--device cuda] [--out benchmarks/results/cluster_kernel_<device>.json]
 
 For each (B, K): forward+backward of ``functional.log_cluster_affinity`` (the B×B×K kernel as one matmul
 plus its exact underflow repair), of the naive (B, B, K) logsumexp where it fits in memory, and of a plain

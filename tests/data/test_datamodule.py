@@ -1,0 +1,146 @@
+"""ClusteringDataModule: batch layout, neighbour membership, reproducibility, sharding, the three view modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icon_lightning.data import ANCHOR, NEIGHBOUR, ClusteringDataModule, DigitsDataset, TarImageFolder
+from icon_lightning.data.datamodule import AnchorSampler
+from icon_lightning.data.neighbours import walks
+from icon_lightning.models.backbones import FrozenBackbone
+from icon_lightning.recipes import load_recipe
+from tests.data.test_datasets import make_tar
+
+
+def digits_module(tmp_path, **kw) -> ClusteringDataModule:
+    args = dict(views="clean", cache_dir=str(tmp_path), batch_size=32, num_views=2, num_neighbours=2, k=3)
+    args.update(kw)
+    dm = ClusteringDataModule(DigitsDataset(), **args)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_batch_layout_and_neighbour_membership(tmp_path):
+    dm = digits_module(tmp_path, walk_steps=2)
+    batch = next(iter(dm.train_dataloader()))
+    b, v, s = 32, 2, 2
+    assert len(batch) == b * (v + s) and batch.inputs.shape == (b * (v + s), 64)
+    assert (batch.source[: b * v] == ANCHOR).all() and (batch.source[b * v :] == NEIGHBOUR).all()
+    anchors = batch.index[:b]
+    assert torch.equal(batch.index[b : 2 * b], anchors)  # view 1 of the same anchors
+    pool = walks(dm.table.numpy(), 2)  # neighbours come from 1- and 2-step walks
+    for row in range(b * v, len(batch)):
+        anchor = int(anchors[batch.anchor[row]])
+        assert int(batch.index[row]) in pool[anchor]
+    assert torch.equal(batch.neighbours, dm.table[batch.index])
+    assert torch.equal(batch.label, torch.as_tensor(dm.dataset.labels)[batch.index])
+    assert dm.feature_dim == 64 and dm.num_samples == 1797 and dm.num_classes == 10
+    assert dm.knn_agreement > 0.9  # digits' 3-NN mostly share the label
+
+
+def test_reproducible_from_the_seed_and_fresh_each_epoch(tmp_path):
+    def first_batch(seed, epoch=0):
+        dm = digits_module(tmp_path, seed=seed)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))
+
+    a, b, c, d = first_batch(0), first_batch(0), first_batch(1), first_batch(0, epoch=1)
+    assert torch.equal(a.index, b.index) and torch.equal(a.inputs, b.inputs)
+    assert not torch.equal(a.index, c.index)
+    assert not torch.equal(a.index, d.index)
+
+
+def test_anchor_sampler_shards_disjointly():
+    shards = [list(AnchorSampler(range(10), num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
+    indices = [i for shard in shards for _, i in shard]
+    assert sorted(indices) == list(range(10)) and all(e == 0 for shard in shards for e, _ in shard)
+
+
+def test_validation_batches_cover_every_item_once(tmp_path):
+    dm = digits_module(tmp_path)
+    seen = torch.cat([batch.index for batch in dm.val_dataloader()])
+    assert torch.equal(seen, torch.arange(1797))
+
+
+class MeanColour(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def tiny_images(tmp_path):
+    path = tmp_path / "img.tar"
+    make_tar(path, [f"train/{'ab'[i % 2]}/{i:02d}.png" for i in range(24)])
+    return TarImageFolder(str(path), split="train")
+
+
+def test_cached_views_are_extracted_once_and_used(tmp_path):
+    backbone = FrozenBackbone(MeanColour(), 3, "mean-colour", "none")
+    dm = ClusteringDataModule(
+        tiny_images(tmp_path),
+        backbone=backbone,
+        views="cached",
+        view_pool=3,
+        image_size=8,
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=8,
+        k=2,
+        normalize=False,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.view_features.shape == (3, 24, 3) and len(list((tmp_path / "cache").glob("*.npy"))) == 4
+    batch = next(iter(dm.train_dataloader()))
+    anchor_rows = batch.source == ANCHOR
+    assert (batch.view[anchor_rows] >= 0).all() and (batch.view[~anchor_rows] == -1).all()
+    expected = dm.view_features[batch.view[anchor_rows], batch.index[anchor_rows]]
+    assert torch.equal(batch.inputs[anchor_rows], expected)
+
+
+def test_online_views_are_images(tmp_path):
+    backbone = FrozenBackbone(MeanColour(), 3, "mean-colour", "none")
+    dm = ClusteringDataModule(
+        tiny_images(tmp_path),
+        backbone=backbone,
+        views="online",
+        image_size=8,
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=4,
+        k=2,
+        num_views=2,
+        num_neighbours=1,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.inputs.shape == (4 * 3, 3, 8, 8) and batch.rows(torch.randn(12, 5)).features is None
+
+
+def test_batches_feed_a_training_step(tmp_path):
+    torch.manual_seed(0)
+    dm = digits_module(tmp_path, batch_size=256)
+    loss = load_recipe("icon_clustering")
+    head = torch.nn.Linear(dm.feature_dim, dm.num_classes)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    fixed = next(iter(dm.train_dataloader()))
+    before = loss(fixed.rows(head(fixed.inputs))).loss.item()
+    for _ in range(3):
+        for batch in dm.train_dataloader():
+            out = loss(batch.rows(head(batch.inputs)))
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+    assert loss(fixed.rows(head(fixed.inputs))).loss.item() < before - 0.01
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="num_views"):
+        ClusteringDataModule(DigitsDataset(), views="clean", num_views=0)
+    with pytest.raises(ValueError, match="needs a backbone"):
+        ClusteringDataModule(DigitsDataset(), views="cached")
+    with pytest.raises(ValueError, match="views"):
+        ClusteringDataModule(DigitsDataset(), views="sometimes")
+    assert np.isfinite(digits_module(tmp_path).train_features.numpy()).all()

@@ -1,0 +1,112 @@
+"""Feature cache: hit, miss, invalidation by hash, nothing trusted after an interrupted write; shards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from icon_lightning.data.datasets import DigitsDataset
+from icon_lightning.data.feature_store import FeatureKey, FeatureStore, ViewDataset, cached_features, extract
+from icon_lightning.models.backbones import FrozenBackbone, Identity
+
+
+def test_hit_miss_and_invalidation(tmp_path):
+    store = FeatureStore(tmp_path)
+    key = FeatureKey("b", "d", "t")
+    calls = []
+
+    def fill(out):
+        calls.append(1)
+        out[:] = np.arange(12, dtype=np.float32).reshape(4, 3)
+
+    assert store.load(key) is None  # miss
+    first = store.get_or_create(key, (4, 3), fill)
+    second = store.get_or_create(key, (4, 3), fill)  # hit: not extracted again
+    assert len(calls) == 1 and np.array_equal(first, second)
+    assert isinstance(second, np.memmap)
+    other = FeatureKey("b", "d", "another transform")
+    assert other.digest != key.digest and store.load(other) is None
+    store.get_or_create(other, (4, 3), fill)
+    assert len(calls) == 2
+    _, meta = store.paths(key)
+    meta.write_text(meta.read_text().replace('"b"', '"edited"'))  # metadata no longer matches its key
+    assert store.load(key) is None
+
+
+def test_failed_fill_leaves_nothing(tmp_path):
+    store = FeatureStore(tmp_path)
+
+    def fill(out):
+        out[:] = np.nan
+
+    with pytest.raises(ValueError, match="NaN"):
+        store.write(FeatureKey("b", "d", "t"), (2, 2), fill)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_extraction_is_never_trusted(tmp_path):
+    """Kill an extraction midway (SIGKILL): no array is trusted afterwards, and a rerun completes."""
+    script = textwrap.dedent(f"""
+        import time, numpy as np
+        from icon_lightning.data.feature_store import FeatureKey, FeatureStore
+        store = FeatureStore({str(tmp_path)!r})
+        def fill(out):
+            for i in range(len(out)):
+                out[i] = i
+                out.flush()
+                print("row", i, flush=True)
+                time.sleep(0.05)
+        store.write(FeatureKey("b", "d", "t"), (400, 8), fill)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("row 20"):
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = FeatureStore(tmp_path)
+    key = FeatureKey("b", "d", "t")
+    assert store.load(key) is None
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the partial file is there, untrusted
+    done = store.get_or_create(key, (400, 8), lambda out: out.__setitem__(slice(None), 1.0))
+    assert done.shape == (400, 8) and np.all(done == 1.0)
+
+
+class Scale(torch.nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_extraction_fills_by_dataset_index_whatever_the_shard_order(tmp_path):
+    data = DigitsDataset()
+    backbone = FrozenBackbone(Scale(), 64, "scale", "none")
+    full = extract(backbone, data, batch_size=100, progress=False)
+    np.testing.assert_allclose(full, 2 * data.data.numpy())
+    sharded = np.zeros_like(full)
+    idx = np.arange(len(data))
+    for shard in (idx[1::2], idx[0::2]):  # e.g. rank 1 finishes before rank 0
+        extract(backbone, data, sharded, batch_size=64, progress=False, indices=shard)
+    np.testing.assert_array_equal(sharded, full)
+
+
+def test_cached_features_and_seeded_views(tmp_path):
+    from torchvision import transforms as T
+
+    data = DigitsDataset()
+    store = FeatureStore(tmp_path)
+    feats = cached_features(store, Identity(), data, None, progress=False)
+    np.testing.assert_array_equal(feats, data.data.numpy())
+    noise = T.Lambda(lambda x: x + torch.randn_like(x))
+    a = ViewDataset(data, noise, view=0, seed=1)
+    b = ViewDataset(data, noise, view=1, seed=1)
+    assert torch.equal(a[5][0], ViewDataset(data, noise, view=0, seed=1)[5][0])  # same view: same image
+    assert not torch.equal(a[5][0], b[5][0])  # other view: another augmentation
+    assert len(list(Path(tmp_path).glob("*.npy"))) == 1

@@ -1,0 +1,89 @@
+"""k-NN (FAISS and chunked torch) against brute force, walks against dense matrix powers, the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icon_lightning.data.neighbours import NeighbourTable, knn, knn_faiss, knn_torch, label_agreement, walks
+
+
+def brute_force(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sim = u @ u.T
+    np.fill_diagonal(sim, -np.inf)
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(sim, order, 1)
+
+
+@pytest.fixture
+def points():
+    return np.random.default_rng(0).normal(size=(700, 12)).astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk_size", [64, 100, 700, 5000])
+def test_torch_knn_matches_brute_force_across_chunks(points, chunk_size):
+    indices, sims = knn_torch(points, 5, chunk_size=chunk_size, device="cpu")
+    ref_i, ref_s = brute_force(points, 5)
+    assert not (indices == np.arange(len(points))[:, None]).any()  # no row contains itself, in any chunk
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+
+
+def test_faiss_knn_matches_brute_force(points):
+    indices, sims = knn_faiss(points, 5, use_gpu=False)
+    ref_i, ref_s = brute_force(points, 5)
+    np.testing.assert_array_equal(indices, ref_i)
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+
+
+def test_duplicates_never_return_self():
+    x = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
+    x[10] = x[11] = x[12]  # three identical rows: self may come back anywhere among ties
+    for backend in ("faiss", "torch"):
+        indices, _ = knn(x, 3, backend=backend)
+        assert not (indices == np.arange(50)[:, None]).any()
+        assert set(indices[10][:2]) == {11, 12}
+
+
+def test_walks_match_dense_matrix_powers():
+    rng = np.random.default_rng(2)
+    n, k = 9, 3
+    table = np.stack([rng.choice(np.delete(np.arange(n), i), k, replace=False) for i in range(n)])
+    p = np.zeros((n, n))
+    for i in range(n):
+        p[i, table[i]] = 1 / k
+    pool = walks(table, 3)
+    assert pool.shape == (n, k + k**2 + k**3)
+    start = 0
+    for s in (1, 2, 3):
+        block = pool[:, start : start + k**s]
+        counts = np.stack([np.bincount(row, minlength=n) for row in block]) / k**s
+        np.testing.assert_allclose(counts, np.linalg.matrix_power(p, s))
+        start += k**s
+
+
+def test_label_agreement_and_bad_input():
+    table = np.array([[1, 2], [0, 2], [0, 1]])
+    assert label_agreement(table, np.array([0, 0, 1])) == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
+    with pytest.raises(ValueError, match="features: expected finite"):
+        knn(np.array([[0.0, np.nan], [1.0, 0.0], [0.0, 1.0]]), 1)
+    with pytest.raises(ValueError, match="features: expected an"):
+        knn(np.zeros(5), 1)
+    with pytest.raises(ValueError, match="^k:"):
+        knn(np.eye(3), 3)
+
+
+def test_neighbour_table_cache(tmp_path, points):
+    path = tmp_path / "t.knn5.npz"
+    first = NeighbourTable.build_or_load(points, 5, path)
+    stamp = path.stat().st_mtime_ns
+    again = NeighbourTable.build_or_load(points, 5, path)  # hit: file untouched
+    assert path.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(first.indices, again.indices)
+    changed = points.copy()
+    changed[:, 0] += 1.0
+    rebuilt = NeighbourTable.build_or_load(changed, 5, path)  # other features: rebuilt, not trusted
+    np.testing.assert_array_equal(rebuilt.indices, brute_force(changed, 5)[0])
+    path.write_bytes(b"garbage")  # a corrupt file is rebuilt
+    np.testing.assert_array_equal(NeighbourTable.build_or_load(points, 5, path).indices, first.indices)
