@@ -17,7 +17,7 @@ from benchmarks.common import write_result
 from icon_lightning.data.datasets import TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, ViewDataset, cached_features
 from icon_lightning.data.transforms import eval_transform
-from icon_lightning.models.backbones import efficientnet_lite0
+from icon_lightning.models.backbones import efficientnet_lite0, timm_backbone
 
 
 def main() -> None:
@@ -28,13 +28,21 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
+    parser.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0, or a timm name run with random weights (throughput only)",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transform = eval_transform(args.image_size)
     data = TarImageFolder(args.tar, split=args.split)
     if args.limit:
         data.labels, data._members = data.labels[: args.limit], data._members[: args.limit]
-    backbone = efficientnet_lite0().to(device)
+    if args.backbone == "efficientnet_lite0":
+        backbone = efficientnet_lite0().to(device)
+    else:
+        backbone = timm_backbone(args.backbone, pretrained=False).to(device)
     n = len(data)
 
     with tempfile.TemporaryDirectory() as cache:
@@ -76,7 +84,9 @@ def main() -> None:
     print(
         f"pipeline {n / pipeline_s:7.1f} img/s  bare model(x) {n / bare_s:7.1f} img/s  ratio {pipeline_s / bare_s:.2f}"
     )
-    write_result(f"extraction_{device}.json", row)
+    row["backbone"] = args.backbone
+    suffix = "" if args.backbone == "efficientnet_lite0" else "_" + args.backbone.split(".")[0]
+    write_result(f"extraction_{device}{suffix}.json", row)
 
 
 if __name__ == "__main__":

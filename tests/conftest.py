@@ -6,6 +6,7 @@ loss takes, so the same problem serves the reference tests (z random) and the tr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,8 @@ from torch import Tensor
 
 from icon_lightning.rows import Rows
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The project's real data (not in the repo): ../shared/data beside the checkout, or $ICON_SHARED_DATA.
+SHARED_DATA = Path(os.environ.get("ICON_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # Which kind of batch each recipe consumes. A recipe missing here fails tests/test_periodic_table.py.
 RECIPE_KIND = {

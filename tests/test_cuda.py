@@ -12,7 +12,7 @@ import torch
 
 from icon_lightning.recipes import load_recipe, recipe_names
 from icon_lightning.rows import Rows
-from tests.conftest import RECIPE_KIND, make_problem
+from tests.conftest import RECIPE_KIND, SHARED_DATA, make_problem
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -61,3 +61,42 @@ def test_recipe_under_bf16_autocast_is_finite_and_close(name):
     half.backward()
     assert torch.isfinite(half) and all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert half.float().item() == pytest.approx(full.item(), rel=0.05, abs=0.05)
+
+
+def test_torch_knn_on_cuda_matches_faiss_on_cpu():
+    import numpy as np
+
+    from icon_lightning.data.neighbours import knn_faiss, knn_torch
+
+    x = np.random.default_rng(0).normal(size=(5000, 64)).astype(np.float32)
+    gpu, gpu_sims = knn_torch(x, 10, chunk_size=1000, device="cuda")
+    cpu, cpu_sims = knn_faiss(x, 10, use_gpu=False)
+    assert (gpu == cpu).mean() > 0.999  # float ties may swap order
+    np.testing.assert_allclose(gpu_sims, cpu_sims, atol=1e-5)
+
+
+@pytest.mark.skipif(not SHARED_DATA.joinpath("cifar10").is_dir(), reason="shared CIFAR-10 tar is absent")
+def test_cuda_extraction_matches_fp32_cpu():
+    import numpy as np
+
+    from icon_lightning.data.datasets import TarImageFolder
+    from icon_lightning.data.feature_store import extract
+    from icon_lightning.data.transforms import eval_transform
+    from icon_lightning.models.backbones import efficientnet_lite0
+
+    data = TarImageFolder(str(SHARED_DATA / "cifar10" / "cifar10_jpeg_test.tar"), "test", eval_transform(128))
+    pick = np.arange(0, 10000, 50)
+    backbone = efficientnet_lite0()
+    cpu = extract(backbone, data, batch_size=100, progress=False, indices=pick, device="cpu")[pick]
+
+    def cosine(precision):
+        gpu = extract(backbone, data, batch_size=100, progress=False, indices=pick, device="cuda", precision=precision)[
+            pick
+        ]
+        cos = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
+        print(f"{precision} CUDA vs fp32 CPU cosine: min {cos.min():.4f}, mean {cos.mean():.4f}")
+        return cos
+
+    bf16, fp32 = cosine("bf16"), cosine("fp32")
+    assert bf16.mean() > 0.99 and bf16.min() > 0.95  # BN-heavy convnets drift most in bf16
+    assert fp32.min() > 0.999

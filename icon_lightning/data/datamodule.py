@@ -172,6 +172,7 @@ class ClusteringDataModule(L.LightningDataModule):
     num_views: V views per anchor. num_neighbours: S neighbours sampled per anchor.
     k: width of the k-NN table. walk_steps: sample neighbours among endpoints of 1..s-step walks.
     normalize: centre by the train mean, then L2-normalise the cached features.
+    extract_precision: bf16 autocast (default) or fp32 for extraction on CUDA; the CPU always runs fp32.
     distributed_extraction: extract in ``setup`` on every rank (each its shard) instead of on rank 0 in
         ``prepare_data``.
     """
@@ -198,6 +199,7 @@ class ClusteringDataModule(L.LightningDataModule):
         extract_batch_size: int = 256,
         seed: int = 0,
         distributed_extraction: bool = False,
+        extract_precision: Literal["bf16", "fp32"] = "bf16",
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -229,6 +231,7 @@ class ClusteringDataModule(L.LightningDataModule):
         kind = backbone is not None
         self.eval_tf = eval_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if kind else None
         self.augment_tf = augment_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if kind else None
+        self.extract_precision = extract_precision
         self.knn_agreement: float | None = None
 
     # ------------------------------------------------------------------ facts the CLI links into the model
@@ -258,6 +261,7 @@ class ClusteringDataModule(L.LightningDataModule):
             seed=self.seed,
             batch_size=self.extract_batch_size,
             num_workers=self.num_workers,
+            precision=self.extract_precision,
         )
 
     def _extract_all(self) -> None:

@@ -34,6 +34,7 @@ class FeatureKey:
     dataset: str
     transform: str
     view: str = "clean"
+    precision: str = "fp32"
 
     @property
     def digest(self) -> str:
@@ -125,7 +126,9 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, i: int):
         x = self.dataset.load(int(i))
-        if self.transform is not None:
+        if self.transform is not None and self.view < 0:  # the clean view is deterministic: no seeding
+            x = self.transform(x)
+        elif self.transform is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(hash((self.seed, self.view, int(i))) & 0x7FFFFFFF)
                 x = self.transform(x)
@@ -148,10 +151,12 @@ def extract(
     device: str | torch.device | None = None,
     progress: bool = True,
     indices: np.ndarray | None = None,
+    precision: str = "bf16",
 ) -> np.ndarray:
     """Run ``backbone`` over ``dataset`` (items ``(x, label, index)``) and fill ``out[index]`` (N, D).
 
-    Batched under ``inference_mode``, bf16 autocast on CUDA, a progress bar in images/s. Under DDP each
+    Batched under ``inference_mode``, bf16 autocast on CUDA unless ``precision="fp32"`` (the CPU always runs
+    fp32), a progress bar in images/s. Under DDP each
     rank extracts the indices ``rank::world`` and rank 0 gathers and fills by dataset index, so the order
     in which processes or workers finish never matters. ``indices`` restricts to a subset (tests).
     """
@@ -172,7 +177,9 @@ def extract(
     stream = out is not None and world == 1  # write each batch straight into the (memory-mapped) output
     for x, _, index in loader:
         x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=effective_precision(device, precision) == "bf16"
+        ):
             feats = backbone(x).float().cpu()
         if stream:
             out[index.numpy()] = feats.numpy()
@@ -214,6 +221,12 @@ def _gather_to_rank0(index: Tensor, feats: Tensor, device: torch.device) -> tupl
     return index[keep], feats[keep]
 
 
+def effective_precision(device: torch.device, precision: str) -> str:
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision: expected 'bf16' or 'fp32', got {precision!r}")
+    return precision if device.type == "cuda" else "fp32"
+
+
 def cached_features(
     store: FeatureStore,
     backbone,
@@ -225,12 +238,15 @@ def cached_features(
     num_workers: int = 0,
     device=None,
     progress: bool = True,
+    precision: str = "bf16",
 ) -> np.ndarray:
     """Features of ``dataset`` under ``transform`` (view ``clean`` or ``aug<v>``), extracted once.
 
     Call on every rank under DDP: all ranks extract their shard, rank 0 writes, the others then read.
     """
-    key = FeatureKey(backbone.cache_key, dataset.cache_key, repr(transform), f"{view}:seed={seed}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = effective_precision(device, precision)
+    key = FeatureKey(backbone.cache_key, dataset.cache_key, repr(transform), f"{view}:seed={seed}", precision)
     cached = store.load(key)
     if cached is not None:
         return cached
@@ -239,7 +255,13 @@ def cached_features(
     rank, world = _distributed()
     if world > 1:
         feats = extract(
-            backbone, source, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+            backbone,
+            source,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            progress=progress,
+            precision=precision,
         )
         if rank == 0:
             store.write(key, feats.shape, lambda out: out.__setitem__(slice(None), feats))
@@ -250,6 +272,13 @@ def cached_features(
         key,
         (len(dataset), dim),
         lambda out: extract(
-            backbone, source, out, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress
+            backbone,
+            source,
+            out,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            progress=progress,
+            precision=precision,
         ),
     )

