@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo lint format clean
+.PHONY: help install test test-fast demo lint format clean bench-data bench-kernel extract-cifar10
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -33,6 +33,18 @@ test-fast: install ## Run the test suite without tests marked slow
 
 demo: install ## The main job: I-Con clusterer on scikit-learn digits beside k-means
 	$(BIN)/python -m icon_lightning.demo
+
+SHARED ?= ../shared/data
+
+extract-cifar10: install ## Cache CIFAR-10 test EfficientNet-Lite0 features (128 px) from the shared tar, k-NN agreement
+	$(BIN)/python -m icon_lightning.data --tar $(SHARED)/cifar10/cifar10_jpeg_test.tar --split test --image-size 128 --k 10
+
+bench-data: install ## k-NN and feature-extraction speed -> benchmarks/results/{knn,extraction}_<device>.json
+	$(BIN)/python -m benchmarks.knn
+	$(BIN)/python -m benchmarks.extraction --tar $(SHARED)/cifar10/cifar10_jpeg_test.tar --split test
+
+bench-kernel: install ## cluster-kernel speed vs a plain matmul -> benchmarks/results/cluster_kernel_<device>.json
+	$(BIN)/python -m benchmarks.cluster_kernel
 
 lint: install ## ruff check and format check
 	$(BIN)/ruff check icon_lightning tests

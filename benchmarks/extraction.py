@@ -86,6 +86,7 @@ def main() -> None:
     )
     row["backbone"] = args.backbone
     suffix = "" if args.backbone == "efficientnet_lite0" else "_" + args.backbone.split(".")[0]
+    suffix += f"_workers{args.num_workers}" if args.num_workers else ""
     write_result(f"extraction_{device}{suffix}.json", row)
 
 
