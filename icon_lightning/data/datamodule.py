@@ -9,6 +9,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
@@ -298,6 +299,10 @@ class ClusteringDataModule(L.LightningDataModule):
         labels = torch.as_tensor(self.dataset.labels, dtype=torch.long)
         if (labels >= 0).all():
             self.knn_agreement = label_agreement(table.indices, self.dataset.labels)  # diagnostic only
+            rank_zero_info(
+                f"{self.k}-NN label agreement of the train features: {self.knn_agreement:.3f} "
+                "(diagnostic; labels never train)"
+            )
         self.table = torch.as_tensor(table.indices)
         self.train_features = torch.from_numpy(clean)
         self.train_labels = labels

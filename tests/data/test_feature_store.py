@@ -110,3 +110,24 @@ def test_cached_features_and_seeded_views(tmp_path):
     assert torch.equal(a[5][0], ViewDataset(data, noise, view=0, seed=1)[5][0])  # same view: same image
     assert not torch.equal(a[5][0], b[5][0])  # other view: another augmentation
     assert len(list(Path(tmp_path).glob("*.npy"))) == 1
+
+
+def _ddp_extract(rank: int, world: int, port: int, cache: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        backbone = FrozenBackbone(Scale(), 64, "scale", "none")
+        cached_features(FeatureStore(cache), backbone, DigitsDataset(), None, batch_size=100, progress=False)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_extraction_equals_single_process(tmp_path):
+    """gloo, 2 CPU processes: each extracts its shard, rank 0 writes the array filled by dataset index."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_extract, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    (array,) = [np.load(p) for p in Path(tmp_path).glob("*.npy")]
+    np.testing.assert_allclose(array, 2 * DigitsDataset().data.numpy())
