@@ -17,7 +17,7 @@ from benchmarks.common import write_result
 from icon_lightning.data.datasets import TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, ViewDataset, cached_features
 from icon_lightning.data.transforms import eval_transform
-from icon_lightning.models.backbones import efficientnet_lite0, timm_backbone
+from icon_lightning.models.backbones import EfficientNetLite0, TimmBackbone
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument(
         "--backbone",
-        default="efficientnet_lite0",
+        default="EfficientNetLite0",
         help="efficientnet_lite0, or a timm name run with random weights (throughput only)",
     )
     args = parser.parse_args()
@@ -40,9 +40,9 @@ def main() -> None:
     if args.limit:
         data.labels, data._members = data.labels[: args.limit], data._members[: args.limit]
     if args.backbone == "efficientnet_lite0":
-        backbone = efficientnet_lite0().to(device)
+        backbone = EfficientNetLite0().to(device)
     else:
-        backbone = timm_backbone(args.backbone, pretrained=False).to(device)
+        backbone = TimmBackbone(args.backbone, pretrained=False).to(device)
     n = len(data)
 
     with tempfile.TemporaryDirectory() as cache:

@@ -28,15 +28,22 @@ class Objective(nn.Module):
     """Anything the LightningModule can minimise: ``forward(anchors, candidates=None) -> LossOutput``.
 
     ``candidates=None`` means the anchors are their own candidates (a square batch, self pairs masked);
-    otherwise the pair matrix is rectangular (cross-view, image-text, class prototypes) and unmasked.
+    otherwise the pair matrix is rectangular (cross-view, image-text, class prototypes) and unmasked, unless
+    ``self_offset`` says the anchors sit among the candidates from that row on (the local rows of one DDP
+    process inside the gathered global batch, or a teacher's outputs of the same rows): then the pairs
+    (i, self_offset + i) are masked.
     """
 
     @staticmethod
-    def pairs(anchors: Rows, candidates: Rows | None) -> tuple[Rows, Tensor | None]:
+    def pairs(anchors: Rows, candidates: Rows | None, self_offset: int | None = None) -> tuple[Rows, Tensor | None]:
         if candidates is None:
             return anchors, self_pairs_valid(len(anchors), len(anchors), device=anchors.z.device)
         check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})
-        return candidates, None
+        if self_offset is None:
+            return candidates, None
+        if not 0 <= self_offset <= len(candidates) - len(anchors):
+            raise ValueError(f"self_offset: expected 0..{len(candidates) - len(anchors)}, got {self_offset}")
+        return candidates, self_pairs_valid(len(anchors), len(candidates), self_offset, device=anchors.z.device)
 
 
 class IConLoss(Objective):
@@ -48,9 +55,9 @@ class IConLoss(Objective):
         self.q = q
         self.divergence = divergence if divergence is not None else KL()
 
-    def target(self, anchors: Rows, candidates: Rows | None = None) -> Tensor:
+    def target(self, anchors: Rows, candidates: Rows | None = None, self_offset: int | None = None) -> Tensor:
         """(B, M) p for these rows; pass it back to ``forward`` to share it across heads."""
-        candidates, valid = self.pairs(anchors, candidates)
+        candidates, valid = self.pairs(anchors, candidates, self_offset)
         return self._target(anchors, candidates, valid)
 
     def _target(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
@@ -58,9 +65,11 @@ class IConLoss(Objective):
         with torch.autocast(anchors.z.device.type, enabled=False):
             return self.p(anchors, candidates, valid).detach()
 
-    def forward(self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None) -> LossOutput:
-        """p: optional precomputed ``target(anchors, candidates)``; q always comes from the rows' z."""
-        candidates, valid = self.pairs(anchors, candidates)
+    def forward(
+        self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None, self_offset: int | None = None
+    ) -> LossOutput:
+        """p: optional precomputed ``target(...)`` of these pairs; q always comes from the rows' z."""
+        candidates, valid = self.pairs(anchors, candidates, self_offset)
         if p is None:
             p = self._target(anchors, candidates, valid)
         else:
@@ -87,8 +96,10 @@ class WeightedSum(Objective):
         self.terms = nn.ModuleList(terms)
         self.weights = list(weights)
 
-    def forward(self, anchors: Rows, candidates: Rows | None = None) -> LossOutput:
-        outs = [t(anchors, candidates) for t in self.terms]
+    def forward(
+        self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None, self_offset: int | None = None
+    ) -> LossOutput:
+        outs = [t(anchors, candidates, self_offset=self_offset) for t in self.terms]  # each term its own p
 
         def total(name: str) -> Tensor | None:
             values = [getattr(o, name) for o in outs]
@@ -126,7 +137,9 @@ class SCInfoNCE(Objective):
         s = F.normalize(anchors.z, dim=-1) @ F.normalize(candidates.z, dim=-1).T / self.temperature
         return s, positive
 
-    def forward(self, anchors: Rows, candidates: Rows | None = None) -> LossOutput:
+    def forward(
+        self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None, self_offset: int | None = None
+    ) -> LossOutput:
         if candidates is None:
             raise ValueError("candidates: SC-InfoNCE compares view 1 (anchors) with view 2 (candidates)")
         check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})

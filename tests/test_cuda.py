@@ -82,11 +82,11 @@ def test_cuda_extraction_matches_fp32_cpu():
     from icon_lightning.data.datasets import TarImageFolder
     from icon_lightning.data.feature_store import extract
     from icon_lightning.data.transforms import eval_transform
-    from icon_lightning.models.backbones import efficientnet_lite0
+    from icon_lightning.models.backbones import EfficientNetLite0
 
     data = TarImageFolder(str(SHARED_DATA / "cifar10" / "cifar10_jpeg_test.tar"), "test", eval_transform(128))
     pick = np.arange(0, 10000, 50)
-    backbone = efficientnet_lite0()
+    backbone = EfficientNetLite0()
     cpu = extract(backbone, data, batch_size=100, progress=False, indices=pick, device="cpu")[pick]
 
     def cosine(precision):

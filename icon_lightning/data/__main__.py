@@ -19,7 +19,7 @@ from icon_lightning.data.datasets import DigitsDataset, FeaturesFile, IdxDataset
 from icon_lightning.data.feature_store import FeatureStore, cached_features
 from icon_lightning.data.neighbours import NeighbourTable, label_agreement
 from icon_lightning.data.transforms import eval_transform
-from icon_lightning.models.backbones import Identity, efficientnet_lite0, timm_backbone
+from icon_lightning.models.backbones import EfficientNetLite0, Identity, TimmBackbone
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     if features_given or args.backbone == "identity":
         backbone, transform = Identity(), None
     elif args.backbone == "efficientnet_lite0":
-        backbone = efficientnet_lite0(args.checkpoint)
+        backbone = EfficientNetLite0(args.checkpoint)
         transform = eval_transform(args.image_size, grayscale_to_rgb=gray)
     else:
-        backbone = timm_backbone(args.backbone, args.checkpoint)
+        backbone = TimmBackbone(args.backbone, args.checkpoint)
         transform = eval_transform(args.image_size, grayscale_to_rgb=gray)
 
     store = FeatureStore(args.cache_dir)

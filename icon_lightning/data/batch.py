@@ -18,11 +18,12 @@ class ClusteringBatch:
 
     inputs: (R, D) cached features, or (R, 3, H, W) images when views are augmented online.
     index: (R,) dataset index of each row.
-    view: (R,) view id of the row's augmentation (-1: the clean, un-augmented item).
+    view: (R,) view of anchor rows (cached: the augmentation's id; clean / online: 0..V-1); -1 on neighbour rows.
     source: (R,) ANCHOR (a view of a batch anchor) or NEIGHBOUR (sampled from an anchor's k-NN / walks).
     anchor: (R,) position 0..B-1 of the anchor the row was drawn for.
     label: (R,) class labels, -1 when unknown (only scored, never used by unsupervised recipes).
     neighbours: (R, k) the dataset-level k-NN table row of each row's item.
+    degree: (R,) degree of each row's item in the symmetrised k-NN graph (normalized cuts).
     """
 
     inputs: Tensor
@@ -32,6 +33,7 @@ class ClusteringBatch:
     anchor: Tensor
     label: Tensor
     neighbours: Tensor
+    degree: Tensor
 
     def to(self, device) -> ClusteringBatch:
         return ClusteringBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -46,7 +48,15 @@ class ClusteringBatch:
         """The loss's view of these rows for model output ``z`` (R, ·); input features go along for p."""
         features = self.inputs if self.inputs.ndim == 2 else None
         label = self.label if with_labels else None
-        return Rows(z=z, index=self.index, view=self.view, label=label, features=features, neighbours=self.neighbours)
+        return Rows(
+            z=z,
+            index=self.index,
+            view=self.view,
+            label=label,
+            features=features,
+            neighbours=self.neighbours,
+            degree=self.degree,
+        )
 
     @property
     def anchors_only(self) -> Tensor:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore, cached_features
-from icon_lightning.data.neighbours import NeighbourTable, label_agreement, walks
+from icon_lightning.data.neighbours import NeighbourTable, label_agreement, symmetric_degree, walks
 from icon_lightning.data.transforms import augment_transform, eval_transform
 from icon_lightning.models.backbones import FrozenBackbone, Identity
 
@@ -61,9 +61,14 @@ class FeatureCollate:
     """Gathers cached features for a list of AnchorDataset items into one ClusteringBatch."""
 
     def __init__(
-        self, clean: torch.Tensor, views: torch.Tensor | None, labels: torch.Tensor, table: torch.Tensor
+        self,
+        clean: torch.Tensor,
+        views: torch.Tensor | None,
+        labels: torch.Tensor,
+        table: torch.Tensor,
+        degree: torch.Tensor,
     ) -> None:
-        self.clean, self.views, self.labels, self.table = clean, views, labels, table
+        self.clean, self.views, self.labels, self.table, self.degree = clean, views, labels, table, degree
 
     def __call__(self, items) -> ClusteringBatch:
         anchors = torch.as_tensor(np.array([i for i, _, _ in items]), dtype=torch.long)
@@ -76,6 +81,7 @@ class FeatureCollate:
         anchor_views = view_ids.T.reshape(-1)
         if self.views is None or (anchor_views < 0).all():
             anchor_inputs = self.clean[anchor_index]
+            anchor_views = torch.arange(v).repeat_interleave(b)  # clean mode: the view's position 0..V-1
         else:
             anchor_inputs = self.views[anchor_views, anchor_index]
         nbr_index = nbrs.T.reshape(-1)
@@ -88,6 +94,7 @@ class FeatureCollate:
             anchor=torch.cat([position.repeat(v), position.repeat(s)]),
             label=self.labels[index],
             neighbours=self.table[index],
+            degree=self.degree[index],
         )
 
 
@@ -114,8 +121,8 @@ class OnlineViews(Dataset):
 
 
 class OnlineCollate:
-    def __init__(self, labels: torch.Tensor, table: torch.Tensor) -> None:
-        self.labels, self.table = labels, table
+    def __init__(self, labels: torch.Tensor, table: torch.Tensor, degree: torch.Tensor) -> None:
+        self.labels, self.table, self.degree = labels, table, degree
 
     def __call__(self, items) -> ClusteringBatch:
         anchors = torch.as_tensor([i for i, _, _, _ in items], dtype=torch.long)
@@ -134,12 +141,15 @@ class OnlineCollate:
             anchor=torch.cat([position.repeat(v), position.repeat(s)]),
             label=self.labels[index],
             neighbours=self.table[index],
+            degree=self.degree[index],
         )
 
 
 class EvalDataset(Dataset):
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None) -> None:
-        self.features, self.labels, self.table = features, labels, table
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None, degree: torch.Tensor | None
+    ) -> None:
+        self.features, self.labels, self.table, self.degree = features, labels, table, degree
 
     def __len__(self) -> int:
         return len(self.features)
@@ -151,6 +161,7 @@ class EvalDataset(Dataset):
         index = torch.as_tensor(items, dtype=torch.long)
         n = len(index)
         table = self.table[index] if self.table is not None else torch.zeros(n, 0, dtype=torch.long)
+        degree = self.degree[index] if self.degree is not None else torch.ones(n)
         return ClusteringBatch(
             inputs=self.features[index],
             index=index,
@@ -159,6 +170,7 @@ class EvalDataset(Dataset):
             anchor=torch.arange(n),
             label=self.labels[index],
             neighbours=table,
+            degree=degree,
         )
 
 
@@ -174,6 +186,8 @@ class ClusteringDataModule(L.LightningDataModule):
     k: width of the k-NN table. walk_steps: sample neighbours among endpoints of 1..s-step walks.
     normalize: centre by the train mean, then L2-normalise the cached features.
     extract_precision: bf16 autocast (default) or fp32 for extraction on CUDA; the CPU always runs fp32.
+    num_clusters: K for the model (linked by the CLI); None → the number of classes (the usual protocol).
+    evaluate_train: validation also scores the train split (a second validation dataloader).
     distributed_extraction: extract in ``setup`` on every rank (each its shard) instead of on rank 0 in
         ``prepare_data``.
     """
@@ -201,6 +215,8 @@ class ClusteringDataModule(L.LightningDataModule):
         seed: int = 0,
         distributed_extraction: bool = False,
         extract_precision: Literal["bf16", "fp32"] = "bf16",
+        num_clusters: int | None = None,
+        evaluate_train: bool = True,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -233,6 +249,8 @@ class ClusteringDataModule(L.LightningDataModule):
         self.eval_tf = eval_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if kind else None
         self.augment_tf = augment_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if kind else None
         self.extract_precision = extract_precision
+        self._num_clusters = num_clusters
+        self.evaluate_train = evaluate_train
         self.knn_agreement: float | None = None
 
     # ------------------------------------------------------------------ facts the CLI links into the model
@@ -243,6 +261,15 @@ class ClusteringDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return self.dataset.num_classes
+
+    @property
+    def num_clusters(self) -> int:
+        return self._num_clusters or self.num_classes
+
+    @property
+    def online_backbone(self) -> FrozenBackbone | None:
+        """The backbone the model must run itself: only when views are augmented online."""
+        return self.backbone if self.views == "online" else None
 
     @property
     def feature_dim(self) -> int:
@@ -304,6 +331,7 @@ class ClusteringDataModule(L.LightningDataModule):
                 "(diagnostic; labels never train)"
             )
         self.table = torch.as_tensor(table.indices)
+        self.degree = torch.from_numpy(symmetric_degree(table.indices))
         self.train_features = torch.from_numpy(clean)
         self.train_labels = labels
         self.view_features = None
@@ -325,9 +353,10 @@ class ClusteringDataModule(L.LightningDataModule):
         )
         if self.val_dataset is not None:
             val = self._prepared(self._features(self.val_dataset, "clean"), mean)
-            self.val_data = EvalDataset(torch.from_numpy(val), torch.as_tensor(self.val_dataset.labels), None)
+            self.val_data = EvalDataset(torch.from_numpy(val), torch.as_tensor(self.val_dataset.labels), None, None)
         else:
-            self.val_data = EvalDataset(self.train_features, labels, self.table)
+            self.val_data = EvalDataset(self.train_features, labels, self.table, self.degree)
+        self.train_eval_data = EvalDataset(self.train_features, labels, self.table, self.degree)
 
     # ------------------------------------------------------------------ loaders
     def _sampler(self, shuffle: bool) -> AnchorSampler:
@@ -339,10 +368,12 @@ class ClusteringDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.views == "online":
             data = OnlineViews(self.dataset, self.augment_tf, self.anchors, self.table)
-            collate = OnlineCollate(self.train_labels, self.table)
+            collate = OnlineCollate(self.train_labels, self.table, self.degree)
         else:
             data = self.anchors
-            collate = FeatureCollate(self.train_features, self.view_features, self.train_labels, self.table)
+            collate = FeatureCollate(
+                self.train_features, self.view_features, self.train_labels, self.table, self.degree
+            )
         return DataLoader(
             data,
             batch_size=self.batch_size,
@@ -353,17 +384,19 @@ class ClusteringDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_data,
-            batch_size=self.val_batch_size,
-            collate_fn=self.val_data.collate,
-            num_workers=0,
-            shuffle=False,
-        )
+    def _eval_loader(self, data: EvalDataset) -> DataLoader:
+        return DataLoader(data, batch_size=self.val_batch_size, collate_fn=data.collate, num_workers=0, shuffle=False)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """[val split, train split]: the module logs them as ``val/...`` and ``train/...``."""
+        loaders = [self._eval_loader(self.val_data)]
+        if self.evaluate_train:
+            loaders.append(self._eval_loader(self.train_eval_data))
+        return loaders
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._eval_loader(self.val_data)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        """Cluster assignments are predicted for the training items (the dataset being clustered)."""
+        return self._eval_loader(self.train_eval_data)

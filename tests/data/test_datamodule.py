@@ -62,7 +62,7 @@ def test_anchor_sampler_shards_disjointly():
 
 def test_validation_batches_cover_every_item_once(tmp_path):
     dm = digits_module(tmp_path)
-    seen = torch.cat([batch.index for batch in dm.val_dataloader()])
+    seen = torch.cat([batch.index for batch in dm.val_dataloader()[0]])
     assert torch.equal(seen, torch.arange(1797))
 
 

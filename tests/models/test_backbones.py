@@ -11,10 +11,10 @@ import timm
 import torch
 
 from icon_lightning.models.backbones import (
+    EfficientNetLite0,
     FrozenBackbone,
-    efficientnet_lite0,
+    TimmBackbone,
     load_efficientnet_lite0_weights,
-    timm_backbone,
 )
 from tests.conftest import SHARED_DATA
 
@@ -29,7 +29,7 @@ def test_key_map_covers_every_tensor():
 
 
 def test_frozen_backbone_has_no_gradients_and_stays_in_eval():
-    backbone = timm_backbone("test_vit", pretrained=False)
+    backbone = TimmBackbone("test_vit", pretrained=False)
     parent = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.feature_dim, 3))
     parent.train()
     assert not backbone.training and not backbone.model.training and parent[1].training
@@ -43,12 +43,12 @@ def test_offline_without_weights_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(RuntimeError, match="checkpoint_path"):
-        timm_backbone("vit_small_patch14_dinov2.lvd142m")
+        TimmBackbone("vit_small_patch14_dinov2.lvd142m")
     assert time.perf_counter() - start < 10
     with pytest.raises(FileNotFoundError, match="checkpoint_path"):
-        timm_backbone("vit_small_patch14_dinov2.lvd142m", checkpoint_path="/nonexistent/dinov2.pth")
+        TimmBackbone("vit_small_patch14_dinov2.lvd142m", checkpoint_path="/nonexistent/dinov2.pth")
     with pytest.raises(ValueError, match="not a timm model"):
-        timm_backbone("no_such_model_name")
+        TimmBackbone("no_such_model_name")
 
 
 def test_local_checkpoint_is_loaded(tmp_path):
@@ -56,7 +56,7 @@ def test_local_checkpoint_is_loaded(tmp_path):
     source = timm.create_model("test_vit", pretrained=False, num_classes=0)
     path = tmp_path / "w.pth"
     torch.save(source.state_dict(), path)
-    loaded = timm_backbone("test_vit", checkpoint_path=str(path))
+    loaded = TimmBackbone("test_vit", checkpoint_path=str(path))
     x = torch.randn(1, 3, 160, 160)
     torch.testing.assert_close(loaded(x), source.eval()(x))
     assert str(path.resolve()) in loaded.cache_key
@@ -75,7 +75,7 @@ def lite0_features(backbone: FrozenBackbone, n_per_class: int):
 
 @needs_shared
 def test_lite0_features_reproduce_the_shared_reference():
-    pick, feats, _ = lite0_features(efficientnet_lite0(), 10)
+    pick, feats, _ = lite0_features(EfficientNetLite0(), 10)
     ref = np.load(SHARED_DATA / "features" / "cifar10_test_effnetlite0_r128.npz")["features"].astype(np.float32)
     cos = (feats * ref[pick]).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(ref[pick], axis=1)
     assert cos.min() > 0.999
@@ -91,7 +91,7 @@ def test_pretrained_neighbours_agree_with_labels_far_more_than_random_weights():
         return label_agreement(knn(feats, 10)[0], labels)
 
     torch.manual_seed(0)
-    real, random = agreement(efficientnet_lite0()), agreement(efficientnet_lite0(pretrained=False))
+    real, random = agreement(EfficientNetLite0()), agreement(EfficientNetLite0(pretrained=False))
     assert real > random + 0.1, (real, random)
 
 

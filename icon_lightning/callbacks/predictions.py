@@ -1,0 +1,43 @@
+"""Write the predicted cluster of every dataset index as CSV and .npy into the run directory."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class ClusterAssignmentWriter(BasePredictionWriter):
+    """``predictions.csv`` (index, cluster, confidence) and ``predictions.npy`` ((N,) cluster per dataset
+    index, -1 for items not predicted), written atomically to ``output_dir`` or the trainer's log dir."""
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        if not batches:
+            return
+        index = torch.cat([b["index"] for b in batches]).cpu().numpy()
+        cluster = torch.cat([b["cluster"] for b in batches]).cpu().numpy()
+        confidence = torch.cat([b["probs"].max(-1).values for b in batches]).float().cpu().numpy()
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        dense = np.full(int(index.max()) + 1, -1, dtype=np.int64)
+        dense[index] = cluster
+        with tempfile.NamedTemporaryFile(dir=out, suffix=".npy", delete=False) as f:
+            np.save(f, dense)
+        os.replace(f.name, out / "predictions.npy")
+        with tempfile.NamedTemporaryFile("w", dir=out, suffix=".csv", delete=False, newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "cluster", "confidence"])
+            for row in sorted(zip(index.tolist(), cluster.tolist(), confidence.tolist())):
+                writer.writerow([row[0], row[1], f"{row[2]:.6f}"])
+        os.replace(f.name, out / "predictions.csv")
+        print(f"predictions: {out / 'predictions.csv'} and predictions.npy ({len(index)} items)")

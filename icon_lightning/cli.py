@@ -1,0 +1,144 @@
+"""`icon fit|validate|test|predict --config …` (LightningCLI) and `icon sweep SWEEP.yaml` (offline W&B sweeps)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from icon_lightning import __version__
+from icon_lightning.callbacks import ClusterAssignmentWriter
+from icon_lightning.data.datamodule import ClusteringDataModule
+from icon_lightning.models.module import IConModule
+
+
+def wandb_offline_unless_logged_in() -> bool:
+    """Switch W&B to offline mode when no credentials exist (no WANDB_API_KEY, no netrc entry).
+
+    Returns True when offline; runs can be uploaded later with ``wandb sync <run dir>``.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"] in ("offline", "disabled", "dryrun")
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    if not logged_in:
+        os.environ["WANDB_MODE"] = "offline"
+    return not logged_in
+
+
+def atomic_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(f.name, path)
+
+
+DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.WandbLogger",
+    "init_args": {"project": "icon_lightning", "save_dir": "runs", "log_model": False},
+}
+
+
+class IConCLI(LightningCLI):
+    """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model and writes
+    ``metrics.json`` (final metrics, config hash, seed, wall time, version) into every run directory."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.logger": DEFAULT_LOGGER, "trainer.max_epochs": 30})
+        for source, target in (
+            ("feature_dim", "feature_dim"),
+            ("num_clusters", "num_clusters"),
+            ("num_classes", "num_classes"),
+            ("num_samples", "num_samples"),
+            ("online_backbone", "backbone"),
+        ):
+            parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+
+    def _start(self) -> None:
+        self._started = time.time()
+
+    before_fit = before_validate = before_test = before_predict = _start
+
+    def _finish(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        config = yaml.safe_dump(self.config_dump, sort_keys=True) if hasattr(self, "config_dump") else ""
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        payload = {
+            "subcommand": self.subcommand,
+            "metrics": metrics,
+            "selected_head": int(self.model.selected_head),
+            "head_losses": [float(x) for x in self.model.head_losses],
+            "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+            "seed": self.config[self.subcommand].get("seed_everything"),
+            "wall_time_s": round(time.time() - getattr(self, "_started", time.time()), 2),
+            "version": __version__,
+            "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
+            "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
+        }
+        atomic_json(run_dir / "metrics.json", payload)
+        rows = sorted(metrics.items())
+        width = max((len(k) for k, _ in rows), default=10)
+        print(f"\n{'metric':<{width}}  value")
+        for key, value in rows:
+            if "/head_" not in key:
+                print(f"{key:<{width}}  {value:.4f}")
+        print(f"metrics.json: {run_dir / 'metrics.json'}")
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            if os.environ.get("WANDB_MODE") == "offline":
+                print(f"W&B is offline: upload later with `wandb sync {sys.modules['wandb'].run.dir}/..`")
+            sys.modules["wandb"].finish()  # so the next run in this process (sweeps) starts its own
+
+    after_fit = after_validate = after_test = after_predict = _finish
+
+
+class ParseOnlyCLI(IConCLI):
+    """Parses and validates a configuration (keys, types, class paths) without instantiating anything."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def check_config(args: list[str]):
+    """The parsed config of ``icon fit <args>``; raises SystemExit with the CLI's message when invalid."""
+    return ParseOnlyCLI(
+        IConModule, ClusteringDataModule, args=["fit", *args], run=True, save_config_callback=None, trainer_defaults={}
+    ).config
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
+    wandb_offline_unless_logged_in()
+    return IConCLI(
+        IConModule,
+        ClusteringDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [ClusterAssignmentWriter()]},  # `icon predict` always writes its files
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "sweep":
+        from icon_lightning.sweep import main as sweep_main
+
+        sweep_main(argv[1:])
+        return
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""`icon` end to end on digits: configs parse, every digits recipe fits, checkpoints round-trip, `validate`
+reproduces the metrics, `predict` writes assignments, the LR halves on schedule, W&B offline writes files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from icon_lightning.cli import check_config, cli_main
+from icon_lightning.recipes import recipe_names
+from icon_lightning.sweep import load_sweep, trial_args, trials
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "experiments" / "digits" / "config.yaml")
+# Recipes the clustering DataModule can feed on digits. cross_entropy needs class prototypes as candidates and
+# sc_infonce two explicit views: both are exercised by tests/test_periodic_table.py instead.
+DIGITS_RECIPES = [r for r in recipe_names() if r not in ("cross_entropy", "sc_infonce")]
+
+
+def csv_logger(tmp_path) -> list[str]:
+    return [
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+        "--data.cache_dir=" + str(tmp_path / "cache"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*/config.yaml"))
+)
+def test_every_experiment_config_parses(config):
+    cfg = check_config(["--config", str(ROOT / config)])
+    assert cfg.fit.model.loss.class_path.startswith("icon_lightning.loss.")
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs" / "presets").glob("*.yaml")))
+def test_presets_and_recipes_compose_with_a_data_config(preset):
+    recipe = ROOT / "configs" / "recipes" / "icon_clustering.yaml"
+    cfg = check_config(
+        [
+            "--config",
+            str(ROOT / "configs" / "presets" / preset),
+            "--config",
+            str(ROOT / "configs" / "data" / "digits.yaml"),
+            "--config",
+            str(recipe),
+        ]
+    )
+    assert cfg.fit.data.dataset.class_path.endswith("DigitsDataset")
+
+
+def test_wrong_key_or_type_gives_the_cli_message(capsys):
+    for bad in ("--model.bogus=1", "--data.k=three"):
+        with pytest.raises(SystemExit) as info:
+            check_config(["--config", DIGITS, bad])
+        assert info.value.code == 2
+        assert bad.split("=")[0].lstrip("-").split(".")[-1] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", DIGITS_RECIPES)
+def test_fast_dev_run_of_each_digits_recipe(recipe, tmp_path):
+    extra = ["--model.with_labels=true"] if recipe == "supcon" else []
+    if recipe in ("infonce", "cmc_clip") or recipe.startswith("kernel_infonce"):
+        extra.append("--data.num_views=2")  # positives are the other view of the same image
+    if recipe == "normalized_cuts":
+        extra.append("--data.k=10")  # the recipe's KNNGraph uses 10 neighbours of the table
+    cli_main(
+        [
+            "fit",
+            "--config",
+            DIGITS,
+            "--config",
+            str(ROOT / "configs" / "recipes" / f"{recipe}.yaml"),
+            "--trainer.fast_dev_run=true",
+            *csv_logger(tmp_path),
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short real fit of the digits experiment (CSV logger), shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("digits_run")
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            DIGITS,
+            "--trainer.max_epochs=21",
+            "--trainer.check_val_every_n_epoch=21",
+            "--model.optimizer.init_args.lr=0.001",
+            "--model.lr_step_size=10",
+            *csv_logger(tmp),
+        ]
+    )
+    return cli, tmp
+
+
+def test_fit_writes_metrics_json_and_checkpoint(trained):
+    cli, _ = trained
+    run_dir = Path(cli.trainer.log_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["subcommand"] == "fit" and metrics["seed"] == 0 and len(metrics["config_sha256"]) == 64
+    assert 0.3 < metrics["metrics"]["val/hungarian_acc/best"] <= 1.0
+    assert metrics["selected_head"] == int(np.argmin(metrics["head_losses"]))  # label-free selection
+    assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
+
+
+def test_logged_learning_rate_halves_at_epochs_10_and_20(trained):
+    cli, _ = trained
+    rows = list(csv.DictReader(open(Path(cli.trainer.log_dir) / "metrics.csv")))
+    lr = {int(r["step"]): float(r["lr-Adam"]) for r in rows if r.get("lr-Adam")}  # one step per epoch here
+    assert lr[0] == pytest.approx(1e-3) and lr[9] == pytest.approx(1e-3)
+    assert lr[10] == pytest.approx(5e-4) and lr[19] == pytest.approx(5e-4) and lr[20] == pytest.approx(2.5e-4)
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(trained):
+    from icon_lightning.models import IConModule
+
+    cli, _ = trained
+    model = cli.model.eval()
+    loaded = IConModule.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path).eval()
+    x = cli.datamodule.train_features[:200]
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert int(loaded.selected_head) == int(model.selected_head)
+    assert isinstance(loaded.loss, type(model.loss))
+
+
+def test_validate_on_the_checkpoint_reproduces_the_metrics(trained, tmp_path):
+    cli, _ = trained
+    fit_metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())["metrics"]
+    again = cli_main(
+        [
+            "validate",
+            "--config",
+            DIGITS,
+            *csv_logger(tmp_path),
+            f"--ckpt_path={cli.trainer.checkpoint_callback.last_model_path}",
+        ]
+    )
+    val = json.loads((Path(again.trainer.log_dir) / "metrics.json").read_text())["metrics"]
+    for key in ("val/hungarian_acc/best", "val/nmi", "val/ari", "train/hungarian_acc/best"):
+        assert val[key] == pytest.approx(fit_metrics[key], abs=1e-6)
+
+
+def test_predict_writes_assignments_per_dataset_index(trained, tmp_path):
+    cli, _ = trained
+    run = cli_main(
+        [
+            "predict",
+            "--config",
+            DIGITS,
+            *csv_logger(tmp_path),
+            f"--ckpt_path={cli.trainer.checkpoint_callback.last_model_path}",
+        ]
+    )
+    out = Path(run.trainer.log_dir)
+    clusters = np.load(out / "predictions.npy")
+    assert clusters.shape == (1797,) and clusters.min() >= 0 and clusters.max() < 10
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 1797 and int(rows[5]["cluster"]) == clusters[5]
+    expected = cli.model(cli.datamodule.train_features)[:, int(cli.model.selected_head)].argmax(-1).numpy()
+    np.testing.assert_array_equal(clusters, expected)
+
+
+def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cli_main(
+        [
+            "fit",
+            "--config",
+            DIGITS,
+            "--trainer.max_epochs=1",
+            "--trainer.check_val_every_n_epoch=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    (record,) = runs[0].glob("run-*.wandb")
+    data = record.read_bytes()
+    assert b"IConLoss" in data and b"head_temperature" in data  # the resolved config went to W&B
+    assert b"val/hungarian_acc/best" in data  # and the metrics
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["loss"]["class_path"].endswith("IConLoss")
+
+
+@pytest.mark.parametrize("sweep", sorted(str(p) for p in ROOT.glob("experiments/*/sweep.yaml")))
+def test_every_sweep_parameter_is_a_valid_cli_key(sweep):
+    spec = load_sweep(sweep)
+    assert "${args}" in spec["command"]
+    for trial in trials(spec, count=2):
+        args = trial_args(spec, trial)
+        assert args[0] == "fit"
+        check_config(args[1:])  # exits with the CLI's message on an unknown key or a bad value
+
+
+def test_digits_sweep_is_the_debias_alpha_grid():
+    spec = load_sweep(ROOT / "experiments" / "digits" / "sweep.yaml")
+    grid = trials(spec)
+    alphas = {(t["model.loss.init_args.p.init_args.alpha"], t["model.loss.init_args.q.init_args.alpha"]) for t in grid}
+    for a in (0.0, 0.2, 0.4, 0.6, 0.8):
+        assert {(a, 0.0), (0.0, a), (a, a)} <= alphas  # α on p, on q, on both
+    assert len({t["seed_everything"] for t in grid}) >= 2
