@@ -1,0 +1,47 @@
+"""IConModule pieces that the CLI tests do not pin: the EMA teacher and its use as the candidate side of q."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icon_lightning.models import IConModule
+from icon_lightning.recipes import load_recipe
+from tests.models.test_ddp import global_batch
+
+
+def test_ema_teacher_is_a_registered_module_that_follows_the_heads():
+    model = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, ema_momentum=0.9)
+    assert any(k.startswith("teacher.") for k in model.state_dict())  # checkpointed, moves with .to()
+    w0 = model.heads.linear.weight.detach().clone()
+    model.on_train_batch_end(None, None, 0)  # first update copies the student
+    with torch.no_grad():
+        model.heads.linear.weight.add_(1.0)
+    model.on_train_batch_end(None, None, 1)
+    expected = 0.9 * w0 + 0.1 * (w0 + 1.0)
+    torch.testing.assert_close(model.teacher.module.linear.weight, expected)
+
+
+def test_teacher_outputs_can_form_the_candidate_side():
+    torch.manual_seed(0)
+    model = IConModule(
+        load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, ema_momentum=0.5, teacher_candidates=True
+    )
+    batch = global_batch()
+    model.on_train_batch_end(None, None, 0)
+    with torch.no_grad():
+        model.heads.linear.weight.mul_(3.0)  # student and teacher now differ
+    z = model(batch.inputs)
+    with_teacher = model.objective(batch, z, model.teacher(batch.inputs))
+    without = model.objective(batch, z)
+    assert torch.isfinite(with_teacher).all() and not torch.allclose(with_teacher, without)
+    with_teacher.sum().backward()
+    assert model.heads.linear.weight.grad is not None
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_bad_teacher_arguments():
+    with pytest.raises(ValueError, match="teacher_candidates"):
+        IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, teacher_candidates=True)
+    with pytest.raises(ValueError, match="ema_momentum"):
+        IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, ema_momentum=1.5)
