@@ -131,13 +131,13 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "sweep":
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] == "sweep":
         from icon_lightning.sweep import main as sweep_main
 
-        sweep_main(argv[1:])
+        sweep_main(words[1:])
         return
-    cli_main(argv)
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
 
 
 if __name__ == "__main__":

@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep_summary.json").write_text(json.dumps(rows, indent=2))
         print_table(rows, list(sweep["parameters"]))
+        if any("alpha" in key for key in sweep["parameters"]):
+            from icon_lightning.callbacks.plots import plot_alpha_sweep
+
+            print(f"α-sweep plot: {plot_alpha_sweep(rows, out / 'alpha_sweep.png')}")
     return rows
 
 

@@ -212,3 +212,102 @@ def test_digits_sweep_is_the_debias_alpha_grid():
     for a in (0.0, 0.2, 0.4, 0.6, 0.8):
         assert {(a, 0.0), (0.0, a), (a, a)} <= alphas  # α on p, on q, on both
     assert len({t["seed_everything"] for t in grid}) >= 2
+
+
+def test_fit_writes_the_pictures(trained):
+    from PIL import Image
+
+    cli, _ = trained
+    plots = Path(cli.trainer.log_dir) / "plots"
+    for name in ("confusion", "cluster_sizes", "embedding", "neighbourhoods"):
+        (png,) = plots.glob(f"{name}_epoch20.png")
+        assert Image.open(png).size[0] > 100
+
+
+def test_a_failing_plot_warns_with_its_traceback_or_raises_when_strict():
+    from icon_lightning.callbacks import ClusteringPlots
+
+    def broken():
+        raise RuntimeError("matplotlib exploded")
+
+    with pytest.warns(UserWarning, match=r"(?s)plot 'confusion' failed.*Traceback.*matplotlib exploded"):
+        assert ClusteringPlots()._guard("confusion", broken) is None
+    with pytest.raises(RuntimeError, match="matplotlib exploded"):
+        ClusteringPlots(strict=True)._guard("confusion", broken)
+
+
+def test_alpha_sweep_summary_plot(tmp_path):
+    from icon_lightning.callbacks.plots import plot_alpha_sweep
+
+    p, q = "model.loss.init_args.p.init_args.alpha", "model.loss.init_args.q.init_args.alpha"
+    rows = [
+        {p: a, q: b, "seed_everything": s, "val/hungarian_acc/best": 0.5 + a - b / 2 + s / 100}
+        for a in (0.0, 0.4)
+        for b in (0.0, 0.4)
+        for s in (0, 1)
+    ]
+    path = plot_alpha_sweep(rows, tmp_path / "alpha.png")
+    assert path.is_file() and path.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_killed_fit_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL a fit after its epoch-20 checkpoint, resume it, and match an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpts = tmp_path / "ckpts"
+    common = [
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        "--trainer.callbacks+=ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={ckpts}",
+        "--trainer.callbacks.every_n_epochs=10",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.save_on_train_epoch_end=true",
+        "--trainer.check_val_every_n_epoch=40",
+    ]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "icon_lightning.cli",
+            "fit",
+            "--config",
+            DIGITS,
+            "--trainer.max_epochs=150",
+            f"--trainer.default_root_dir={tmp_path / 'killed'}",
+            f"--trainer.logger.save_dir={tmp_path / 'killed'}",
+            *common,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (ckpts / "epoch=29-step=30.ckpt").exists():  # epoch 19's file is complete once 29's exists
+        assert proc.poll() is None and time.time() < deadline, "the fit ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = cli_main(
+        [
+            "fit",
+            "--config",
+            DIGITS,
+            "--trainer.max_epochs=40",
+            *csv_logger(tmp_path / "resumed"),
+            *common[1:],
+            f"--ckpt_path={ckpts / 'epoch=19-step=20.ckpt'}",
+        ]
+    )
+    straight = cli_main(
+        ["fit", "--config", DIGITS, "--trainer.max_epochs=40", *csv_logger(tmp_path / "straight"), *common[1:]]
+    )
+    a = json.loads((Path(resumed.trainer.log_dir) / "metrics.json").read_text())["metrics"]
+    b = json.loads((Path(straight.trainer.log_dir) / "metrics.json").read_text())["metrics"]
+    for key in ("train/loss", "val/hungarian_acc/best", "val/nmi"):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key

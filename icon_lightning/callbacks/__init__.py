@@ -1,5 +1,6 @@
 """Callbacks: prediction files, pictures of the clustering."""
 
+from icon_lightning.callbacks.plots import ClusteringPlots
 from icon_lightning.callbacks.predictions import ClusterAssignmentWriter
 
-__all__ = ["ClusterAssignmentWriter"]
+__all__ = ["ClusterAssignmentWriter", "ClusteringPlots"]
