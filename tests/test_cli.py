@@ -15,6 +15,7 @@ import yaml
 from icon_lightning.cli import check_config, cli_main
 from icon_lightning.recipes import recipe_names
 from icon_lightning.sweep import load_sweep, trial_args, trials
+from tests.conftest import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "digits" / "config.yaml")
@@ -81,6 +82,25 @@ def test_fast_dev_run_of_each_digits_recipe(recipe, tmp_path):
             "--trainer.fast_dev_run=true",
             *csv_logger(tmp_path),
             *extra,
+        ]
+    )
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "features").is_dir(), reason="shared CIFAR-10 features are absent")
+@pytest.mark.parametrize("recipe", ["icon_clustering", "mi_clustering", "kmeans"])
+def test_fast_dev_run_on_the_shared_cifar10_features(recipe, tmp_path):
+    cli_main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "presets" / "cpu.yaml"),
+            "--config",
+            str(ROOT / "configs" / "data" / "cifar10_features.yaml"),
+            "--config",
+            str(ROOT / "configs" / "recipes" / f"{recipe}.yaml"),
+            "--trainer.fast_dev_run=true",
+            f"--data.dataset.init_args.path={SHARED_DATA / 'features' / 'cifar10_test_effnetlite0_r128.npz'}",
+            *csv_logger(tmp_path),
         ]
     )
 
