@@ -57,7 +57,36 @@ class AnchorDataset(Dataset):
         return i, views, candidates[picked]
 
 
-class FeatureCollate:
+class RowFacts:
+    """Dataset-level facts gathered for every row of a batch: labels, k-NN table rows, graph degrees."""
+
+    def __init__(self, labels: torch.Tensor, table: torch.Tensor, degree: torch.Tensor) -> None:
+        self.labels, self.table, self.degree = labels, table, degree
+
+    def batch(
+        self, inputs: torch.Tensor, anchors: torch.Tensor, anchor_views: torch.Tensor, nbrs: torch.Tensor
+    ) -> ClusteringBatch:
+        """Rows [V views of the B anchors (view-major), then their B × S neighbours (neighbour-major)].
+
+        anchors: (B,) dataset indices; anchor_views: (V·B,) view ids; nbrs: (B, S) dataset indices.
+        """
+        b, s = nbrs.shape
+        v = len(anchor_views) // b
+        position = torch.arange(b)
+        index = torch.cat([anchors.repeat(v), nbrs.T.reshape(-1)])
+        return ClusteringBatch(
+            inputs=inputs,
+            index=index,
+            view=torch.cat([anchor_views, torch.full((b * s,), -1, dtype=torch.long)]),
+            source=torch.cat([torch.full((b * v,), ANCHOR), torch.full((b * s,), NEIGHBOUR)]).long(),
+            anchor=torch.cat([position.repeat(v), position.repeat(s)]),
+            label=self.labels[index],
+            neighbours=self.table[index],
+            degree=self.degree[index],
+        )
+
+
+class FeatureCollate(RowFacts):
     """Gathers cached features for a list of AnchorDataset items into one ClusteringBatch."""
 
     def __init__(
@@ -68,15 +97,14 @@ class FeatureCollate:
         table: torch.Tensor,
         degree: torch.Tensor,
     ) -> None:
-        self.clean, self.views, self.labels, self.table, self.degree = clean, views, labels, table, degree
+        super().__init__(labels, table, degree)
+        self.clean, self.views = clean, views
 
     def __call__(self, items) -> ClusteringBatch:
         anchors = torch.as_tensor(np.array([i for i, _, _ in items]), dtype=torch.long)
         view_ids = torch.as_tensor(np.stack([v for _, v, _ in items]), dtype=torch.long)  # (B, V)
         nbrs = torch.as_tensor(np.stack([n for _, _, n in items]), dtype=torch.long)  # (B, S)
         b, v = view_ids.shape
-        s = nbrs.shape[1]
-        position = torch.arange(b)
         anchor_index = anchors.repeat(v)  # view-major: rows [view 0 of all anchors, view 1 of all, ...]
         anchor_views = view_ids.T.reshape(-1)
         if self.views is None or (anchor_views < 0).all():
@@ -84,18 +112,8 @@ class FeatureCollate:
             anchor_views = torch.arange(v).repeat_interleave(b)  # clean mode: the view's position 0..V-1
         else:
             anchor_inputs = self.views[anchor_views, anchor_index]
-        nbr_index = nbrs.T.reshape(-1)
-        index = torch.cat([anchor_index, nbr_index])
-        return ClusteringBatch(
-            inputs=torch.cat([anchor_inputs, self.clean[nbr_index]]),
-            index=index,
-            view=torch.cat([anchor_views, torch.full((b * s,), -1, dtype=torch.long)]),
-            source=torch.cat([torch.full((b * v,), ANCHOR), torch.full((b * s,), NEIGHBOUR)]).long(),
-            anchor=torch.cat([position.repeat(v), position.repeat(s)]),
-            label=self.labels[index],
-            neighbours=self.table[index],
-            degree=self.degree[index],
-        )
+        inputs = torch.cat([anchor_inputs, self.clean[nbrs.T.reshape(-1)]])
+        return self.batch(inputs, anchors, anchor_views, nbrs)
 
 
 class OnlineViews(Dataset):
@@ -120,9 +138,8 @@ class OnlineViews(Dataset):
         return i, torch.stack(views), torch.as_tensor(nbrs), torch.stack(nbr_images)
 
 
-class OnlineCollate:
-    def __init__(self, labels: torch.Tensor, table: torch.Tensor, degree: torch.Tensor) -> None:
-        self.labels, self.table, self.degree = labels, table, degree
+class OnlineCollate(RowFacts):
+    """Stacks OnlineViews items (images) into one ClusteringBatch."""
 
     def __call__(self, items) -> ClusteringBatch:
         anchors = torch.as_tensor([i for i, _, _, _ in items], dtype=torch.long)
@@ -130,19 +147,8 @@ class OnlineCollate:
         nbrs = torch.stack([n for _, _, n, _ in items])  # (B, S)
         nbr_images = torch.stack([x for _, _, _, x in items])  # (B, S, 3, H, W)
         b, v = views.shape[:2]
-        s = nbrs.shape[1]
-        position = torch.arange(b)
-        index = torch.cat([anchors.repeat(v), nbrs.T.reshape(-1)])
-        return ClusteringBatch(
-            inputs=torch.cat([views.transpose(0, 1).flatten(0, 1), nbr_images.transpose(0, 1).flatten(0, 1)]),
-            index=index,
-            view=torch.cat([torch.arange(v).repeat_interleave(b), torch.full((b * s,), -1)]).long(),
-            source=torch.cat([torch.full((b * v,), ANCHOR), torch.full((b * s,), NEIGHBOUR)]).long(),
-            anchor=torch.cat([position.repeat(v), position.repeat(s)]),
-            label=self.labels[index],
-            neighbours=self.table[index],
-            degree=self.degree[index],
-        )
+        inputs = torch.cat([views.transpose(0, 1).flatten(0, 1), nbr_images.transpose(0, 1).flatten(0, 1)])
+        return self.batch(inputs, anchors, torch.arange(v).repeat_interleave(b), nbrs)
 
 
 class EvalDataset(Dataset):
