@@ -3,7 +3,8 @@
 `wandb sweep` + `wandb agent` need the W&B server. This runner executes the same file locally: the grid
 (every combination of ``values``/``value``) or ``random`` draws (``values``, ``min``/``max`` uniform,
 ``distribution: int_uniform``), each trial a normal `icon` run with its own run directory and
-``metrics.json``, then prints a summary table and writes ``sweep_summary.json``.
+``metrics.json``, then prints a summary table and writes ``sweep_summary.json`` (and, for debias-α sweeps,
+``alpha_sweep.png``). Rerunning skips the trials that already finished.
 """
 
 from __future__ import annotations
@@ -100,10 +101,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"[{i + 1}] icon {' '.join(argv_i)}", flush=True)
         if args.dry_run:
             continue
-        from icon_lightning.cli import cli_main
+        done = run_dir / "metrics.json"  # written atomically at the end of a run: a rerun skips finished trials
+        if not (done.is_file() and json.loads(done.read_text()).get("subcommand") == "fit"):
+            from icon_lightning.cli import cli_main
 
-        cli_main(argv_i)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+            cli_main(argv_i)
+        metrics = json.loads(done.read_text())
         rows.append({"trial": i, **trial, **{k: v for k, v in metrics["metrics"].items() if "/head_" not in k}})
     if rows:
         out.mkdir(parents=True, exist_ok=True)

@@ -331,3 +331,41 @@ def test_a_killed_fit_resumes_to_the_same_metrics(tmp_path):
     b = json.loads((Path(straight.trainer.log_dir) / "metrics.json").read_text())["metrics"]
     for key in ("train/loss", "val/hungarian_acc/best", "val/nmi"):
         assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_sweep_runner_runs_the_grid_and_skips_finished_trials(tmp_path, monkeypatch, capsys):
+    from icon_lightning import cli
+    from icon_lightning.sweep import main as sweep_main
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        yaml.safe_dump(
+            {
+                "program": "icon",
+                "method": "grid",
+                "command": ["icon", "fit", "--config", DIGITS, "${args}"],
+                "parameters": {
+                    "model.loss.init_args.p.init_args.alpha": {"values": [0.0, 0.4]},
+                    "model.loss.init_args.q.init_args.alpha": {"values": [0.0, 0.4]},
+                },
+            }
+        )
+    )
+    calls = []
+
+    def fake_cli(argv):  # stands in for a real run: writes the run's metrics.json like IConCLI does
+        calls.append(argv)
+        run_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")))
+        run_dir.mkdir(parents=True)
+        alpha = float(next(a.split("=")[1] for a in argv if ".p.init_args.alpha=" in a))
+        (run_dir / "metrics.json").write_text(
+            json.dumps({"subcommand": "fit", "metrics": {"train/loss": 1.0, "val/hungarian_acc/best": 0.5 + alpha}})
+        )
+
+    monkeypatch.setattr(cli, "cli_main", fake_cli)
+    rows = sweep_main([str(sweep), "--out", str(tmp_path / "out")])
+    assert len(calls) == 4 and [r["val/hungarian_acc/best"] for r in rows] == [0.5, 0.5, 0.9, 0.9]
+    assert (tmp_path / "out" / "alpha_sweep.png").is_file() and (tmp_path / "out" / "sweep_summary.json").is_file()
+    sweep_main([str(sweep), "--out", str(tmp_path / "out")])  # everything finished: nothing runs again
+    assert len(calls) == 4
+    assert "val/hungarian_acc/best" in capsys.readouterr().out
