@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from icon_lightning.data.feature_store import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,10 +52,7 @@ def machine() -> dict:
 
 
 def write_result(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
-    with tempfile.NamedTemporaryFile("w", dir=RESULTS, prefix=name + ".", suffix=".tmp", delete=False) as f:
-        json.dump({"machine": machine(), **payload}, f, indent=2)
-    os.replace(f.name, path)
+    atomic_write_json(path, {"machine": machine(), **payload})
     print(f"wrote {path}")
     return path

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from icon_lightning import __version__
 from icon_lightning.callbacks import ClusterAssignmentWriter
 from icon_lightning.data.datamodule import ClusteringDataModule
+from icon_lightning.data.feature_store import atomic_write_json
 from icon_lightning.models.module import IConModule
 
 
@@ -31,13 +30,6 @@ def wandb_offline_unless_logged_in() -> bool:
     if not logged_in:
         os.environ["WANDB_MODE"] = "offline"
     return not logged_in
-
-
-def atomic_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(f.name, path)
 
 
 DEFAULT_LOGGER = {
@@ -85,7 +77,7 @@ class IConCLI(LightningCLI):
             "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
             "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
         }
-        atomic_json(run_dir / "metrics.json", payload)
+        atomic_write_json(run_dir / "metrics.json", payload)
         rows = sorted(metrics.items())
         width = max((len(k) for k, _ in rows), default=10)
         print(f"\n{'metric':<{width}}  value")

@@ -16,8 +16,8 @@ import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 from sklearn.metrics import normalized_mutual_info_score
-from sklearn.neighbors import NearestNeighbors
 
+from icon_lightning.data.neighbours import knn
 from icon_lightning.functional import confusion_matrix, hungarian_accuracy
 from icon_lightning.loss import IConLoss
 from icon_lightning.recipes import load_recipe
@@ -28,16 +28,6 @@ def centred_unit_rows(x: np.ndarray) -> np.ndarray:
     """Subtract the mean, then L2-normalise each row."""
     x = x - x.mean(0, keepdims=True)
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
-
-
-def knn_table(x: np.ndarray, k: int) -> np.ndarray:
-    """(N, k) indices of each row's k nearest neighbours by cosine, never the row itself."""
-    n = len(x)
-    found = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(x).kneighbors(x, return_distance=False)
-    out = np.empty((n, k), dtype=np.int64)
-    for i, row in enumerate(found):  # self is usually first, but not always when duplicates exist
-        out[i] = row[row != i][:k]
-    return out
 
 
 def score(pred: np.ndarray, label: np.ndarray, num_clusters: int) -> tuple[float, float]:
@@ -82,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     x = centred_unit_rows(x_raw).astype(np.float32)
     num_clusters = int(label.max()) + 1
     features = torch.from_numpy(x)
-    neighbours = torch.from_numpy(knn_table(x, args.k))
+    neighbours = torch.from_numpy(knn(x, args.k)[0])  # exact cosine k-NN (FAISS), self excluded
     rows = Rows(z=features, index=torch.arange(len(x)), features=features, neighbours=neighbours)
     loss_fn = load_recipe(args.recipe)
 

@@ -42,6 +42,8 @@ class FeatureKey:
 
 
 def atomic_write_json(path: Path, payload: dict) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
         json.dump(payload, f, indent=2)
         f.flush()
