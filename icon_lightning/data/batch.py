@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch
 from torch import Tensor
 
 from icon_lightning.rows import Rows
@@ -57,11 +56,3 @@ class ClusteringBatch:
             neighbours=self.neighbours,
             degree=self.degree,
         )
-
-    @property
-    def anchors_only(self) -> Tensor:
-        return self.source == ANCHOR
-
-
-def stack_rows(parts: list[dict[str, Tensor]]) -> ClusteringBatch:
-    return ClusteringBatch(**{name: torch.cat([p[name] for p in parts]) for name in parts[0]})
