@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -369,3 +370,15 @@ def test_sweep_runner_runs_the_grid_and_skips_finished_trials(tmp_path, monkeypa
     sweep_main([str(sweep), "--out", str(tmp_path / "out")])  # everything finished: nothing runs again
     assert len(calls) == 4
     assert "val/hungarian_acc/best" in capsys.readouterr().out
+
+
+def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
+    from icon_lightning.cli import wandb_offline_unless_logged_in
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert wandb_offline_unless_logged_in() and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password key\n")
+    assert not wandb_offline_unless_logged_in() and "WANDB_MODE" not in os.environ
