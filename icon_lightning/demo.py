@@ -17,17 +17,11 @@ from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
 from sklearn.metrics import normalized_mutual_info_score
 
-from icon_lightning.data.neighbours import knn
+from icon_lightning.data.neighbours import centred_unit_rows, knn
 from icon_lightning.functional import confusion_matrix, hungarian_accuracy
 from icon_lightning.loss import IConLoss
 from icon_lightning.recipes import load_recipe
 from icon_lightning.rows import Rows
-
-
-def centred_unit_rows(x: np.ndarray) -> np.ndarray:
-    """Subtract the mean, then L2-normalise each row."""
-    x = x - x.mean(0, keepdims=True)
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
 
 
 def score(pred: np.ndarray, label: np.ndarray, num_clusters: int) -> tuple[float, float]:
@@ -69,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
 
     x_raw, label = load_digits(return_X_y=True)
-    x = centred_unit_rows(x_raw).astype(np.float32)
+    x = centred_unit_rows(x_raw)
     num_clusters = int(label.max()) + 1
     features = torch.from_numpy(x)
     neighbours = torch.from_numpy(knn(x, args.k)[0])  # exact cosine k-NN (FAISS), self excluded

@@ -25,6 +25,13 @@ def _figure():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(confusion: torch.Tensor, path: Path) -> Path:
     """Confusion matrix with clusters reordered by their Hungarian match (matched pairs on the diagonal)."""
     plt = _figure()
@@ -37,10 +44,7 @@ def plot_confusion(confusion: torch.Tensor, path: Path) -> Path:
     ax.set_ylabel("cluster (matched order)")
     ax.set_yticks(range(len(order)), [str(o) for o in order])
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_cluster_sizes(sizes: torch.Tensor, path: Path) -> Path:
@@ -51,10 +55,7 @@ def plot_cluster_sizes(sizes: torch.Tensor, path: Path) -> Path:
     ax.set_xlabel("cluster")
     ax.set_ylabel("items")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_embedding(features: np.ndarray, clusters: np.ndarray, path: Path) -> Path:
@@ -66,10 +67,7 @@ def plot_embedding(features: np.ndarray, clusters: np.ndarray, path: Path) -> Pa
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(xy[:, 0], xy[:, 1], c=clusters, cmap="tab20", s=4)
     ax.set_title("features (PCA), coloured by cluster")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_neighbourhoods(p: np.ndarray, q: np.ndarray, path: Path) -> Path:
@@ -83,10 +81,7 @@ def plot_neighbourhoods(p: np.ndarray, q: np.ndarray, path: Path) -> Path:
         ax.set_xlabel("candidates, by p")
         ax.set_yscale("log")  # q spreads over all candidates: compare on a log scale
     axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_alpha_sweep(rows: list[dict], path: Path, metric: str = "val/hungarian_acc/best") -> Path:
@@ -109,10 +104,7 @@ def plot_alpha_sweep(rows: list[dict], path: Path, metric: str = "val/hungarian_
     ax.set_xlabel("debias α")
     ax.set_ylabel(metric)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 class ClusteringPlots(Callback):
@@ -189,8 +181,7 @@ class ClusteringPlots(Callback):
         rows = batch.rows(z, pl_module.hparams.with_labels)
         p = pl_module.loss.target(rows)[: self.anchors]
         valid = ~torch.eye(len(rows), dtype=torch.bool, device=z.device)[: self.anchors]
-        anchors = batch.rows(z, pl_module.hparams.with_labels)
-        q = pl_module.loss.q(_take(anchors, self.anchors), rows, valid).exp()
+        q = pl_module.loss.q(_take(rows, self.anchors), rows, valid).exp()
         return plot_neighbourhoods(
             p.float().cpu().numpy(), q.float().cpu().numpy(), out / f"neighbourhoods_epoch{epoch}.png"
         )

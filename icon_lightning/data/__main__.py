@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from icon_lightning.data.datasets import DigitsDataset, FeaturesFile, IdxDataset, ImageFolderDataset, TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, cached_features
-from icon_lightning.data.neighbours import NeighbourTable, label_agreement
+from icon_lightning.data.neighbours import NeighbourTable, centred_unit_rows, label_agreement
 from icon_lightning.data.transforms import eval_transform
 from icon_lightning.models.backbones import EfficientNetLite0, Identity, TimmBackbone
 
@@ -69,9 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         store, backbone, dataset, transform, batch_size=args.batch_size, num_workers=args.num_workers
     )
     extract_s = time.perf_counter() - start
-    x = np.asarray(features, dtype=np.float32)
-    x = x - x.mean(0, keepdims=True)
-    x /= np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+    x = centred_unit_rows(features)
     start = time.perf_counter()
     table = NeighbourTable.build_or_load(
         x, args.k, store.root / f"{NeighbourTable.fingerprint(x)}.knn{args.k}.npz", args.knn_backend

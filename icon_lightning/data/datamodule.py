@@ -15,7 +15,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore, cached_features
-from icon_lightning.data.neighbours import NeighbourTable, label_agreement, symmetric_degree, walks
+from icon_lightning.data.neighbours import (
+    NeighbourTable,
+    centred_unit_rows,
+    label_agreement,
+    symmetric_degree,
+    walks,
+)
 from icon_lightning.data.transforms import augment_transform, eval_transform
 from icon_lightning.models.backbones import FrozenBackbone, Identity
 
@@ -316,11 +322,9 @@ class ClusteringDataModule(L.LightningDataModule):
             NeighbourTable.build_or_load(clean, self.k, self._table_path(clean), self.knn_backend)
 
     def _prepared(self, features: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
-        x = np.array(features, dtype=np.float32)  # a writable copy of the read-only cache
         if not self.normalize:
-            return x
-        x = x - (x.mean(0, keepdims=True) if mean is None else mean)
-        return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+            return np.array(features, dtype=np.float32)  # a writable copy of the read-only cache
+        return centred_unit_rows(features, mean)
 
     def setup(self, stage: str | None = None) -> None:
         if self.distributed_extraction:

@@ -26,6 +26,14 @@ def _as_unit_tensor(features) -> torch.Tensor:
     return F.normalize(x, dim=1)
 
 
+def centred_unit_rows(features, mean: np.ndarray | None = None) -> np.ndarray:
+    """(N, D) float32 copy of ``features`` minus ``mean`` (default: their own mean), each row L2-normalised:
+    the preprocessing every clustering here uses before cosine k-NN."""
+    x = np.array(features, dtype=np.float32)
+    x -= x.mean(0, keepdims=True) if mean is None else mean
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+
+
 def knn_torch(features, k: int, chunk_size: int = 4096, device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(N, k) indices and cosine similarities of each row's k nearest other rows, by chunked matmul."""
     x = _as_unit_tensor(features)
