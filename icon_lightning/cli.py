@@ -60,11 +60,11 @@ class IConCLI(LightningCLI):
 
     def _finish(self) -> None:
         trainer = self.trainer
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is collective: every rank asks
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         config = yaml.safe_dump(self.config_dump, sort_keys=True) if hasattr(self, "config_dump") else ""
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         payload = {
             "subcommand": self.subcommand,
             "metrics": metrics,

@@ -127,9 +127,11 @@ class ClusteringPlots(Callback):
             return None
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "plots"
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "plots"  # collective: every rank asks
+        if not trainer.is_global_zero:
+            return
         out.mkdir(parents=True, exist_ok=True)
         epoch = trainer.current_epoch
         paths = []
