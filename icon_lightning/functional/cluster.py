@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+REPAIR_ELEMENTS = 1 << 22  # at most 4 M pair × cluster terms per exact-repair block (16 MB in float32)
+
 
 def log_matmul_exp(a: Tensor, b: Tensor) -> Tensor:
     """(B, M) log Σ_c exp(a_ic + b_jc) for a (B, K), b (M, K), without a (B, M, K) intermediate.
@@ -22,7 +24,10 @@ def log_matmul_exp(a: Tensor, b: Tensor) -> Tensor:
     out = torch.log(torch.where(under, torch.ones_like(s), s)) + a_max + b_max.T
     if bool(under.any()):
         i, j = under.nonzero(as_tuple=True)
-        out = out.index_put((i, j), torch.logsumexp(a[i] + b[j], dim=-1))
+        chunk = max(1, REPAIR_ELEMENTS // a.shape[-1])  # bounded (pairs, K) blocks, also for very sharp heads
+        for start in range(0, len(i), chunk):
+            ii, jj = i[start : start + chunk], j[start : start + chunk]
+            out = out.index_put((ii, jj), torch.logsumexp(a[ii] + b[jj], dim=-1))
     return out
 
 

@@ -30,6 +30,23 @@ def test_log_matmul_exp_matches_logsumexp_including_underflow():
         torch.testing.assert_close(x, y)
 
 
+def test_log_matmul_exp_repairs_many_underflows_in_bounded_blocks(monkeypatch):
+    """Very sharp heads: most pairs underflow; the exact repair runs block by block and stays exact."""
+    import icon_lightning.functional.cluster as cluster
+
+    monkeypatch.setattr(cluster, "REPAIR_ELEMENTS", 12)  # 3 pairs of K = 4 per block: many blocks
+    torch.manual_seed(1)
+    a = (torch.randn(9, 4) * 200).requires_grad_(True)
+    b = (torch.randn(8, 4) * 200).requires_grad_(True)
+    out = fn.log_matmul_exp(a, b)
+    ref = torch.logsumexp(a.unsqueeze(1) + b.unsqueeze(0), -1)
+    shifted = (a - a.amax(-1, keepdim=True)).exp() @ (b - b.amax(-1, keepdim=True)).exp().T
+    assert int((shifted <= torch.finfo(torch.float32).tiny).sum()) > 6  # the repair path really runs
+    torch.testing.assert_close(out, ref)
+    for x, y in zip(torch.autograd.grad(out.sum(), (a, b)), torch.autograd.grad(ref.sum(), (a, b))):
+        torch.testing.assert_close(x, y)
+
+
 def test_cluster_affinity_rows_sum_to_one_before_masking():
     log_phi = torch.log_softmax(torch.randn(9, 4, dtype=torch.float64), -1)
     q = fn.log_cluster_affinity(log_phi, log_phi).exp()
