@@ -31,7 +31,8 @@ class Objective(nn.Module):
     otherwise the pair matrix is rectangular (cross-view, image-text, class prototypes) and unmasked, unless
     ``self_offset`` says the anchors sit among the candidates from that row on (the local rows of one DDP
     process inside the gathered global batch, or a teacher's outputs of the same rows): then the pairs
-    (i, self_offset + i) are masked.
+    (i, self_offset + i) are masked. ``head`` says which of the model's H heads the rows come from, for
+    objectives that keep state per head (TEMI's cluster prior); stateless objectives ignore it.
     """
 
     @staticmethod
@@ -66,7 +67,12 @@ class IConLoss(Objective):
             return self.p(anchors, candidates, valid).detach()
 
     def forward(
-        self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None, self_offset: int | None = None
+        self,
+        anchors: Rows,
+        candidates: Rows | None = None,
+        p: Tensor | None = None,
+        self_offset: int | None = None,
+        head: int = 0,
     ) -> LossOutput:
         """p: optional precomputed ``target(...)`` of these pairs; q always comes from the rows' z."""
         candidates, valid = self.pairs(anchors, candidates, self_offset)
@@ -97,7 +103,12 @@ class WeightedSum(Objective):
         self.weights = list(weights)
 
     def forward(
-        self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None, self_offset: int | None = None
+        self,
+        anchors: Rows,
+        candidates: Rows | None = None,
+        p: Tensor | None = None,
+        self_offset: int | None = None,
+        head: int = 0,
     ) -> LossOutput:
         outs = [t(anchors, candidates, self_offset=self_offset) for t in self.terms]  # each term its own p
 
@@ -138,7 +149,12 @@ class SCInfoNCE(Objective):
         return s, positive
 
     def forward(
-        self, anchors: Rows, candidates: Rows | None = None, p: Tensor | None = None, self_offset: int | None = None
+        self,
+        anchors: Rows,
+        candidates: Rows | None = None,
+        p: Tensor | None = None,
+        self_offset: int | None = None,
+        head: int = 0,
     ) -> LossOutput:
         if candidates is None:
             raise ValueError("candidates: SC-InfoNCE compares view 1 (anchors) with view 2 (candidates)")

@@ -4,6 +4,7 @@ from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.data.datasets import (
     DigitsDataset,
+    FeaturesArray,
     FeaturesFile,
     IdxDataset,
     ImageFolderDataset,
@@ -22,6 +23,7 @@ __all__ = [
     "DigitsDataset",
     "FeatureKey",
     "FeatureStore",
+    "FeaturesArray",
     "FeaturesFile",
     "IdxDataset",
     "ImageFolderDataset",

@@ -8,6 +8,7 @@ that names the path and the expected layout.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import tarfile
@@ -278,3 +279,29 @@ class FeaturesFile(IndexedDataset):
     @property
     def cache_key(self) -> str:
         return f"npz:{_stamp(self.path)}"
+
+
+class FeaturesArray(IndexedDataset):
+    """In-memory features (N, D) with optional labels (N,): the scikit-learn-style baselines' input."""
+
+    def __init__(self, features, labels=None) -> None:
+        features = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+        if features.ndim != 2 or len(features) == 0:
+            raise ValueError(f"features: expected a non-empty (N, D) array, got shape {features.shape}")
+        if not np.isfinite(features).all():
+            raise ValueError("features: contains NaN or inf")
+        labels = np.full(len(features), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(features),):
+            raise ValueError(f"labels: expected shape ({len(features)},), got {labels.shape}")
+        self.features = torch.from_numpy(features)
+        self.labels = labels
+        self.classes = [str(c) for c in range(int(labels.max()) + 1)] if labels.max() >= 0 else []
+        self.transform = None
+        self._digest = hashlib.sha1(features.tobytes()).hexdigest()[:20]
+
+    def load(self, i: int):
+        return self.features[i]
+
+    @property
+    def cache_key(self) -> str:
+        return f"array:{self._digest}:{self.features.shape[0]}x{self.features.shape[1]}"

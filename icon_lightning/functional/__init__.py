@@ -5,7 +5,7 @@ Shape letters: B anchors, M candidates, D dim, K clusters, k neighbours.
 
 from icon_lightning.functional.checks import check_alpha, check_finite, check_rows, check_shape
 from icon_lightning.functional.cluster import log_cluster_affinity, log_matmul_exp
-from icon_lightning.functional.contrastive import sc_infonce
+from icon_lightning.functional.contrastive import beta_pmi, entropy, sc_infonce, scan_consistency
 from icon_lightning.functional.debias import debias, log_debias
 from icon_lightning.functional.distances import cosine_similarity, pairwise_sqeuclidean
 from icon_lightning.functional.divergence import kl_divergence
@@ -16,6 +16,7 @@ from icon_lightning.functional.perplexity import gaussian_log_affinity, sigma_fo
 from icon_lightning.functional.propagation import propagate
 
 __all__ = [
+    "beta_pmi",
     "check_alpha",
     "confusion_matrix",
     "hungarian_accuracy",
@@ -24,6 +25,7 @@ __all__ = [
     "check_shape",
     "cosine_similarity",
     "debias",
+    "entropy",
     "gaussian_log_affinity",
     "kl_divergence",
     "log_cluster_affinity",
@@ -36,6 +38,7 @@ __all__ = [
     "pairwise_sqeuclidean",
     "propagate",
     "sc_infonce",
+    "scan_consistency",
     "self_pairs_valid",
     "sigma_for_perplexity",
 ]

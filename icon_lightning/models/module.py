@@ -123,7 +123,11 @@ class IConModule(L.LightningModule):
         losses = []
         for h in range(z.shape[1]):
             out = self.loss(
-                batch.rows(z[:, h], with_labels), meta.rows(candidates_z[:, h], with_labels), p=p, self_offset=offset
+                batch.rows(z[:, h], with_labels),
+                meta.rows(candidates_z[:, h], with_labels),
+                p=p,
+                self_offset=offset,
+                head=h,
             )
             losses.append(out.loss)
         return torch.stack(losses)

@@ -1,0 +1,12 @@
+"""The competitors, run on the same cached features and scored by the same metrics as the I-Con recipes.
+
+k-means (FAISS; scikit-learn's ``KMeans`` is used as is), spectral clustering on the k-NN graph, and the
+deep clusterers SCAN and TEMI as objectives of the same Lightning harness (``HeadClusterer``).
+"""
+
+from icon_lightning.baselines.heads import HeadClusterer
+from icon_lightning.baselines.kmeans import FaissKMeans
+from icon_lightning.baselines.objectives import SCANLoss, TEMILoss
+from icon_lightning.baselines.spectral import KNNSpectralClustering
+
+__all__ = ["FaissKMeans", "HeadClusterer", "KNNSpectralClustering", "SCANLoss", "TEMILoss"]

@@ -1,0 +1,127 @@
+"""``HeadClusterer``: any objective of the harness (I-Con recipes, SCAN, TEMI) as a scikit-learn estimator.
+
+``fit`` is a real Lightning run: the features become a ``ClusteringDataModule`` (k-NN table, walks, sampled
+neighbours, cached under ``cache_dir``) and ``IConModule`` trains H linear heads with the objective; the head
+with the lowest training loss is kept (label-free). ``predict`` applies that head to new features.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClusterMixin
+
+from icon_lightning.baselines.kmeans import _as_features
+from icon_lightning.data.datamodule import ClusteringDataModule
+from icon_lightning.data.datasets import FeaturesArray
+from icon_lightning.loss import Objective
+from icon_lightning.models.module import IConModule
+
+
+class HeadClusterer(ClusterMixin, BaseEstimator):
+    """Train ``num_heads`` linear cluster heads on (N, D) features with ``loss``; keep the lowest-loss head.
+
+    k / walk_steps / num_neighbours: the DataModule's k-NN table width, walk length of the neighbour pool and
+    neighbours sampled per anchor; batch_size anchors per step (each brings its neighbours); Adam at ``lr``,
+    multiplied by ``lr_gamma`` every ``lr_step_size`` epochs. ema_momentum / teacher_candidates: an EMA
+    teacher whose outputs are the candidates (TEMI). Features are used as given (centre/normalise first).
+    Attributes: labels_ (N,), selected_head_, head_losses_ (H,), module_ (the trained ``IConModule``).
+    """
+
+    def __init__(
+        self,
+        loss: Objective,
+        n_clusters: int = 10,
+        num_heads: int = 5,
+        k: int = 3,
+        walk_steps: int = 1,
+        num_neighbours: int = 2,
+        max_epochs: int = 30,
+        batch_size: int = 1024,
+        lr: float = 1e-3,
+        lr_step_size: int = 10,
+        lr_gamma: float = 0.5,
+        ema_momentum: float | None = None,
+        teacher_candidates: bool = False,
+        random_state: int = 0,
+        accelerator: str = "auto",
+        cache_dir: str = ".cache/icon_lightning",
+    ) -> None:
+        self.loss = loss
+        self.n_clusters = n_clusters
+        self.num_heads = num_heads
+        self.k = k
+        self.walk_steps = walk_steps
+        self.num_neighbours = num_neighbours
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.lr_step_size = lr_step_size
+        self.lr_gamma = lr_gamma
+        self.ema_momentum = ema_momentum
+        self.teacher_candidates = teacher_candidates
+        self.random_state = random_state
+        self.accelerator = accelerator
+        self.cache_dir = cache_dir
+
+    def fit(self, X, y=None) -> HeadClusterer:
+        x = _as_features(X)
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+        L.seed_everything(self.random_state, verbose=False)
+        data = ClusteringDataModule(
+            FeaturesArray(x),
+            views="clean",
+            num_views=1,
+            num_neighbours=self.num_neighbours,
+            k=self.k,
+            walk_steps=self.walk_steps,
+            normalize=False,
+            batch_size=self.batch_size,
+            cache_dir=self.cache_dir,
+            seed=self.random_state,
+            evaluate_train=False,
+        )
+        module = IConModule(
+            loss=copy.deepcopy(self.loss),
+            feature_dim=x.shape[1],
+            num_clusters=self.n_clusters,
+            num_samples=len(x),
+            num_heads=self.num_heads,
+            optimizer=functools.partial(torch.optim.Adam, lr=self.lr),
+            lr_step_size=self.lr_step_size,
+            lr_gamma=self.lr_gamma,
+            ema_momentum=self.ema_momentum,
+            teacher_candidates=self.teacher_candidates,
+        )
+        trainer = L.Trainer(
+            accelerator=self.accelerator,
+            devices=1,
+            max_epochs=self.max_epochs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(module, datamodule=data)
+        self.module_ = module.cpu().eval()
+        self.selected_head_ = int(module.selected_head)
+        self.head_losses_ = module.head_losses.cpu().numpy()
+        self.labels_ = self.predict(x)
+        return self
+
+    @torch.no_grad()
+    def predict_proba(self, X) -> np.ndarray:
+        x = torch.from_numpy(_as_features(X))
+        if x.shape[1] != self.module_.hparams.feature_dim:
+            raise ValueError(f"X: expected {self.module_.hparams.feature_dim} features, got {x.shape[1]}")
+        return self.module_(x)[:, self.selected_head_].softmax(-1).numpy()
+
+    def predict(self, X) -> np.ndarray:
+        return self.predict_proba(X).argmax(1).astype(np.int64)

@@ -1,0 +1,79 @@
+"""The scikit-learn-style baselines against scikit-learn itself, and the Lightning-backed HeadClusterer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans, SpectralClustering
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+
+from icon_lightning.baselines import FaissKMeans, HeadClusterer, KNNSpectralClustering, SCANLoss, TEMILoss
+from icon_lightning.data.neighbours import centred_unit_rows
+from icon_lightning.recipes import load_recipe
+from icon_lightning.supervisory import KNNGraph
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    x, y = make_blobs(n_samples=300, centers=4, n_features=8, cluster_std=1.0, random_state=0)
+    return x.astype(np.float32), y
+
+
+def test_faiss_kmeans_matches_sklearn(blobs):
+    x, y = blobs
+    # FAISS seeds uniformly at random (no k-means++): on these blobs 5 restarts can all miss, 10 do not.
+    ours = FaissKMeans(4, n_init=10, random_state=0).fit(x)
+    ref = KMeans(4, n_init=10, random_state=0).fit(x)
+    assert adjusted_rand_score(ref.labels_, ours.labels_) == pytest.approx(1.0)
+    assert ours.inertia_ == pytest.approx(ref.inertia_, rel=1e-4)
+    np.testing.assert_array_equal(ours.predict(x), ours.labels_)
+    assert ours.cluster_centers_.shape == (4, 8)
+
+
+def test_spectral_matches_sklearn_nearest_neighbours_graph(blobs):
+    x, y = blobs
+    x = centred_unit_rows(x)
+    ours = KNNSpectralClustering(4, n_neighbors=10, random_state=0).fit(x)
+    ref = SpectralClustering(4, affinity="nearest_neighbors", n_neighbors=11, random_state=0).fit(x)
+    assert adjusted_rand_score(ref.labels_, ours.labels_) > 0.95
+    a = ours.affinity_matrix_
+    assert abs(a - a.T).max() == 0  # symmetrised graph
+    assert (ours.predict(x) == ours.labels_).mean() > 0.95  # out-of-sample vote agrees on the train points
+
+
+@pytest.mark.parametrize("estimator", [FaissKMeans(2), KNNSpectralClustering(2)])
+def test_bad_features_are_named(estimator):
+    x = np.ones((10, 3), dtype=np.float32)
+    x[3, 1] = np.nan
+    with pytest.raises(ValueError, match="X: contains NaN"):
+        estimator.fit(x)
+    with pytest.raises(ValueError, match="X: expected a non-empty"):
+        estimator.fit(np.ones(5))
+
+
+@pytest.mark.parametrize(
+    "name, loss, kw",
+    [
+        ("icon", lambda: load_recipe("icon_clustering"), dict(k=3)),
+        ("scan", lambda: SCANLoss(KNNGraph(k=10)), dict(k=10)),
+        (
+            "temi",
+            lambda: TEMILoss(KNNGraph(k=10, symmetric=True)),
+            dict(k=10, ema_momentum=0.9, teacher_candidates=True),
+        ),
+    ],
+)
+def test_head_clusterer_recovers_separated_blobs(blobs, tmp_path, name, loss, kw):
+    x, y = blobs
+    x = centred_unit_rows(x)
+    est = HeadClusterer(
+        loss(), n_clusters=4, num_heads=2, num_neighbours=1, batch_size=64, lr=1e-2, lr_step_size=10,
+        cache_dir=str(tmp_path), **{"max_epochs": 15, **kw},
+    ).fit(x)  # fmt: skip
+    assert adjusted_rand_score(y, est.labels_) > 0.9, name
+    assert est.head_losses_.shape == (2,) and est.selected_head_ == int(np.argmin(est.head_losses_))
+    np.testing.assert_array_equal(est.predict(x), est.labels_)
+    assert est.predict_proba(x[:5]).sum(1) == pytest.approx(np.ones(5), abs=1e-5)
+    with pytest.raises(ValueError, match="X: expected 8 features"):
+        est.predict(x[:, :3])
