@@ -9,10 +9,11 @@ STAMP  := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo lint format clean bench-data bench-kernel extract-cifar10
+.PHONY: help install test test-fast demo demo-cifar10 lint format clean bench-data bench-kernel bench-train \
+	bench-clustering extract-cifar10 reproduce-imagenet
 
 help: ## Show this help
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
 install: $(STAMP) ## Create .venv and install -e .[cpu,dev] (or .[gpu,dev] with GPU=1)
 
@@ -31,8 +32,13 @@ test: install ## Run the test suite (CPU; slow tests included)
 test-fast: install ## Run the test suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: install ## The main job: I-Con clusterer on scikit-learn digits beside k-means
+demo: install ## The main job: fit + validate the I-Con clusterer on digits, table beside k-means and spectral
 	$(BIN)/python -m icon_lightning.demo
+
+CIFAR10 ?=
+demo-cifar10: install ## The demo on a local CIFAR-10: CIFAR10=<torchvision root | image folder | .tar>
+	@test -n "$(CIFAR10)" || { echo "demo-cifar10: set CIFAR10=<path> (torchvision's cifar-10-batches-py parent, an image folder, or a .tar)"; exit 2; }
+	$(BIN)/python -m icon_lightning.demo --cifar10 "$(CIFAR10)"
 
 SHARED ?= ../shared/data
 
@@ -46,13 +52,32 @@ bench-data: install ## k-NN and feature-extraction speed -> benchmarks/results/{
 bench-kernel: install ## cluster-kernel speed vs a plain matmul -> benchmarks/results/cluster_kernel_<device>.json
 	$(BIN)/python -m benchmarks.cluster_kernel
 
+BENCH_TRAIN_ARGS ?= --threads 1
+bench-train: install ## training-step samples/s, kernel FLOPs, memory -> benchmarks/results/train_step_<device>.json
+	$(BIN)/python -m benchmarks.train_step $(BENCH_TRAIN_ARGS)
+
+CLUSTERING_DATASETS ?= digits cifar10_test cifar10_train_test fashion_mnist_test
+bench-clustering: install ## every method x 3 seeds per dataset -> benchmarks/results/clustering_<dataset>.json
+	for d in $(CLUSTERING_DATASETS); do OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.clustering --dataset $$d \
+		--cifar10-tar-dir $(SHARED)/cifar10 || exit 1; done
+	$(BIN)/python -m benchmarks.clustering --table
+
+IMAGENET_ROOT ?=
+MODEL ?= s14
+DINOV2_CHECKPOINT ?=
+reproduce-imagenet: install ## The paper's ImageNet-1K protocol: IMAGENET_ROOT=<dir> MODEL=s14|b14|l14 (GPUs)
+	$(BIN)/python -m experiments.imagenet_dinov2.reproduce --root "$(IMAGENET_ROOT)" --model $(MODEL) \
+		$(if $(DINOV2_CHECKPOINT),--checkpoint "$(DINOV2_CHECKPOINT)",)
+
+LINTED := icon_lightning tests benchmarks experiments
+
 lint: install ## ruff check and format check
-	$(BIN)/ruff check icon_lightning tests
-	$(BIN)/ruff format --check icon_lightning tests
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 format: install ## ruff format and autofix
-	$(BIN)/ruff format icon_lightning tests
-	$(BIN)/ruff check --fix icon_lightning tests
+	$(BIN)/ruff format $(LINTED)
+	$(BIN)/ruff check --fix $(LINTED)
 
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info lightning_logs

@@ -1,0 +1,39 @@
+"""`benchmarks.clustering` on digits with a shrunk schedule: per-seed JSON, summaries, merge, README table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import benchmarks.clustering as bc
+import benchmarks.common as common
+
+
+def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bc, "RESULTS", tmp_path)
+    monkeypatch.setitem(bc.SCHEDULES, "digits", bc.Schedule(batch_size=256, max_epochs=3, lr=1e-2, lr_step_size=2))
+    args = ["--dataset", "digits", "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache")]
+    bc.main([*args, "--methods", "kmeans_faiss", "icon"])
+    bc.main([*args, "--methods", "kmeans_sklearn", "--table"])  # merged into the same file
+
+    data = json.loads((tmp_path / "clustering_digits.json").read_text())
+    assert list(data["methods"]) == ["kmeans_sklearn", "kmeans_faiss", "icon"]  # the harness's order
+    assert data["fit_shape"] == [1797, 64] and data["seeds"] == [0, 1]
+    for name, method in data["methods"].items():
+        accs = [r["hungarian_acc"] for r in method["runs"]]
+        assert [r["seed"] for r in method["runs"]] == [0, 1]
+        assert method["hungarian_acc"]["mean"] == pytest.approx(np.mean(accs))
+        assert method["hungarian_acc"]["std"] == pytest.approx(np.std(accs, ddof=1))
+        assert all(0.1 < a <= 1 for a in accs), name
+    icon_run = data["methods"]["icon"]["runs"][0]
+    assert icon_run["selected_head"] == int(np.argmin(icon_run["head_losses"]))  # label-free selection
+    assert "| kmeans_faiss |" in capsys.readouterr().out
+
+
+def test_unknown_method_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(bc, "RESULTS", tmp_path)
+    with pytest.raises(ValueError, match="--methods: unknown \\['nope'\\]"):
+        bc.main(["--dataset", "digits", "--methods", "nope", "--cache-dir", str(tmp_path)])
