@@ -223,9 +223,27 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
         raise ValueError(f"--methods: unknown {unknown}; expected some of {list(table)}")
     path = RESULTS / f"clustering_{name}.json"
     print(f"{name}: fit {split.fit_x.shape}, score {split.score_x.shape}, {k} clusters; {split.source}")
-    # Merge into an existing file, so one method can be re-run without repeating the others.
+    # Merge into an existing file, and write after every method: one method can be re-run, and an interrupted
+    # run resumes with --resume (methods already in the file are skipped).
     results = json.loads(path.read_text())["methods"] if path.exists() else {}
+
+    def save() -> Path:
+        payload = {
+            "dataset": name,
+            "source": split.source,
+            "fit_shape": list(split.fit_x.shape),
+            "score_shape": list(split.score_x.shape),
+            "num_clusters": k,
+            "seeds": list(args.seeds),
+            "schedule": schedule.__dict__,
+            "command": f"python -m benchmarks.clustering --dataset {name}",
+            "methods": {m: results[m] for m in table if m in results},
+        }
+        return write_result(path.name, payload)
+
     for method in chosen:
+        if args.resume and method in results and len(results[method]["runs"]) == len(args.seeds):
+            continue
         description, make = table[method]
         runs = [run_method(split, make, seed) for seed in args.seeds]
         results[method] = {"description": description, "runs": runs, **summarise(runs)}
@@ -235,18 +253,8 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
             f"  nmi {s['nmi']['mean']:.3f}  ari {s['ari']['mean']:.3f}  {s['wall_s']['mean']:.1f} s",
             flush=True,
         )
-    payload = {
-        "dataset": name,
-        "source": split.source,
-        "fit_shape": list(split.fit_x.shape),
-        "score_shape": list(split.score_x.shape),
-        "num_clusters": k,
-        "seeds": list(args.seeds),
-        "schedule": schedule.__dict__,
-        "command": f"python -m benchmarks.clustering --dataset {name}",
-        "methods": {name: results[name] for name in table if name in results},
-    }
-    return write_result(path.name, payload)
+        save()
+    return save()
 
 
 # ---------------------------------------------------------------------------------------------- README table
@@ -282,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fashion-dir", default=str(FASHION))
     parser.add_argument("--fashion-size", type=int, default=64)
     parser.add_argument("--cache-dir", default=".cache/icon_lightning")
+    parser.add_argument("--resume", action="store_true", help="skip methods already in the JSON with every seed")
     parser.add_argument("--table", action="store_true", help="print the README table from the JSON results")
     args = parser.parse_args(argv)
     if len(args.seeds) < 1:

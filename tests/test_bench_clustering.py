@@ -32,6 +32,10 @@ def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monk
     assert icon_run["selected_head"] == int(np.argmin(icon_run["head_losses"]))  # label-free selection
     assert "| kmeans_faiss |" in capsys.readouterr().out
 
+    bc.main([*args, "--methods", "icon", "kmeans_sklearn", "--resume"])  # both done: nothing re-runs
+    again = json.loads((tmp_path / "clustering_digits.json").read_text())
+    assert again["methods"] == data["methods"]
+
 
 def test_unknown_method_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "RESULTS", tmp_path)
