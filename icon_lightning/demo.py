@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="icon_clustering", help="recipe name or YAML path")
     parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=150, help="full-batch epochs (one Adam step each)")
-    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--epochs", type=int, default=None, help="digits: 150 full-batch steps; CIFAR-10: 20")
+    parser.add_argument("--lr", type=float, default=None, help="digits: 3e-2; CIFAR-10: 1e-2")
     parser.add_argument("--k", type=int, default=3, help="width of the k-NN table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs")
@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         dataset, backbone, name = cifar10_test_split(args.cifar10), EfficientNetLite0(), "CIFAR-10 test"
         batch = dict(num_neighbours=1, batch_size=256, image_size=128)
-        if argv is None or "--lr" not in argv:
-            args.lr = 1e-2  # the benchmark's schedule (benchmarks/clustering.py)
-        if argv is None or "--epochs" not in argv:
-            args.epochs = 20
+        defaults = {"lr": 1e-2, "epochs": 20}  # the benchmark's schedule (benchmarks/clustering.py)
     else:
         dataset, backbone, name = DigitsDataset(), None, "digits"
         batch = dict(num_neighbours=0, batch_size=len(dataset))  # full batch: every neighbour is a candidate
+        defaults = {"lr": 3e-2, "epochs": 150}
+    args.lr = defaults["lr"] if args.lr is None else args.lr
+    args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
     k = dataset.num_classes
     data = ClusteringDataModule(
         dataset,
