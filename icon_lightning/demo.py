@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="icon_clustering", help="recipe name or YAML path")
     parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=None, help="digits: 150 full-batch steps; CIFAR-10: 20")
+    parser.add_argument("--epochs", type=int, default=None, help="digits: 250 full-batch steps; CIFAR-10: 20")
     parser.add_argument("--lr", type=float, default=None, help="digits: 3e-2; CIFAR-10: 1e-2")
     parser.add_argument("--k", type=int, default=3, help="width of the k-NN table")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         dataset, backbone, name = DigitsDataset(), None, "digits"
         batch = dict(num_neighbours=0, batch_size=len(dataset))  # full batch: every neighbour is a candidate
-        defaults = {"lr": 3e-2, "epochs": 150}
+        defaults = {"lr": 3e-2, "epochs": 250}
     args.lr = defaults["lr"] if args.lr is None else args.lr
     args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
     k = dataset.num_classes

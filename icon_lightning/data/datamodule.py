@@ -53,6 +53,8 @@ class AnchorDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
+        if self.view_pool <= 0 and self.num_neighbours == 0:  # nothing to draw (full-batch, clean features)
+            return i, np.full(self.num_views, -1), self.pool[i][:0]
         rng = item_rng(self.seed, epoch, i)
         if self.view_pool > 0:
             views = rng.choice(self.view_pool, self.num_views, replace=self.num_views > self.view_pool)
@@ -373,6 +375,9 @@ class ClusteringDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
+        # One batch per epoch (full-batch training): the order of its rows changes nothing, so keep it fixed
+        # and the batch is the same every step (IConModule then reuses p).
+        shuffle = shuffle and self.num_samples > self.batch_size * world
         return AnchorSampler(range(self.num_samples), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:

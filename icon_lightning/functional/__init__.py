@@ -4,7 +4,7 @@ Shape letters: B anchors, M candidates, D dim, K clusters, k neighbours.
 """
 
 from icon_lightning.functional.checks import check_alpha, check_finite, check_rows, check_shape
-from icon_lightning.functional.cluster import log_cluster_affinity, log_matmul_exp
+from icon_lightning.functional.cluster import log_cluster_affinity, log_debiased_cluster_affinity, log_matmul_exp
 from icon_lightning.functional.contrastive import beta_pmi, entropy, sc_infonce, scan_consistency
 from icon_lightning.functional.debias import debias, log_debias
 from icon_lightning.functional.distances import cosine_similarity, pairwise_sqeuclidean
@@ -30,6 +30,7 @@ __all__ = [
     "kl_divergence",
     "log_cluster_affinity",
     "log_debias",
+    "log_debiased_cluster_affinity",
     "log_exponential_kernel",
     "log_matmul_exp",
     "log_student_t_kernel",

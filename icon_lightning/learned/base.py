@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from icon_lightning.functional import masked_log_softmax
+from icon_lightning.functional import log_debias, masked_log_softmax
 from icon_lightning.rows import Rows
 
 
@@ -17,3 +17,9 @@ class Learned(nn.Module):
 
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
         return masked_log_softmax(self.log_kernel(anchors, candidates), valid)
+
+    def debiased(self, anchors: Rows, candidates: Rows, valid: Tensor | None, alpha: float) -> Tensor:
+        """(B, M) log q~ = log((1−α) q + α/M) over the valid candidates (``learned.Debiased`` calls this).
+
+        Subclasses with a cheaper exact form override it (``UniformCluster``)."""
+        return log_debias(self(anchors, candidates, valid), alpha, valid)

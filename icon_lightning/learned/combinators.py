@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from icon_lightning.functional import check_alpha, log_debias
+from icon_lightning.functional import check_alpha
 from icon_lightning.learned.base import Learned
 from icon_lightning.rows import Rows
 
@@ -21,7 +21,7 @@ class Debiased(Learned):
         self.alpha = check_alpha("alpha", alpha)
 
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
-        return log_debias(self.base(anchors, candidates, valid), self.alpha, valid)
+        return self.base.debiased(anchors, candidates, valid, self.alpha)
 
 
 class KernelMixture(Learned):

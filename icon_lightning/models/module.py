@@ -70,6 +70,7 @@ class IConModule(L.LightningModule):
         self.register_buffer("head_losses", torch.zeros(num_heads))
         self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
         self._loss_sum = torch.zeros(num_heads)
+        self._cached_target: tuple[tuple[Tensor, ...], Tensor] | None = None
         self._loss_count = 0
         self.metrics = nn.ModuleDict()
         if num_classes > 0 and num_clusters > 0:
@@ -119,7 +120,7 @@ class IConModule(L.LightningModule):
         with_labels = self.hparams.with_labels
         p = None
         if isinstance(self.loss, IConLoss):  # one p for every head: it depends on the rows, not on z
-            p = self.loss.target(meta.rows(candidates_z[:, 0], with_labels))[offset : offset + local]
+            p = self._target(meta, candidates_z[:, 0], with_labels)[offset : offset + local]
         losses = []
         for h in range(z.shape[1]):
             out = self.loss(
@@ -131,6 +132,19 @@ class IConModule(L.LightningModule):
             )
             losses.append(out.loss)
         return torch.stack(losses)
+
+    def _target(self, meta: ClusteringBatch, z: Tensor, with_labels: bool) -> Tensor:
+        """p of the global batch. p depends on the rows (indices, views, input features), never on z, so in
+        full-batch training on cached features (every step sees the whole dataset) a batch identical to the
+        previous one reuses its p. Mini-batches keep nothing."""
+        full = 0 < self.hparams.num_samples <= len(meta) and meta.inputs.ndim == 2
+        key = (meta.index, meta.view, meta.inputs) if full else None
+        cached = self._cached_target
+        if key is not None and cached is not None and all(_same(a, b) for a, b in zip(key, cached[0])):
+            return cached[1]
+        p = self.loss.target(meta.rows(z, with_labels))
+        self._cached_target = None if key is None else (key, p)
+        return p
 
     def training_step(self, batch: ClusteringBatch, batch_idx: int) -> Tensor:
         feats = self.features(batch)
@@ -213,3 +227,9 @@ class IConModule(L.LightningModule):
         optimizer = self.optimizer(self.heads.parameters())
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.hparams.lr_step_size, self.hparams.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)

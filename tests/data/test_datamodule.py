@@ -54,6 +54,20 @@ def test_reproducible_from_the_seed_and_fresh_each_epoch(tmp_path):
     assert not torch.equal(a.index, d.index)
 
 
+def test_full_batch_is_the_same_batch_every_epoch(tmp_path):
+    dm = digits_module(tmp_path, batch_size=4096, num_views=1, num_neighbours=0)
+
+    def batch(epoch):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        (only,) = list(loader)
+        return only
+
+    a, b = batch(0), batch(1)
+    assert torch.equal(a.index, torch.arange(1797))  # every item, once
+    assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("index", "view", "inputs", "neighbours"))
+
+
 def test_anchor_sampler_shards_disjointly():
     shards = [list(AnchorSampler(range(10), num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
     indices = [i for shard in shards for _, i in shard]

@@ -154,3 +154,48 @@ def test_hungarian_accuracy_matches_brute_force(k, c):
         acc, mapping = fn.hungarian_accuracy(conf)
         assert acc == pytest.approx(brute_force_accuracy(pred, target, k, c))
         assert (mapping >= 0).sum() == min(k, c)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.6, 0.9])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_debiased_cluster_affinity_in_probability_space_equals_the_log_space_path(alpha, masked, weighted):
+    torch.manual_seed(0)
+    b, m, k = 9, 14, 4  # rectangular: anchors are rows 3..11 of the candidates
+    logits_a = (torch.randn(b, k, dtype=torch.float64) * 4).requires_grad_(True)
+    logits_c = (torch.randn(m, k, dtype=torch.float64) * 4).requires_grad_(True)
+    valid = fn.self_pairs_valid(b, m, 3) if masked else None
+    log_w = torch.rand(m, dtype=torch.float64).add(0.5).log() if weighted else None
+
+    def both():
+        la, lc = torch.log_softmax(logits_a, -1), torch.log_softmax(logits_c, -1)
+        ref = fn.log_debias(fn.masked_log_softmax(fn.log_cluster_affinity(la, lc, log_w), valid), alpha, valid)
+        return fn.log_debiased_cluster_affinity(la, lc, alpha, valid, log_w), ref
+
+    out, ref = both()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    if masked:
+        assert torch.isneginf(out[~valid]).all()
+    weights = torch.rand(b, m, dtype=torch.float64)  # a generic downstream use of every finite entry
+    keep = torch.isfinite(ref)
+    g_out = torch.autograd.grad((out[keep] * weights[keep]).sum(), (logits_a, logits_c))
+    out, ref = both()
+    g_ref = torch.autograd.grad((ref[keep] * weights[keep]).sum(), (logits_a, logits_c))
+    for x, y in zip(g_out, g_ref):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_debiased_cluster_affinity_hands_back_to_log_space_when_a_row_would_lose_precision():
+    log_phi = torch.log_softmax(torch.tensor([[0.0, -200.0], [-200.0, 0.0], [-200.0, 0.0]]), -1)
+    valid = fn.self_pairs_valid(3, 3)
+    # Anchor 0 is alone in cluster 0: its affinities to the others are ~e^-200, below float32's range.
+    assert fn.log_debiased_cluster_affinity(log_phi, log_phi, 0.5, valid) is None
+    assert fn.log_debiased_cluster_affinity(log_phi, log_phi, 0.0, valid) is None  # α = 0: no floor
+    from icon_lightning.learned import Debiased, UniformCluster
+    from icon_lightning.rows import Rows
+
+    rows = Rows(z=log_phi, index=torch.arange(3))
+    out = Debiased(UniformCluster(), alpha=0.5)(rows, rows, valid)
+    ref = fn.log_debias(UniformCluster()(rows, rows, valid), 0.5, valid)
+    torch.testing.assert_close(out, ref)
+    assert torch.isfinite(out[valid]).all()

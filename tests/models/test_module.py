@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.models import IConModule
 from icon_lightning.recipes import load_recipe
 from tests.models.test_ddp import global_batch
@@ -45,3 +46,26 @@ def test_bad_teacher_arguments():
         IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, teacher_candidates=True)
     with pytest.raises(ValueError, match="ema_momentum"):
         IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, ema_momentum=1.5)
+
+
+def test_full_batch_training_reuses_p_and_only_while_the_rows_are_the_same(monkeypatch):
+    batch = global_batch()
+    model = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, num_samples=len(batch))
+    fresh = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, num_samples=0)
+    fresh.load_state_dict(model.state_dict())
+    calls = []
+    target = model.loss.target
+    monkeypatch.setattr(model.loss, "target", lambda *a, **kw: calls.append(1) or target(*a, **kw))
+    for _ in range(3):  # the same full batch every step: p is built once
+        losses = model.objective(batch, model(batch.inputs))
+    assert len(calls) == 1
+    torch.testing.assert_close(losses, fresh.objective(batch, fresh(batch.inputs)))
+    other = ClusteringBatch(**{**vars(batch), "inputs": batch.inputs + 1.0})  # other features → other p
+    torch.testing.assert_close(
+        model.objective(other, model(other.inputs)), fresh.objective(other, fresh(other.inputs))
+    )
+    assert len(calls) == 2
+
+    mini = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, num_samples=10 * len(batch))
+    mini.objective(batch, mini(batch.inputs))
+    assert mini._cached_target is None  # mini-batches keep nothing
