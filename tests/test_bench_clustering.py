@@ -14,7 +14,9 @@ import benchmarks.common as common
 def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(bc, "RESULTS", tmp_path)
-    monkeypatch.setitem(bc.SCHEDULES, "digits", bc.Schedule(batch_size=256, max_epochs=3, lr=1e-2, lr_step_size=2))
+    monkeypatch.setitem(
+        bc.SCHEDULES, "digits", bc.Schedule(batch_size=256, num_neighbours=1, max_epochs=3, lr=1e-2, lr_step_size=2)
+    )
     args = ["--dataset", "digits", "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache")]
     bc.main([*args, "--methods", "kmeans_faiss", "icon"])
     bc.main([*args, "--methods", "kmeans_sklearn", "--table"])  # merged into the same file

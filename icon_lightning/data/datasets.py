@@ -30,10 +30,23 @@ def _require(path: str | Path, what: str) -> Path:
     return path
 
 
+STAMP_WHOLE = 64 << 20  # files up to this size are hashed whole; larger ones at their start, middle and end
+STAMP_BLOCK = 1 << 20
+
+
 def _stamp(path: Path) -> str:
-    """Path, size and modification time: changes when the file is replaced."""
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    """Name, size and a content hash: changes when the file's content does, not when it is copied or touched
+    (a re-provisioned data folder keeps its caches). Files over 64 MiB are hashed on three 1 MiB blocks."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= STAMP_WHOLE:
+            digest.update(f.read())
+        else:
+            for offset in (0, size // 2, size - STAMP_BLOCK):
+                f.seek(offset)
+                digest.update(f.read(STAMP_BLOCK))
+    return f"{path.name}:{size}:{digest.hexdigest()[:16]}"
 
 
 class IndexedDataset(Dataset):

@@ -248,7 +248,9 @@ def cached_features(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = effective_precision(device, precision)
-    key = FeatureKey(backbone.cache_key, dataset.cache_key, repr(transform), f"{view}:seed={seed}", precision)
+    # The clean view is deterministic: one entry for every seed (written as seed 0, the key it always had).
+    view_seed = seed if view != "clean" else 0
+    key = FeatureKey(backbone.cache_key, dataset.cache_key, repr(transform), f"{view}:seed={view_seed}", precision)
     cached = store.load(key)
     if cached is not None:
         return cached

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -76,6 +78,32 @@ def write_idx(path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_cache_key_follows_content_not_place_or_time(tmp_path, monkeypatch):
+    import icon_lightning.data.datasets as datasets
+
+    path = tmp_path / "images.tar"
+    make_tar(path, ["test/b/0.png", "test/a/0.png"])
+    key = TarImageFolder(str(path), split="test").cache_key
+    os.utime(path, (1, 1))  # touched, as a re-provisioned data folder is
+    (tmp_path / "copy").mkdir()
+    shutil.copy(path, tmp_path / "copy" / "images.tar")
+    assert TarImageFolder(str(path), split="test").cache_key == key
+    assert TarImageFolder(str(tmp_path / "copy" / "images.tar"), split="test").cache_key == key
+    make_tar(path, ["test/b/0.png", "test/a/1.png"])  # other content
+    assert TarImageFolder(str(path), split="test").cache_key != key
+
+    # Large files are hashed on three blocks: a change inside one of them is seen.
+    monkeypatch.setattr(datasets, "STAMP_WHOLE", 1024)
+    monkeypatch.setattr(datasets, "STAMP_BLOCK", 64)
+    big = tmp_path / "big.bin"
+    body = bytearray(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    big.write_bytes(body)
+    before = datasets._stamp(big)
+    body[2048] ^= 1  # the middle block
+    big.write_bytes(body)
+    assert datasets._stamp(big) != before
 
 
 def test_idx_dataset(tmp_path):

@@ -61,9 +61,7 @@ def test_full_batch_training_reuses_p_and_only_while_the_rows_are_the_same(monke
     assert len(calls) == 1
     torch.testing.assert_close(losses, fresh.objective(batch, fresh(batch.inputs)))
     other = ClusteringBatch(**{**vars(batch), "inputs": batch.inputs + 1.0})  # other features → other p
-    torch.testing.assert_close(
-        model.objective(other, model(other.inputs)), fresh.objective(other, fresh(other.inputs))
-    )
+    torch.testing.assert_close(model.objective(other, model(other.inputs)), fresh.objective(other, fresh(other.inputs)))
     assert len(calls) == 2
 
     mini = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, num_samples=10 * len(batch))
