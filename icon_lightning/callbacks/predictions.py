@@ -27,7 +27,16 @@ class ClusterAssignmentWriter(BasePredictionWriter):
         index = torch.cat([b["index"] for b in batches]).cpu().numpy()
         cluster = torch.cat([b["cluster"] for b in batches]).cpu().numpy()
         confidence = torch.cat([b["probs"].max(-1).values for b in batches]).float().cpu().numpy()
-        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: on every rank
+        if trainer.world_size > 1:
+            # Each process predicted its shard: gather them, drop the sampler's padding, and write once.
+            parts = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, (index, cluster, confidence))
+            index, cluster, confidence = (np.concatenate([part[i] for part in parts]) for i in range(3))
+            index, first = np.unique(index, return_index=True)
+            cluster, confidence = cluster[first], confidence[first]
+            if not trainer.is_global_zero:
+                return
         out.mkdir(parents=True, exist_ok=True)
         dense = np.full(int(index.max()) + 1, -1, dtype=np.int64)
         dense[index] = cluster
