@@ -9,6 +9,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -334,7 +335,12 @@ class ClusteringDataModule(L.LightningDataModule):
         raw = np.asarray(self._features(self.dataset, "clean"), dtype=np.float32)
         mean = raw.mean(0, keepdims=True)
         clean = self._prepared(raw, mean)
-        table = NeighbourTable.build_or_load(clean, self.k, self._table_path(clean), self.knn_backend)
+        path = self._table_path(clean)
+        if self.distributed_extraction and dist.is_available() and dist.is_initialized():
+            if dist.get_rank() == 0:  # one process builds the k-NN table; the others load the file it wrote
+                NeighbourTable.build_or_load(clean, self.k, path, self.knn_backend)
+            dist.barrier()
+        table = NeighbourTable.build_or_load(clean, self.k, path, self.knn_backend)
         labels = torch.as_tensor(self.dataset.labels, dtype=torch.long)
         if (labels >= 0).all():
             self.knn_agreement = label_agreement(table.indices, self.dataset.labels)  # diagnostic only
