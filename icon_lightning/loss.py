@@ -46,6 +46,21 @@ class Objective(nn.Module):
             raise ValueError(f"self_offset: expected 0..{len(candidates) - len(anchors)}, got {self_offset}")
         return candidates, self_pairs_valid(len(anchors), len(candidates), self_offset, device=anchors.z.device)
 
+    @property
+    def shares_target(self) -> bool:
+        """Built on a supervisory ``self.p`` (I-Con, SCAN, TEMI): p depends on the rows, not on z, so one
+        ``target(...)`` can be passed to ``forward(p=...)`` for every head."""
+        return isinstance(self._modules.get("p"), Supervisory)
+
+    def target(self, anchors: Rows, candidates: Rows | None = None, self_offset: int | None = None) -> Tensor:
+        """(B, M) p for these rows; pass it back to ``forward`` to share it across heads."""
+        if not self.shares_target:
+            raise TypeError(f"{type(self).__name__} has no supervisory p to precompute")
+        candidates, valid = self.pairs(anchors, candidates, self_offset)
+        # p is a fixed target: computed outside autocast (full precision), and never differentiated.
+        with torch.autocast(anchors.z.device.type, enabled=False):
+            return self.p(anchors, candidates, valid).detach()
+
 
 class IConLoss(Objective):
     """mean_i KL(p(.|i) ‖ q(.|i)) over anchors that have at least one positive among the candidates."""
@@ -56,16 +71,6 @@ class IConLoss(Objective):
         self.q = q
         self.divergence = divergence if divergence is not None else KL()
 
-    def target(self, anchors: Rows, candidates: Rows | None = None, self_offset: int | None = None) -> Tensor:
-        """(B, M) p for these rows; pass it back to ``forward`` to share it across heads."""
-        candidates, valid = self.pairs(anchors, candidates, self_offset)
-        return self._target(anchors, candidates, valid)
-
-    def _target(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
-        # p is a fixed target: computed outside autocast (full precision), and never differentiated.
-        with torch.autocast(anchors.z.device.type, enabled=False):
-            return self.p(anchors, candidates, valid).detach()
-
     def forward(
         self,
         anchors: Rows,
@@ -75,11 +80,10 @@ class IConLoss(Objective):
         head: int = 0,
     ) -> LossOutput:
         """p: optional precomputed ``target(...)`` of these pairs; q always comes from the rows' z."""
-        candidates, valid = self.pairs(anchors, candidates, self_offset)
         if p is None:
-            p = self._target(anchors, candidates, valid)
-        else:
-            check_shape("p", p, 2, {0: len(anchors), 1: len(candidates)})
+            p = self.target(anchors, candidates, self_offset)
+        candidates, valid = self.pairs(anchors, candidates, self_offset)
+        check_shape("p", p, 2, {0: len(anchors), 1: len(candidates)})
         log_q = self.q(anchors, candidates, valid)
         per_anchor = self.divergence(p, log_q)
         has_positive = p.sum(-1) > 0

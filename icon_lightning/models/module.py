@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from icon_lightning.data.batch import ClusteringBatch
-from icon_lightning.loss import IConLoss, Objective
+from icon_lightning.loss import Objective
 from icon_lightning.metrics import ClusteringMetrics
 from icon_lightning.models.backbones import FrozenBackbone
 from icon_lightning.models.distributed import gather, world
@@ -119,7 +119,7 @@ class IConModule(L.LightningModule):
             candidates_z = gather(teacher_z.detach())
         with_labels = self.hparams.with_labels
         p = None
-        if isinstance(self.loss, IConLoss):  # one p for every head: it depends on the rows, not on z
+        if getattr(self.loss, "shares_target", False):  # one p for all heads (I-Con, SCAN, TEMI): rows only, not z
             p = self._target(meta, candidates_z[:, 0], with_labels)[offset : offset + local]
         losses = []
         for h in range(z.shape[1]):

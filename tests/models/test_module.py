@@ -67,3 +67,21 @@ def test_full_batch_training_reuses_p_and_only_while_the_rows_are_the_same(monke
     mini = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, num_samples=10 * len(batch))
     mini.objective(batch, mini(batch.inputs))
     assert mini._cached_target is None  # mini-batches keep nothing
+
+
+@pytest.mark.parametrize("name", ["icon", "scan"])
+def test_p_is_built_once_per_step_for_all_heads_and_equals_each_heads_own(name, monkeypatch):
+    from icon_lightning.baselines import SCANLoss
+    from icon_lightning.supervisory import KNNGraph
+
+    loss = load_recipe("icon_clustering") if name == "icon" else SCANLoss(KNNGraph(k=3))
+    model = IConModule(loss, feature_dim=6, num_clusters=4, num_heads=3)
+    batch = global_batch()
+    z = model(batch.inputs)
+    calls = []
+    target = model.loss.target
+    monkeypatch.setattr(model.loss, "target", lambda *a, **kw: calls.append(1) or target(*a, **kw))
+    shared = model.objective(batch, z)
+    assert len(calls) == 1
+    own = torch.stack([model.loss(batch.rows(z[:, h]), batch.rows(z[:, h]), self_offset=0).loss for h in range(3)])
+    torch.testing.assert_close(shared, own)
