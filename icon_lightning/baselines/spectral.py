@@ -28,16 +28,24 @@ class KNNSpectralClustering(ClusterMixin, BaseEstimator):
     The graph is what ``affinity='nearest_neighbors'`` builds, (A + Aᵀ)/2 with self loops, but found with
     this project's exact k-NN (FAISS or torch), so 50 000 points take seconds rather than a brute-force
     scikit-learn search. ``predict`` labels new points by a majority vote of their ``n_neighbors`` nearest
-    training points (spectral clustering itself has no out-of-sample rule).
+    training points (spectral clustering itself has no out-of-sample rule). eigen_solver: scikit-learn's
+    (None = ARPACK in shift-invert mode, whose sparse LU does not finish on a 50 000-point k-NN graph here;
+    "lobpcg" does).
     Attributes: labels_ (N,), affinity_matrix_ (sparse N × N), train_features_.
     """
 
     def __init__(
-        self, n_clusters: int = 8, n_neighbors: int = 10, assign_labels: str = "kmeans", random_state: int = 0
+        self,
+        n_clusters: int = 8,
+        n_neighbors: int = 10,
+        assign_labels: str = "kmeans",
+        eigen_solver: str | None = None,
+        random_state: int = 0,
     ) -> None:
         self.n_clusters = n_clusters
         self.n_neighbors = n_neighbors
         self.assign_labels = assign_labels
+        self.eigen_solver = eigen_solver
         self.random_state = random_state
 
     def fit(self, X, y=None) -> KNNSpectralClustering:
@@ -54,6 +62,7 @@ class KNNSpectralClustering(ClusterMixin, BaseEstimator):
             self.n_clusters,
             affinity="precomputed",
             assign_labels=self.assign_labels,
+            eigen_solver=self.eigen_solver,
             random_state=self.random_state,
         )
         self.labels_ = spectral.fit_predict(self.affinity_matrix_).astype(np.int64)

@@ -31,10 +31,11 @@ def test_faiss_kmeans_matches_sklearn(blobs):
     assert ours.cluster_centers_.shape == (4, 8)
 
 
-def test_spectral_matches_sklearn_nearest_neighbours_graph(blobs):
+@pytest.mark.parametrize("solver", [None, "lobpcg"])
+def test_spectral_matches_sklearn_nearest_neighbours_graph(blobs, solver):
     x, y = blobs
     x = centred_unit_rows(x)
-    ours = KNNSpectralClustering(4, n_neighbors=10, random_state=0).fit(x)
+    ours = KNNSpectralClustering(4, n_neighbors=10, eigen_solver=solver, random_state=0).fit(x)
     ref = SpectralClustering(4, affinity="nearest_neighbors", n_neighbors=11, random_state=0).fit(x)
     assert adjusted_rand_score(ref.labels_, ours.labels_) > 0.95
     a = ours.affinity_matrix_
