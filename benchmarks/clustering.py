@@ -235,8 +235,13 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
     # Merge into an existing file, and write after every method: one method can be re-run, and an interrupted
     # run resumes with --resume (methods already in the file are skipped).
     results = json.loads(path.read_text())["methods"] if path.exists() else {}
+    ran: set[str] = set()
 
     def save() -> Path:
+        # Re-read first: another process may have added other methods of this dataset meanwhile.
+        if path.exists():
+            on_disk = json.loads(path.read_text())["methods"]
+            results.update({m: v for m, v in on_disk.items() if m not in ran})
         payload = {
             "dataset": name,
             "source": split.source,
@@ -256,6 +261,7 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
         description, make = table[method]
         runs = [run_method(split, make, seed) for seed in args.seeds]
         results[method] = {"description": description, "runs": runs, **summarise(runs)}
+        ran.add(method)
         s = results[method]
         print(
             f"  {method:<20} acc {s['hungarian_acc']['mean']:.3f} ± {s['hungarian_acc']['std']:.3f}"
