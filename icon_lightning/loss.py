@@ -24,6 +24,14 @@ class LossOutput:
     cross_entropy: Tensor | None = None
 
 
+def anchors_with_positive(p: Tensor) -> Tensor:
+    """(B,) bool: anchors with some p mass among the candidates, the rows a loss averages over."""
+    has_positive = p.sum(-1) > 0
+    if not bool(has_positive.any()):
+        raise ValueError("p: no anchor has a positive among the candidates; check the batch composition")
+    return has_positive
+
+
 class Objective(nn.Module):
     """Anything the LightningModule can minimise: ``forward(anchors, candidates=None) -> LossOutput``.
 
@@ -86,9 +94,7 @@ class IConLoss(Objective):
         check_shape("p", p, 2, {0: len(anchors), 1: len(candidates)})
         log_q = self.q(anchors, candidates, valid)
         per_anchor = self.divergence(p, log_q)
-        has_positive = p.sum(-1) > 0
-        if not bool(has_positive.any()):
-            raise ValueError("p: no anchor has a positive among the candidates; check the batch composition")
+        has_positive = anchors_with_positive(p)
         kl = per_anchor.divergence[has_positive].mean()
         return LossOutput(loss=kl, kl=kl, cross_entropy=per_anchor.cross_entropy[has_positive].mean())
 

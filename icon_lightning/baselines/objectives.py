@@ -11,17 +11,14 @@ import torch
 from torch import Tensor
 
 from icon_lightning.functional import beta_pmi, check_alpha, entropy, scan_consistency
-from icon_lightning.loss import LossOutput, Objective
+from icon_lightning.loss import LossOutput, Objective, anchors_with_positive
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory import Supervisory
 from icon_lightning.supervisory.base import target_dtype
 
 
 def _positive_mean(per_anchor: Tensor, p: Tensor) -> Tensor:
-    has_positive = p.sum(-1) > 0
-    if not bool(has_positive.any()):
-        raise ValueError("p: no anchor has a neighbour among the candidates; check the batch composition")
-    return per_anchor[has_positive].mean()
+    return per_anchor[anchors_with_positive(p)].mean()
 
 
 class SCANLoss(Objective):
@@ -53,10 +50,10 @@ class SCANLoss(Objective):
         self_offset: int | None = None,
         head: int = 0,
     ) -> LossOutput:
-        candidates, valid = self.pairs(anchors, candidates, self_offset)
+        p = self.target(anchors, candidates, self_offset) if p is None else p
+        candidates, _ = self.pairs(anchors, candidates, self_offset)
         dtype = target_dtype(anchors)  # float32 or wider, also under autocast
         with torch.autocast(anchors.z.device.type, enabled=False):
-            p = self.p(anchors, candidates, valid).detach() if p is None else p
             log_a = torch.log_softmax(anchors.z.to(dtype) / self.temperature, -1)
             log_c = torch.log_softmax(candidates.z.to(dtype) / self.temperature, -1)
             consistency = _positive_mean(scan_consistency(log_a, log_c, p), p)
@@ -127,10 +124,10 @@ class TEMILoss(Objective):
     ) -> LossOutput:
         if candidates is None:
             raise ValueError("candidates: TEMI needs the teacher's outputs as candidates (teacher_candidates=True)")
-        candidates, valid = self.pairs(anchors, candidates, self_offset)
+        p = self.target(anchors, candidates, self_offset) if p is None else p
+        candidates, _ = self.pairs(anchors, candidates, self_offset)
         dtype = target_dtype(anchors)  # float32 or wider, also under autocast
         with torch.autocast(anchors.z.device.type, enabled=False):
-            p = self.p(anchors, candidates, valid).detach() if p is None else p
             log_s = torch.log_softmax(anchors.z.to(dtype) / self.student_temperature, -1)
             with torch.no_grad():
                 log_t = torch.log_softmax(candidates.z.to(dtype) / self.teacher_temperature, -1)
