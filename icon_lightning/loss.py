@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from icon_lightning.divergence import KL
 from icon_lightning.functional import check_shape, sc_infonce, self_pairs_valid
+from icon_lightning.functional.sparse import SparseTarget, self_columns
 from icon_lightning.learned import Learned
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory import Supervisory
@@ -69,27 +70,93 @@ class Objective(nn.Module):
         with torch.autocast(anchors.z.device.type, enabled=False):
             return self.p(anchors, candidates, valid).detach()
 
+    def forward_heads(
+        self,
+        anchors: list[Rows],
+        candidates: list[Rows] | None = None,
+        p: Tensor | SparseTarget | None = None,
+        self_offset: int | None = None,
+    ) -> list[LossOutput]:
+        """One ``LossOutput`` per head h for rows ``anchors[h]`` (and ``candidates[h]``), sharing one p.
+        Objectives that can take all heads at once override it; the default calls ``forward`` per head."""
+        return [
+            self(a, None if candidates is None else candidates[h], p=p, self_offset=self_offset, head=h)
+            for h, a in enumerate(anchors)
+        ]
+
 
 class IConLoss(Objective):
-    """mean_i KL(p(.|i) ‖ q(.|i)) over anchors that have at least one positive among the candidates."""
+    """mean_i KL(p(.|i) ‖ q(.|i)) over anchors that have at least one positive among the candidates.
 
-    def __init__(self, p: Supervisory, q: Learned, divergence: nn.Module | None = None) -> None:
+    sparse: where p has a sparse form (graph, augmentation and label neighbourhoods, their walks, mixtures and
+    debiasing) and q the shared cluster likelihood, take the KL from p's non-zeros and O(K) row sums
+    (``functional.sparse_cluster_kl``), never holding a (B, M) matrix: the same value and gradients as the
+    dense path to rounding. False always takes the dense path, the reference.
+    """
+
+    def __init__(self, p: Supervisory, q: Learned, divergence: nn.Module | None = None, sparse: bool = True) -> None:
         super().__init__()
         self.p = p
         self.q = q
         self.divergence = divergence if divergence is not None else KL()
+        self.sparse = sparse
+
+    def target(
+        self, anchors: Rows, candidates: Rows | None = None, self_offset: int | None = None
+    ) -> Tensor | SparseTarget:
+        """p for these rows: a ``SparseTarget`` where the sparse path may use it, else the dense (B, M) p."""
+        if self.sparse and type(self.divergence) is KL:
+            m = len(anchors) if candidates is None else len(candidates)
+            self_col = self_columns(len(anchors), m, 0 if candidates is None else self_offset, anchors.z.device)
+            if candidates is not None:
+                check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})
+            with torch.autocast(anchors.z.device.type, enabled=False):
+                p = self.p.sparse(anchors, anchors if candidates is None else candidates, self_col)
+            if p is not None:
+                return p.detach()
+        return super().target(anchors, candidates, self_offset)
 
     def forward(
         self,
         anchors: Rows,
         candidates: Rows | None = None,
-        p: Tensor | None = None,
+        p: Tensor | SparseTarget | None = None,
         self_offset: int | None = None,
         head: int = 0,
     ) -> LossOutput:
         """p: optional precomputed ``target(...)`` of these pairs; q always comes from the rows' z."""
+        return self.forward_heads([anchors], None if candidates is None else [candidates], p, self_offset)[0]
+
+    def forward_heads(
+        self,
+        anchors: list[Rows],
+        candidates: list[Rows] | None = None,
+        p: Tensor | SparseTarget | None = None,
+        self_offset: int | None = None,
+    ) -> list[LossOutput]:
         if p is None:
-            p = self.target(anchors, candidates, self_offset)
+            p = self.target(anchors[0], None if candidates is None else candidates[0], self_offset)
+        if isinstance(p, SparseTarget):
+            m = len(anchors[0]) if candidates is None else len(candidates[0])
+            if len(p) != len(anchors[0]) or p.num_candidates != m:
+                raise ValueError(
+                    f"p: expected a target of shape {(len(anchors[0]), m)}, got {(len(p), p.num_candidates)}"
+                )
+            has_positive = anchors_with_positive(p.row_mass().unsqueeze(1))
+            out = self.q.sparse_kl(p, anchors, anchors if candidates is None else candidates)
+            if out is not None:
+                return [
+                    LossOutput(
+                        loss=kl[has_positive].mean(), kl=kl[has_positive].mean(), cross_entropy=ce[has_positive].mean()
+                    )
+                    for kl, ce in zip(*out)
+                ]
+            p = p.to_dense()
+        return [
+            self._dense(a, None if candidates is None else candidates[h], p, self_offset) for h, a in enumerate(anchors)
+        ]
+
+    def _dense(self, anchors: Rows, candidates: Rows | None, p: Tensor, self_offset: int | None) -> LossOutput:
         candidates, valid = self.pairs(anchors, candidates, self_offset)
         check_shape("p", p, 2, {0: len(anchors), 1: len(candidates)})
         log_q = self.q(anchors, candidates, valid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 
 import torch
@@ -49,6 +50,14 @@ class Rows:
 
     def __len__(self) -> int:
         return self.z.shape[0]
+
+    def with_z(self, z: Tensor) -> Rows:
+        """The same rows with another model output (e.g. another head's), checking only the new z."""
+        check_shape("z", z, 2, {0: len(self)})
+        check_finite("z", z)
+        rows = copy.copy(self)
+        object.__setattr__(rows, "z", z)
+        return rows
 
     @staticmethod
     def cat(parts: list[Rows]) -> Rows:

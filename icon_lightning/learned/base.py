@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from icon_lightning.functional import log_debias, masked_log_softmax
+from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.rows import Rows
 
 
@@ -23,3 +24,10 @@ class Learned(nn.Module):
 
         Subclasses with a cheaper exact form override it (``UniformCluster``)."""
         return log_debias(self(anchors, candidates, valid), alpha, valid)
+
+    def sparse_kl(
+        self, p: SparseTarget, anchors: list[Rows], candidates: list[Rows], alpha: float = 0.0
+    ) -> tuple[Tensor, Tensor] | None:
+        """(H, B) KL(p ‖ q~) and cross-entropy of H heads' rows against a sparse p, q~ = (1−α) q + α/M, without
+        a (B, M) matrix. None where this q has no such form (the loss then builds log_q densely)."""
+        return None

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
 from icon_lightning.functional import log_cluster_affinity, log_debiased_cluster_affinity
+from icon_lightning.functional.cluster_kl import sparse_cluster_kl
+from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.learned.base import Learned
 from icon_lightning.rows import Rows
 
@@ -47,3 +51,18 @@ class UniformCluster(Learned):
         log_phi_a, log_phi_c, log_weight = self._log_phi(anchors, candidates)
         out = log_debiased_cluster_affinity(log_phi_a, log_phi_c, alpha, valid, log_weight)
         return super().debiased(anchors, candidates, valid, alpha) if out is None else out
+
+    def sparse_kl(
+        self, p: SparseTarget, anchors: list[Rows], candidates: list[Rows], alpha: float = 0.0
+    ) -> tuple[Tensor, Tensor] | None:
+        """All heads in one call of ``functional.sparse_cluster_kl``, in at least float32 (outside autocast)."""
+        with torch.autocast(anchors[0].z.device.type, enabled=False):
+            parts = [self._log_phi(_full(a), _full(c)) for a, c in zip(anchors, candidates)]
+            log_phi_a = torch.stack([a for a, _, _ in parts])
+            log_phi_c = torch.stack([c for _, c, _ in parts])
+            return sparse_cluster_kl(p, log_phi_a, log_phi_c, alpha, parts[0][2])
+
+
+def _full(rows: Rows) -> Rows:
+    """The rows with z in at least float32."""
+    return replace(rows, z=rows.z.float()) if rows.z.dtype in (torch.float16, torch.bfloat16) else rows

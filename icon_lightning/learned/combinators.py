@@ -23,6 +23,10 @@ class Debiased(Learned):
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
         return self.base.debiased(anchors, candidates, valid, self.alpha)
 
+    def sparse_kl(self, p, anchors: list[Rows], candidates: list[Rows], alpha: float = 0.0):
+        # (1−β)((1−α) q + α/M) + β/M = (1−α)(1−β) q + (1 − (1−α)(1−β))/M: debiasing composes.
+        return self.base.sparse_kl(p, anchors, candidates, 1.0 - (1.0 - alpha) * (1.0 - self.alpha))
+
 
 class KernelMixture(Learned):
     """Kernels added inside one softmax: q ∝ Σ_k w_k K_k, as a weighted logaddexp of log-kernels.

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from icon_lightning.data.batch import ClusteringBatch
+from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.loss import Objective
 from icon_lightning.metrics import ClusteringMetrics
 from icon_lightning.models.backbones import FrozenBackbone
@@ -120,18 +121,17 @@ class IConModule(L.LightningModule):
         with_labels = self.hparams.with_labels
         p = None
         if getattr(self.loss, "shares_target", False):  # one p for all heads (I-Con, SCAN, TEMI): rows only, not z
-            p = self._target(meta, candidates_z[:, 0], with_labels)[offset : offset + local]
-        losses = []
-        for h in range(z.shape[1]):
-            out = self.loss(
-                batch.rows(z[:, h], with_labels),
-                meta.rows(candidates_z[:, h], with_labels),
-                p=p,
-                self_offset=offset,
-                head=h,
-            )
-            losses.append(out.loss)
-        return torch.stack(losses)
+            p = self._target(meta, candidates_z[:, 0], with_labels)
+            p = p.row_slice(offset, offset + local) if isinstance(p, SparseTarget) else p[offset : offset + local]
+        anchors, candidates = batch.rows(z[:, 0], with_labels), meta.rows(candidates_z[:, 0], with_labels)
+        heads = range(z.shape[1])
+        outs = self.loss.forward_heads(
+            [anchors.with_z(z[:, h]) for h in heads],
+            [candidates.with_z(candidates_z[:, h]) for h in heads],
+            p=p,
+            self_offset=offset,
+        )
+        return torch.stack([out.loss for out in outs])
 
     def _target(self, meta: ClusteringBatch, z: Tensor, with_labels: bool) -> Tensor:
         """p of the global batch. p depends on the rows (indices, views, input features), never on z, so in

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.rows import Rows
 
 
@@ -14,6 +15,11 @@ class Supervisory(nn.Module):
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:  # pragma: no cover
         """(B, M) probabilities; ``valid`` (B, M) marks allowed pairs (False at self pairs)."""
         raise NotImplementedError
+
+    def sparse(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> SparseTarget | None:
+        """The same p as a ``SparseTarget`` (self pairs at ``self_col``, (B,), -1 for none), for losses that
+        use p's structure; None where p has no sparse form (the loss then takes ``forward``)."""
+        return None
 
 
 def target_dtype(rows: Rows) -> torch.dtype:

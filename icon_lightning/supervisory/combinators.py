@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from icon_lightning.functional import check_alpha, debias, propagate
+from icon_lightning.functional.sparse import SparseTarget, sparse_debias, sparse_mixture, sparse_propagate
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory.base import Supervisory
 
@@ -20,6 +21,10 @@ class Debiased(Supervisory):
 
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
         return debias(self.base(anchors, candidates, valid), self.alpha, valid)
+
+    def sparse(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> SparseTarget | None:
+        p = self.base.sparse(anchors, candidates, self_col)
+        return None if p is None else sparse_debias(p, self.alpha)
 
 
 class Propagated(Supervisory):
@@ -43,6 +48,10 @@ class Propagated(Supervisory):
         if p.shape[0] != p.shape[1]:
             raise ValueError(f"walks: propagation needs candidates == anchors, got p of shape {tuple(p.shape)}")
         return propagate(p, self.walks + 1, self.uniform, valid)
+
+    def sparse(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> SparseTarget | None:
+        p = self.base.sparse(anchors, candidates, self_col)
+        return None if p is None else sparse_propagate(p, self.walks + 1, self.uniform)
 
 
 class Mixture(Supervisory):
@@ -68,3 +77,7 @@ class Mixture(Supervisory):
         w = w * (ps.sum(-1, keepdim=True) > 0)
         total = w.sum(0)
         return (w * ps).sum(0) / torch.where(total > 0, total, torch.ones_like(total))
+
+    def sparse(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> SparseTarget | None:
+        parts = [c.sparse(anchors, candidates, self_col) for c in self.components]
+        return None if any(part is None for part in parts) else sparse_mixture(parts, self.weights)

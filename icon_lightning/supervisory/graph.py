@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from icon_lightning.functional import cosine_similarity, normalize_rows
+from icon_lightning.functional.sparse import SparseTarget, match_pairs, normalized_target, unique_valid_pairs
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory.base import Supervisory, target_dtype
 
@@ -61,3 +62,46 @@ class KNNGraph(Supervisory):
             else:
                 raise ValueError("symmetric: needs candidates.neighbours or a square batch")
         return normalize_rows(adj.to(target_dtype(anchors)), valid)
+
+    @torch.no_grad()
+    def sparse(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> SparseTarget:
+        """The same p from the table by sorted matching (no (B, k, M) compare), or from in-batch top-k in row
+        blocks of the similarity matrix."""
+        b, m = len(anchors), len(candidates)
+        rows, cols = self._edges(anchors, candidates, self_col)
+        if self.symmetric:
+            if candidates.neighbours is not None:
+                table = candidates.neighbours[:, : self.k]
+                by = torch.arange(m, device=table.device).repeat_interleave(table.shape[1])
+                back_cols, back_rows = match_pairs(by, table.reshape(-1), anchors.index)
+            elif b == m:
+                back_rows, back_cols = cols, rows
+            else:
+                raise ValueError("symmetric: needs candidates.neighbours or a square batch")
+            rows, cols = torch.cat([rows, back_rows]), torch.cat([cols, back_cols])
+        rows, cols, weights = unique_valid_pairs(rows, cols, self_col, m)
+        return normalized_target(rows, cols, weights, self_col, m, target_dtype(anchors))
+
+    def _edges(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, cols) of the directed k-NN edges i → j (duplicates possible)."""
+        if anchors.neighbours is not None:
+            if self.k > anchors.neighbours.shape[1]:
+                raise ValueError(f"k: the neighbour table has {anchors.neighbours.shape[1]} columns, got k={self.k}")
+            table = anchors.neighbours[:, : self.k]
+            by = torch.arange(len(anchors), device=table.device).repeat_interleave(table.shape[1])
+            return match_pairs(by, table.reshape(-1), candidates.index)
+        if anchors.features is None or candidates.features is None:
+            raise ValueError("neighbours: KNNGraph needs anchors.neighbours (a k-NN table) or features")
+        available = len(candidates) - int(bool((self_col >= 0).any()))
+        if self.k >= available:
+            raise ValueError(f"k: expected fewer than the {available} valid candidates, got k={self.k}")
+        step = max(1, (1 << 22) // len(candidates))  # row blocks of the (B, M) similarity
+        tops = []
+        for start in range(0, len(anchors), step):
+            stop = min(len(anchors), start + step)
+            sim = cosine_similarity(anchors.features[start:stop], candidates.features)
+            local = (self_col[start:stop] >= 0).nonzero().squeeze(1)
+            sim[local, self_col[start:stop][local]] = float("-inf")
+            tops.append(sim.topk(self.k, dim=1).indices)
+        top = torch.cat(tops)
+        return torch.arange(len(anchors), device=top.device).repeat_interleave(self.k), top.reshape(-1)

@@ -1,0 +1,179 @@
+"""KL(p ‖ q~) for a sparse p and the shared cluster likelihood q, exactly, without a (B, M) matrix.
+
+q(j|i) = s_ij / T_i with s_ij = Σ_c φ_ic ψ_jc, ψ_jc = w_j φ_jc / n_c, n_c = Σ_j w_j φ_jc over all M
+candidates, and T_i = Σ_{j valid} s_ij = Σ_c φ_ic (n_c − [self] w_s φ_sc) / n_c: O(K) per row.
+q~ = (1−α) q + α/M_i. With p = S + u_i/M_i (``SparseTarget``):
+
+    −Σ_j p_ij log q~_ij = −Σ_{j∈S} S_ij log q~_ij − (u_i/M_i) Σ_{j valid} log q~_ij
+
+The first sum costs O(nnz·K); the second, the only dense one, is taken in row chunks by
+``row_log_affine_sum`` (a matmul and a log per chunk, recomputed in backward), so memory stays
+O(chunk × M). Every function takes a leading head dimension H: all heads in one call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from icon_lightning.functional.sparse import SparseTarget
+
+CHUNK_ELEMENTS = 1 << 22  # (rows × M × H) or (pairs × K × H) elements per block: 16 MB in float32
+PROBABILITY_SPACE_MIN = 1e-30  # as in functional.cluster: below this row total, take the dense log-space path
+
+
+def _blocks(total: int, per_item: int):
+    step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+class _PairLogSumExp(torch.autograd.Function):
+    """(H, P) log Σ_c exp(a[h, rows, c] + b[h, cols, c]) for P pairs, in blocks of pairs."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        h, _, k = a.shape
+        out = a.new_empty(h, len(rows))
+        for s, e in _blocks(len(rows), h * k):
+            out[:, s:e] = torch.logsumexp(a[:, rows[s:e]] + b[:, cols[s:e]], -1)
+        ctx.save_for_backward(a, b, rows, cols, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b, rows, cols, out = ctx.saved_tensors
+        h, _, k = a.shape
+        grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
+        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
+        for s, e in _blocks(len(rows), h * k):
+            r, c = rows[s:e], cols[s:e]
+            w = torch.exp(a[:, r] + b[:, c] - out[:, s:e, None]) * grad[:, s:e, None]  # softmax over c × grad
+            if grad_a is not None:
+                grad_a.index_add_(1, r, w)
+            if grad_b is not None:
+                grad_b.index_add_(1, c, w)
+        return grad_a, grad_b, None, None
+
+
+def pair_log_matmul_exp(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """(H, P) ``log_matmul_exp(a, b)[:, rows, cols]`` for a (H, B, K), b (H, M, K), without the (B, M)
+    matrix: exact in log space (no underflow), memory O(block × K) in forward and backward."""
+    return _PairLogSumExp.apply(a, b, rows, cols)
+
+
+class _RowLogAffineSum(torch.autograd.Function):
+    """(H, B) Σ_{j ≠ self_col[i]} log(shift_i + Σ_c a_hic b_hjc), row block by row block."""
+
+    @staticmethod
+    def _affine(a, b, shift, self_col, s, e, buffer):
+        h = a.shape[0]
+        y = buffer[: h * (e - s) * b.shape[1]].view(h, e - s, b.shape[1])
+        torch.baddbmm(shift[s:e].view(1, -1, 1), a[:, s:e], b.transpose(1, 2), out=y)
+        return y, (self_col[s:e] >= 0).nonzero().squeeze(1)
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, shift: Tensor, self_col: Tensor) -> Tensor:
+        h, n, _ = a.shape
+        m = b.shape[1]
+        out = a.new_empty(h, n)
+        buffer = a.new_empty(min(n, max(1, CHUNK_ELEMENTS // (h * m))) * h * m)  # one block buffer, reused
+        for s, e in _blocks(n, h * m):
+            y, local = _RowLogAffineSum._affine(a, b, shift, self_col, s, e, buffer)
+            y[:, local, self_col[s:e][local]] = 1.0  # log 1 = 0: the self pair is not a candidate
+            out[:, s:e] = y.log_().sum(-1)
+        ctx.save_for_backward(a, b, shift, self_col)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b, shift, self_col = ctx.saved_tensors
+        h, n, _ = a.shape
+        m = b.shape[1]
+        grad_a = torch.empty_like(a)
+        grad_b = b.new_zeros(h, b.shape[2], m)  # transposed: (H, K, M) += aᵀ y streams y in its own layout
+        buffer = a.new_empty(min(n, max(1, CHUNK_ELEMENTS // (h * m))) * h * m)
+        for s, e in _blocks(n, h * m):
+            y, local = _RowLogAffineSum._affine(a, b, shift, self_col, s, e, buffer)
+            y.reciprocal_()  # ∂ log(y) / ∂y
+            y[:, local, self_col[s:e][local]] = 0.0
+            g = grad[:, s:e, None]
+            grad_a[:, s:e] = torch.bmm(y, b) * g
+            grad_b.baddbmm_((a[:, s:e] * g).transpose(1, 2), y)
+        return grad_a, grad_b.transpose(1, 2), None, None
+
+
+def row_log_affine_sum(a: Tensor, b: Tensor, shift: Tensor, self_col: Tensor) -> Tensor:
+    """(H, B) Σ_{j valid} log(shift_i + (a_h b_hᵀ)_ij) for a (H, B, K), b (H, M, K), shift (B,) > 0.
+
+    The (B, M) matrix exists one row block at a time (``CHUNK_ELEMENTS``), in forward and again in backward,
+    in one buffer reused across blocks. Self pairs (``self_col``) are left out of the sum.
+    """
+    return _RowLogAffineSum.apply(a, b, shift, self_col)
+
+
+def log_row_normaliser(log_phi_a: Tensor, log_wphi_c: Tensor, log_size: Tensor, self_col: Tensor) -> Tensor:
+    """(H, B) log T_i = log Σ_c φ_ic (n_c − [self] w_s φ_sc) / n_c, the total affinity over valid candidates.
+
+    n_c − w_s φ_sc is taken without cancellation: for the one candidate that holds most of cluster c it is
+    the sum of all the others (a logsumexp without it); for any other candidate w_s φ_sc ≤ n_c / 2.
+    """
+    has_self = (self_col >= 0).view(1, -1, 1)
+    s = self_col.clamp_min(0)
+    top = log_wphi_c.argmax(1, keepdim=True)  # (H, 1, K)
+    log_rest = torch.logsumexp(log_wphi_c.scatter(1, top, float("-inf")), 1, keepdim=True)  # (H, 1, K)
+    ratio = (log_wphi_c[:, s] - log_size).clamp(max=math.log(0.5))  # (H, B, K); the clamp only binds at top
+    log_others = torch.where(top == s.view(1, -1, 1), log_rest, log_size + torch.log1p(-torch.exp(ratio)))
+    log_others = torch.where(has_self, log_others, log_size)
+    return torch.logsumexp(log_phi_a + log_others - log_size, -1)
+
+
+def target_entropy(p: SparseTarget) -> Tensor:
+    """(B,) Σ_j p_ij log p_ij over the valid candidates (0 log 0 = 0)."""
+    m = p.num_valid.to(p.values.dtype).clamp_min(1)
+    floor = p.uniform / m  # every valid candidate's uniform share
+    on_pairs = p.values + floor[p.rows]
+    total = torch.zeros_like(p.uniform).index_add_(0, p.rows, on_pairs * torch.log(on_pairs))
+    nnz = torch.zeros_like(p.uniform).index_add_(0, p.rows, torch.ones_like(p.values))
+    off_pairs = torch.where(floor > 0, (m - nnz) * floor * torch.log(torch.where(floor > 0, floor, 1.0)), 0.0)
+    return total + off_pairs
+
+
+def sparse_cluster_kl(
+    p: SparseTarget,
+    log_phi_a: Tensor,
+    log_phi_c: Tensor,
+    alpha: float,
+    log_weight_c: Tensor | None = None,
+) -> tuple[Tensor, Tensor] | None:
+    """Per-head, per-anchor (KL(p ‖ q~), cross-entropy), each (H, B), of the (debiased) shared cluster
+    likelihood q~ against a sparse p.
+
+    log_phi_a: (H, B, K), log_phi_c: (H, M, K) log cluster probabilities; log_weight_c: optional (M,) log
+    degrees (normalized cuts). alpha: q's debiasing (0: plain q). Equal to the dense path to rounding.
+    Returns None, for the caller's dense path, where this one would lose precision or has no sparse form:
+    p with a uniform part against a plain q (α = 0: log q is not bounded below), or an anchor whose total
+    affinity is below ``PROBABILITY_SPACE_MIN`` (alone in a very sharp cluster).
+    """
+    dtype = log_phi_a.dtype
+    log_wphi_c = log_phi_c if log_weight_c is None else log_phi_c + log_weight_c.view(1, -1, 1)
+    log_size = torch.logsumexp(log_wphi_c, 1, keepdim=True)  # (H, 1, K)
+    log_psi = log_wphi_c - log_size
+    log_total = log_row_normaliser(log_phi_a, log_wphi_c, log_size, p.self_col)  # (H, B)
+    needs_dense = bool((p.uniform > 0).any())
+    if needs_dense and (alpha == 0.0 or float(log_total.detach().min()) < math.log(PROBABILITY_SPACE_MIN)):
+        return None
+    m = p.num_valid.to(dtype).clamp_min(1)
+    values = p.values.to(dtype)
+    log_q = pair_log_matmul_exp(log_phi_a, log_psi, p.rows, p.cols) - log_total[:, p.rows]  # (H, nnz)
+    if alpha > 0.0:
+        log_q = torch.logaddexp(log_q + math.log1p(-alpha), math.log(alpha) - torch.log(m[p.rows]))
+    cross_entropy = torch.zeros_like(log_total).index_add(1, p.rows, -values * log_q)
+    if needs_dense:
+        rows = (p.uniform > 0).nonzero().squeeze(1)
+        scale = (1.0 - alpha) * torch.exp(log_phi_a[:, rows] - log_total[:, rows, None])  # (1−α) φ_ic / T_i
+        dense = row_log_affine_sum(scale, torch.exp(log_psi), alpha / m[rows], p.self_col[rows])  # Σ_j log q~_ij
+        cross_entropy = cross_entropy.index_add(1, rows, -(p.uniform.to(dtype) / m)[rows] * dense)
+    return target_entropy(p).to(dtype) + cross_entropy, cross_entropy
