@@ -1,43 +1,32 @@
-"""Speed of the I-Con training step on cached features, and of its B×B×K cluster kernel, in one run.
+"""Speed and memory of the I-Con training step, sparse path against dense, beside a FLOP and a memory bound.
 
-    python -m benchmarks.train_step [--device cpu|cuda] [--batch-sizes 256,1024,4096] [--clusters 10,100,1000]
-                                    [--dim 384] [--heads 1]
+    python -m benchmarks.train_step [--device cpu|cuda] [--batch-sizes 1024,4096,16384] [--clusters 10,100,1000]
+                                    [--heads 1,16] [--dim 384] [--threads 1]
 
 B is the side of the pair matrix: the rows the loss sees in one step. As in ``ClusteringDataModule`` each
-anchor brings 2 cached views and 2 neighbours sampled from its row of the k-NN table (k = 3),
-so a batch of B rows holds B/4 anchors (the DataModule's ``batch_size``). samples/s = B / step time.
-(The DataModule's neighbours come from ``walks(table, walk_steps=1)``: the k-NN table row itself.)
+anchor brings 2 cached views and 2 neighbours sampled from its row of the k-NN table (k = 3), so a batch of
+B rows holds B/4 anchors. The recipe is ``icon_clustering`` (p = debiased k-NN + 1-step walks, q = debiased
+UniformCluster) with H linear heads of width D → K.
 
-For each (B, K):
+For each (B, K, H), measured in one run:
 
-* train step: ``IConModule.training_step`` (ClusterHeads of width D → K, H heads, on random unit-norm
-  features standing in for DINOv2 ViT-S features; the ``icon_clustering`` recipe: p = debiased k-NN (k = 3)
-  + 1-step walks from the neighbour table, q = debiased UniformCluster), ``backward`` and an Adam step, as
-  Lightning runs them minus its hooks and logging (``self.log`` is a no-op without a Trainer).
-* cluster kernel: ``log_softmax`` + ``functional.log_cluster_affinity`` forward + backward (upstream gradient
-  a random (B, B) tensor), on (B, K) logits ~ N(0, 1). It computes log Σ_c φ_ic φ_jc / n_c as one
-  (B, K) @ (K, B) product of shifted exponentials, never a (B, B, K) tensor.
-* log q: the recipe's whole q (``Debiased(UniformCluster)``, self pairs masked) forward + backward: the
-  kernel plus its O(B²) masked log-softmax and debiasing.
-* same-shape matmul: ``a @ c.T`` forward + backward for (B, K) a, c: the ceiling for this shape.
-* naive: the (B, B, K) logsumexp forward + backward, only where B·B·K·4 bytes ≤ ``--naive-max-gb``.
+* ``step`` (sparse): ``IConModule.training_step`` + backward + Adam step, p built every step (mini-batch),
+  with the sparse path (``IConLoss(sparse=True)``, the default).
+* ``dense_step``: the same step with ``IConLoss(sparse=False)``: today's dense path (the reference).
+* ``loss`` and ``plain_loss``: the loss alone, forward + backward from the heads' logits with p given: the
+  library's sparse path, and a plain dense torch implementation written here from the paper's formulas
+  (φ = softmax, q_ij ∝ Σ_c φ_ic φ_jc / n_c as one (B, K) @ (K, B) product, self pairs masked, both sides
+  debiased, KL), the same value to rounding.
+* bounds: ``matmul``: this machine's fp32 matmul throughput (an n × n product) measured in the same run;
+  the FLOP-bound time of the sparse loss is 3 · 2·B·B·K·H FLOPs over it (its three B×B×K products: forward,
+  and one per factor's gradient). ``stream``: one pass over a (B, B) float32 (``x.mul_(1)``), H times:
+  the memory-bound time of touching every pair once. Each step's ratio to those bounds is reported.
 
-FLOPs counted for the kernel (only the three B×B×K contractions; the O(B²) and O(B·K) elementwise work is
-not counted): forward 2·B·B·K (exp(log φ − max) @ exp(log φ − log n − max)ᵀ), backward 4·B·B·K (one product
-for the gradient of each factor): 6·B·B·K per forward + backward. Achieved GFLOP/s = 6·B·B·K / kernel time.
-"fraction of matmul" divides it by this machine's fp32 matmul throughput (``common.matmul_gflops``, an n×n
-product) measured in the same run right before and right after the kernel's timing (the higher of the two),
-so both see the same load on a shared machine; "fraction of peak matmul" divides by the best matmul figure
-of the whole run (start, end and every adjacent one), the stricter reading.
-Target (issue): ≥ 0.5 of matmul throughput for the cluster kernel at B = 4096, K = 1000.
-
-Memory: the peak bytes allocated during one call beyond what existed before it (inputs, parameters and
-Adam state excluded), next to the B·B·K·4 bytes of the single (B, B, K) float32 tensor a materialising
-kernel would need. On CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call.
-On CPU torch has no allocator statistics, so the calls run in a worker subprocess started with a fixed
-``MALLOC_MMAP_THRESHOLD_`` (every buffer ≥ 64 KiB is mmap'd and returned to the OS when freed); after a
-warm-up call the peak RSS (VmHWM) is reset through /proc/self/clear_refs, and the figure is VmHWM − VmRSS
-around one call: resident bytes, page-granular, including library scratch (MKL packing buffers).
+Memory: peak bytes beyond those live before one call (inputs, parameters, Adam state excluded). On CUDA
+``torch.cuda.max_memory_allocated``; on CPU a worker subprocess started with a fixed mmap threshold (every
+buffer ≥ 64 KiB is mmap'd and returned on free), VmHWM reset through /proc/self/clear_refs, VmHWM − VmRSS
+around one call (resident bytes, page-granular, library scratch included).
+Cases whose estimated time exceeds the budget are listed as skipped with the estimate, not run.
 """
 
 from __future__ import annotations
@@ -45,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import re
 import subprocess
@@ -58,16 +48,15 @@ import torch
 
 from benchmarks.common import best_of, matmul_gflops, sync, write_result
 
-TARGET = {"B": 4096, "K": 1000, "min_fraction": 0.5}
 VIEWS, NEIGHBOURS, KNN_K, WALK_STEPS = 2, 2, 3, 1  # the DataModule's defaults (I-Con §4)
 RECIPE = "icon_clustering"
-FLOPS_FORMULA = {
-    "forward": "2*B*B*K",
-    "backward": "4*B*B*K",
-    "total": "6*B*B*K",
-    "counted": "the three B×B×K contractions of log_cluster_affinity (forward product, one backward product "
-    "per factor); O(B·B) and O(B·K) elementwise work not counted",
+ALPHA = 0.6  # the recipe's α on both sides (checked against the recipe in the tests)
+TARGETS = {
+    "speed": {"B": 4096, "K": 10, "H": 1, "min_over_plain": 8.0, "min_over_dense_step": 6.0},
+    "memory": {"B": 16384, "K": 1000, "H": 5, "max_peak_bytes": 2 * 2**30},
+    "heads": {"B": 4096, "K": 10, "H": 16, "max_over_one_head": 2.0},
 }
+DENSE_MAX_BYTES = 12 * 2**30  # dense cases that would hold more are skipped (this machine has 24 GiB)
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated() - memory_allocated() before one call, after a warm-up",
     "cpu": "worker subprocess with MALLOC_MMAP_THRESHOLD_=65536; VmHWM reset via /proc/self/clear_refs after a "
@@ -75,16 +64,9 @@ MEMORY_METHOD = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- FLOPs
-def kernel_flops(b: int, k: int, m: int | None = None) -> dict[str, int]:
-    """FLOPs of the B×M×K cluster kernel: 2·B·M·K forward, 4·B·M·K backward (M = B: the square batch)."""
-    m = b if m is None else m
-    return {"forward": 2 * b * m * k, "backward": 4 * b * m * k, "total": 6 * b * m * k}
-
-
-def naive_bytes(b: int, k: int) -> int:
-    """Bytes of one (B, B, K) float32 tensor: what a materialising kernel needs at the least."""
-    return b * b * k * 4
+def loss_flops(b: int, k: int, heads: int) -> int:
+    """FLOPs of the sparse loss's three B×B×K products (value, one gradient per factor), all heads."""
+    return 3 * 2 * b * b * k * heads
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -123,95 +105,77 @@ def make_batch(rows: int, dim: int, seed: int = 0):
     return batch
 
 
-def make_logits(b: int, k: int, device: str, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(b, k, generator=g)).to(device).requires_grad_(True)
+def plain_loss(logits: torch.Tensor, p: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
+    """Σ_h mean_i KL(p~_i ‖ q~_hi) written from the paper's formulas with dense (B, B) matrices.
+
+    logits: (H, B, K); p: (B, B) the supervisory p before q (already debiased, zero on the diagonal).
+    """
+    total = logits.new_zeros(())
+    b = logits.shape[1]
+    off = ~torch.eye(b, dtype=torch.bool, device=logits.device)
+    has = p.sum(1) > 0
+    for z in logits:
+        phi = torch.softmax(z, -1)
+        s = (phi @ (phi / phi.sum(0)).T) * off  # Σ_c φ_ic φ_jc / n_c, self pairs masked
+        q = (1 - alpha) * s / s.sum(1, keepdim=True) + alpha / (b - 1) * off
+        log_q = torch.log(torch.where(off, q, torch.ones_like(q)))
+        log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))
+        total = total + (p * (log_p - log_q)).sum(1)[has].mean()
+    return total
 
 
-def upstream_grad(b: int, m: int, device: str, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, m, generator=g).to(device)
+def build(case: str, b: int, k: int, dim: int, heads: int, device: str) -> Callable[[], None]:
+    """One timed / measured call of ``case`` at (B, K, H): step, dense_step, loss, plain_loss, stream."""
+    from icon_lightning.models.module import IConModule
+    from icon_lightning.recipes import load_recipe
 
+    warnings.filterwarnings("ignore", message=r"You are trying to `self\.log\(\)`")  # no Trainer: no-op
+    warnings.filterwarnings("ignore", message=r"Attribute 'loss' is an instance of `nn\.Module`")
+    if case == "stream":
+        x = torch.ones(b, b, device=device)
 
-# ---------------------------------------------------------------------------------------------- kernels
-def cluster_kernel(logits: torch.Tensor) -> torch.Tensor:
-    """(B, B) log Σ_c φ_ic φ_jc / n_c, φ = softmax(logits): the library's kernel, no (B, B, K) tensor."""
-    from icon_lightning.functional import log_cluster_affinity
+        def stream() -> None:
+            for _ in range(heads):
+                x.mul_(1.0)
 
-    log_phi = torch.log_softmax(logits, -1)
-    return log_cluster_affinity(log_phi, log_phi)
-
-
-def naive_kernel(logits: torch.Tensor) -> torch.Tensor:
-    """The same (B, B) result through the materialised (B, B, K) tensor (the reference)."""
-    log_phi = torch.log_softmax(logits, -1)
-    log_size = torch.logsumexp(log_phi, 0)
-    return torch.logsumexp(log_phi.unsqueeze(1) + (log_phi - log_size).unsqueeze(0), -1)
-
-
-def underflow_pairs(logits: torch.Tensor) -> int:
-    """Pairs whose shifted product underflows, so ``log_matmul_exp`` repairs them with a per-pair logsumexp
-    over K (an (n_pairs, K) intermediate)."""
-    with torch.no_grad():
-        log_phi = torch.log_softmax(logits, -1)
-        b = log_phi - torch.logsumexp(log_phi, 0)
-        s = torch.exp(log_phi - log_phi.amax(-1, keepdim=True)) @ torch.exp(b - b.amax(-1, keepdim=True)).T
-        return int((s <= torch.finfo(s.dtype).tiny).sum())
-
-
-def build(case: str, b: int, k: int, dim: int, heads: int, device: str, scale: float = 1.0) -> Callable[[], None]:
-    """One timed / measured call of ``case`` at (B, K): train, cluster, log_q, matmul or naive."""
-    if case == "train":
-        from icon_lightning.models.module import IConModule
-        from icon_lightning.recipes import load_recipe
-
-        warnings.filterwarnings("ignore", message=r"You are trying to `self\.log\(\)`")  # no Trainer: no-op
-        warnings.filterwarnings("ignore", message=r"Attribute 'loss' is an instance of `nn\.Module`")
-        torch.manual_seed(0)
-        module = IConModule(load_recipe(RECIPE), feature_dim=dim, num_clusters=k, num_heads=heads).to(device)
-        module.train()
+        return stream
+    batch = make_batch(b, dim).to(device)
+    loss = load_recipe(RECIPE)
+    loss.sparse = case != "dense_step"
+    torch.manual_seed(0)
+    module = IConModule(loss, feature_dim=dim, num_clusters=k, num_heads=heads).to(device)
+    module.train()
+    if case in ("step", "dense_step"):
         optimizer = module.configure_optimizers()["optimizer"]
-        batch = make_batch(b, dim).to(device)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
             module.training_step(batch, 0).backward()
             optimizer.step()
-            module.on_train_batch_end(None, batch, 0)
 
         return step
-    logits = make_logits(b, k, device, scale)
-    grad = upstream_grad(b, b, device)
-    if case == "matmul":
-        other = make_logits(b, k, device, seed=2)
+    with torch.no_grad():
+        logits = module(batch.inputs).transpose(0, 1).contiguous()  # (H, B, K)
+    logits.requires_grad_(True)
+    rows = batch.rows(logits[0].detach())
+    if case == "plain_loss":
+        dense = load_recipe(RECIPE)
+        dense.sparse = False
+        p = dense.target(rows)
 
-        def product() -> None:
-            logits.grad = other.grad = None
-            (logits @ other.T).backward(grad)
-
-        return product
-    if case == "log_q":
-        from icon_lightning.functional import self_pairs_valid
-        from icon_lightning.recipes import load_recipe
-        from icon_lightning.rows import Rows
-
-        q = load_recipe(RECIPE).q.to(device)
-        index = torch.arange(b, device=device)
-        valid = self_pairs_valid(b, b, device=device)
-
-        def log_q() -> None:
+        def plain() -> None:
             logits.grad = None
-            rows = Rows(z=logits, index=index)
-            q(rows, rows, valid).backward(grad)
+            plain_loss(logits, p).backward()
 
-        return log_q
-    fn = {"cluster": cluster_kernel, "naive": naive_kernel}[case]
+        return plain
+    p = loss.target(rows)
 
-    def kernel() -> None:
+    def sparse() -> None:
         logits.grad = None
-        fn(logits).backward(grad)
+        outs = loss.forward_heads([rows.with_z(z) for z in logits], [rows.with_z(z) for z in logits], p, 0)
+        sum(o.loss for o in outs).backward()
 
-    return kernel
+    return sparse
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -269,7 +233,7 @@ def memory_worker() -> None:
     for line in sys.stdin:
         spec = json.loads(line)
         try:
-            fn = build(spec["case"], spec["b"], spec["k"], spec["dim"], spec["heads"], "cpu", spec.get("scale", 1.0))
+            fn = build(spec["case"], spec["b"], spec["k"], spec["dim"], spec["heads"], "cpu")
             answer = {"peak_bytes": peak_bytes_here(fn, "cpu")}
             del fn
             gc.collect()
@@ -281,8 +245,8 @@ def memory_worker() -> None:
 class MemoryMeter:
     """Peak-memory figures: in this process on CUDA, in a fresh worker subprocess on CPU (see the docstring)."""
 
-    def __init__(self, device: str, dim: int, heads: int, threads: int) -> None:
-        self.device, self.dim, self.heads = device, dim, heads
+    def __init__(self, device: str, dim: int, threads: int) -> None:
+        self.device, self.dim = device, dim
         self.worker = None
         self.unavailable = None
         if device != "cuda":
@@ -301,18 +265,18 @@ class MemoryMeter:
             if self.worker.stdout.readline().strip() != "ready":
                 raise RuntimeError("memory worker: did not start")
 
-    def peak(self, case: str, b: int, k: int, scale: float = 1.0) -> int | str:
+    def peak(self, case: str, b: int, k: int, heads: int) -> int | str:
         if self.unavailable:
             return self.unavailable
         if self.worker is None:
             try:
-                return peak_bytes_here(build(case, b, k, self.dim, self.heads, self.device, scale), self.device)
+                return peak_bytes_here(build(case, b, k, self.dim, heads, self.device), self.device)
             except torch.cuda.OutOfMemoryError as error:
                 return f"OutOfMemoryError: {str(error).splitlines()[0]}"
             finally:
                 gc.collect()
                 torch.cuda.empty_cache()
-        spec = {"case": case, "b": b, "k": k, "dim": self.dim, "heads": self.heads, "scale": scale}
+        spec = {"case": case, "b": b, "k": k, "dim": self.dim, "heads": heads}
         self.worker.stdin.write(json.dumps(spec) + "\n")
         self.worker.stdin.flush()
         answer = json.loads(self.worker.stdout.readline())
@@ -324,148 +288,85 @@ class MemoryMeter:
             self.worker.wait(timeout=60)
 
 
-# ---------------------------------------------------------------------------------------------- report
-def _mb(x) -> str:
-    return f"{x / 2**20:,.0f} MiB" if isinstance(x, int) else str(x)
+# ---------------------------------------------------------------------------------------------- plan
+def estimate_s(case: str, b: int, k: int, heads: int, device: str) -> float:
+    """A rough time for one call, from this CPU's measured rates (sparse ~2 ns a pair-head + FLOPs at
+    ~60 GFLOP/s; dense ~120 ns a pair-head at K = 10, growing with K), to skip what would not fit the budget.
+    On CUDA everything is estimated at 1/100 of that."""
+    pairs = b * b * heads
+    sparse = 2e-9 * pairs + loss_flops(b, k, heads) / 60e9
+    dense = pairs * (120e-9 + 0.5e-9 * k)
+    plain = 3 * sparse + pairs * 20e-9
+    guess = {"step": sparse, "loss": sparse, "dense_step": dense, "plain_loss": plain, "stream": 1e-9 * pairs}[case]
+    return guess / (100 if device == "cuda" else 1)
 
 
-def _size(x: int) -> str:
-    return f"{x / 2**30:,.1f} GiB" if x >= 2**30 else f"{x / 2**20:,.1f} MiB"
-
-
-def table(rows: list[dict]) -> str:
-    head = (
-        "| B | K | samples/s | step ms | kernel ms | kernel GFLOP/s | fraction of matmul (peak) | fraction of "
-        "same-shape matmul | log q ms | kernel peak | step peak | naive B·B·K·4 | naive ms |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
-    lines = []
-    for r in rows:
-        naive_ms = "skipped" if r["naive_ms"] is None else f"{r['naive_ms']:.1f}"
-        lines.append(
-            f"| {r['B']} | {r['K']} | {r['samples_per_s']:,.0f} | {r['step_ms']:.1f} | {r['kernel_ms']:.1f} | "
-            f"{r['kernel_gflops']:.1f} | {r['fraction_of_matmul']:.2f} ({r['fraction_of_peak_matmul']:.2f}) | "
-            f"{r['fraction_of_shape_matmul']:.2f} | "
-            f"{r['log_q_ms']:.1f} | {_mb(r['kernel_peak_bytes'])} | {_mb(r['step_peak_bytes'])} | "
-            f"{_size(r['naive_tensor_bytes'])} | {naive_ms} |"
-        )
-    return head + "\n".join(lines)
+def measure(case, b, k, heads, dim, device, budget_s, max_repeats, meter, case_budget_s) -> dict:
+    """Time (and, for steps, memory) of one case; a dict with ``skipped`` where its estimate is over budget."""
+    guess = estimate_s(case, b, k, heads, device)
+    if guess > case_budget_s:
+        return {"skipped": f"estimated {guess:,.0f} s a call > --case-budget-s {case_budget_s:g}"}
+    dense_bytes = 8 * 4 * b * b * heads  # about 8 live (B, B) float32 matrices a head for autograd
+    if case in ("dense_step", "plain_loss") and dense_bytes > DENSE_MAX_BYTES:
+        return {"skipped": f"would hold about {dense_bytes / 2**30:.0f} GiB of (B, B) matrices"}
+    out = {"ms": 1e3 * timed(build(case, b, k, dim, heads, device), device, max_repeats, budget_s, min_repeats=1)}
+    if meter is not None and case in ("step", "dense_step"):
+        out["peak_bytes"] = meter.peak(case, b, k, heads)
+    return out
 
 
 def run(
     device: str,
     batch_sizes: list[int],
     clusters: list[int],
+    heads: list[int],
     dim: int = 384,
-    heads: int = 1,
-    naive_max_gb: float = 2.0,
-    max_repeats: int = 10,
+    max_repeats: int = 5,
     budget_s: float = 2.0,
+    case_budget_s: float = 60.0,
     matmul_n: int | None = None,
     memory: bool = True,
-    sharp_probe: bool = True,
+    extra: list[tuple[int, int, int]] = (),
 ) -> dict:
-    """Measure every (B, K); returns the result payload (see the module docstring)."""
+    """Measure every (B, K, H) of the grid, plus ``extra`` (B, K, H) triples (the memory target: the sparse
+    step alone, whatever its estimated time)."""
     matmul_n = matmul_n or (8192 if device == "cuda" else 2048)
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    mm_start = matmul_gflops(matmul_n, device)
-    mm_all = [mm_start]
-    print(f"matmul ({matmul_n}², fp32): {mm_start:.1f} GFLOP/s", flush=True)
-    meter = MemoryMeter(device, dim, heads, torch.get_num_threads()) if memory else None
+    mm = [matmul_gflops(matmul_n, device)]
+    print(f"matmul ({matmul_n}², fp32): {mm[0]:.1f} GFLOP/s", flush=True)
+    meter = MemoryMeter(device, dim, torch.get_num_threads()) if memory else None
+    grid = [(b, k, h, False) for b in batch_sizes for k in clusters for h in heads] + [(*t, True) for t in extra]
     rows = []
-    for b in batch_sizes:
-        for k in clusters:
-            flops = kernel_flops(b, k)
-            t_step = timed(build("train", b, k, dim, heads, device), device, max_repeats, budget_s)
-            # the reference matmul right before and after the kernel: the same machine state, in one run
-            mm_before = matmul_gflops(matmul_n, device)
-            t_kernel = timed(build("cluster", b, k, dim, heads, device), device, max_repeats, budget_s, 3)
-            mm_local = max(mm_before, matmul_gflops(matmul_n, device))
-            mm_all.append(mm_local)
-            t_log_q = timed(build("log_q", b, k, dim, heads, device), device, max_repeats, budget_s)
-            t_matmul = timed(build("matmul", b, k, dim, heads, device), device, max_repeats, budget_s)
-            naive = naive_bytes(b, k)
-            fits = naive <= naive_max_gb * 1e9
-            t_naive = timed(build("naive", b, k, dim, heads, device), device, 3, budget_s) if fits else None
-            row = {
-                "B": b,
-                "K": k,
-                "anchors": b // (VIEWS + NEIGHBOURS),
-                "step_ms": 1e3 * t_step,
-                "samples_per_s": b / t_step,
-                "anchors_per_s": b // (VIEWS + NEIGHBOURS) / t_step,
-                "kernel_ms": 1e3 * t_kernel,
-                "kernel_flops": flops,
-                "kernel_gflops": flops["total"] / t_kernel / 1e9,
-                "matmul_gflops_adjacent": mm_local,
-                "fraction_of_matmul": flops["total"] / t_kernel / 1e9 / mm_local,
-                "shape_matmul_ms": 1e3 * t_matmul,
-                "fraction_of_shape_matmul": t_matmul / t_kernel,
-                "log_q_ms": 1e3 * t_log_q,
-                "log_q_fraction_of_matmul": flops["total"] / t_log_q / 1e9 / mm_local,
-                "kernel_share_of_step": heads * t_kernel / t_step,
-                "underflow_pairs": underflow_pairs(make_logits(b, k, device)),
-                "naive_tensor_bytes": naive,
-                "naive_ms": None if t_naive is None else 1e3 * t_naive,
-                "naive_skipped": None if fits else f"skipped: would need {naive / 1e9:.1f} GB (> {naive_max_gb} GB)",
-            }
-            if meter is not None:
-                row["kernel_peak_bytes"] = meter.peak("cluster", b, k)
-                row["step_peak_bytes"] = meter.peak("train", b, k)
-                row["naive_peak_bytes"] = meter.peak("naive", b, k) if fits else row["naive_skipped"]
-            else:
-                row["kernel_peak_bytes"] = row["step_peak_bytes"] = row["naive_peak_bytes"] = "not measured"
-            if isinstance(row["kernel_peak_bytes"], int):
-                row["kernel_peak_over_naive_tensor"] = row["kernel_peak_bytes"] / naive
-            rows.append(row)
-            print(
-                f"B={b:5d} K={k:5d}  step {row['step_ms']:9.1f} ms  {row['samples_per_s']:10,.0f} samples/s  "
-                f"kernel {row['kernel_ms']:8.1f} ms {row['kernel_gflops']:8.1f} GFLOP/s "
-                f"({row['fraction_of_matmul']:.2f} of matmul)  peak {_mb(row['kernel_peak_bytes'])} "
-                f"vs naive {_size(naive)}",
-                flush=True,
-            )
-    probe = None
-    if sharp_probe:
-        # Confident heads (logit gaps ≳ 87) make pairs from different clusters underflow; log_matmul_exp then
-        # repairs each with a logsumexp over K: an (n_pairs, K) intermediate, up to B·B·K.
-        b, k, scale = 1024, 100, 50.0
-        t_sharp = timed(build("cluster", b, k, dim, heads, device, scale), device, 3, budget_s)
-        t_plain = timed(build("cluster", b, k, dim, heads, device), device, 3, budget_s)
-        pairs = underflow_pairs(make_logits(b, k, device, scale))
-        probe = {
-            "B": b,
-            "K": k,
-            "logit_scale": scale,
-            "underflow_pairs": pairs,
-            "underflow_fraction": pairs / (b * b),
-            "kernel_ms": 1e3 * t_sharp,
-            "kernel_ms_logit_scale_1": 1e3 * t_plain,
-            "kernel_peak_bytes": meter.peak("cluster", b, k, scale) if meter else "not measured",
-            "kernel_peak_bytes_logit_scale_1": meter.peak("cluster", b, k) if meter else "not measured",
-            "naive_tensor_bytes": naive_bytes(b, k),
-        }
-        print(f"sharp-logit probe: {probe}", flush=True)
+    for b, k, h, is_extra in grid:
+        row = {"B": b, "K": k, "H": h, "anchors": b // (VIEWS + NEIGHBOURS), "loss_flops": loss_flops(b, k, h)}
+        for case in ("step", "dense_step", "loss", "plain_loss", "stream"):
+            if is_extra and case not in ("step", "stream"):  # an extra case (a target) runs the step alone,
+                row[case] = {"skipped": "extra case: the sparse step only"}
+                continue
+            limit = math.inf if is_extra else case_budget_s  # whatever it costs
+            row[case] = measure(case, b, k, h, dim, device, budget_s, max_repeats, meter, limit)
+        mm.append(matmul_gflops(matmul_n, device))  # the reference right after this row: the same machine state
+        row["matmul_gflops_adjacent"] = max(mm[-2], mm[-1])
+        ms = {c: row[c].get("ms") for c in ("step", "dense_step", "loss", "plain_loss", "stream")}
+        if ms["step"] is not None:
+            row["samples_per_s"] = b / (ms["step"] / 1e3)
+            flop_bound_ms = 1e3 * row["loss_flops"] / (row["matmul_gflops_adjacent"] * 1e9)
+            row["flop_bound_ms"] = flop_bound_ms
+            row["step_over_flop_bound"] = ms["step"] / flop_bound_ms
+            if ms["stream"] is not None:
+                row["step_over_stream"] = ms["step"] / ms["stream"]
+            if ms["dense_step"] is not None:
+                row["dense_step_over_step"] = ms["dense_step"] / ms["step"]
+        if ms["loss"] is not None and ms["plain_loss"] is not None:
+            row["plain_over_loss"] = ms["plain_loss"] / ms["loss"]
+        rows.append(row)
+        print(f"B={b:6d} K={k:5d} H={h:3d}  " + "  ".join(f"{c} {_ms(row[c])}" for c in ms), flush=True)
     if meter is not None:
         meter.close()
-    mm_end = matmul_gflops(matmul_n, device)
-    mm_peak = max(*mm_all, mm_end)
-    for row in rows:  # the stricter figure: against the best matmul seen anywhere in the run
-        row["fraction_of_peak_matmul"] = row["kernel_gflops"] / mm_peak
-    print(f"matmul at the end: {mm_end:.1f} GFLOP/s; best in the run {mm_peak:.1f}", flush=True)
-    target_row = next((r for r in rows if r["B"] == TARGET["B"] and r["K"] == TARGET["K"]), None)
-    target = {**TARGET, "measured": target_row is not None}
-    if target_row is not None:
-        target["fraction"] = target_row["fraction_of_matmul"]
-        target["met"] = target_row["fraction_of_matmul"] >= TARGET["min_fraction"]
-        target["fraction_of_peak_matmul"] = target_row["fraction_of_peak_matmul"]
-        target["met_against_peak_matmul"] = target_row["fraction_of_peak_matmul"] >= TARGET["min_fraction"]
     return {
         "device": device,
         "dtype": "float32",
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "dim": dim,
-        "heads": heads,
         "recipe": RECIPE,
         "batch": {
             "B": "rows of the pair matrix = anchors × (views + neighbours)",
@@ -475,33 +376,90 @@ def run(
             "walk_steps": WALK_STEPS,
             "features": "random unit-norm (centred) vectors of width dim; k-NN table drawn within groups of 8 items",
         },
-        "timing": f"best_of (min over repeats after one warm-up); repeats 2..{max_repeats} (kernel: 3..) within "
-        f"~{budget_s}s a measurement",
-        "flops_formula": FLOPS_FORMULA,
+        "timing": f"best_of (min over repeats after one warm-up); repeats 1..{max_repeats} within ~{budget_s}s",
+        "flops_formula": "3 * 2*B*B*K*H (the sparse loss's three B×B×K products per head)",
         "memory_method": MEMORY_METHOD["cuda" if device == "cuda" else "cpu"],
         "threads": torch.get_num_threads(),
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "matmul_n": matmul_n,
-        "matmul_gflops": {"start": mm_start, "end": mm_end, "peak": mm_peak},
-        "target": target,
+        "matmul_gflops": {"start": mm[0], "end": mm[-1], "peak": max(mm)},
         "rows": rows,
-        "sharp_logit_probe": probe,
+        "targets": targets(rows),
     }
+
+
+def _find(rows: list[dict], b: int, k: int, h: int) -> dict | None:
+    return next((r for r in rows if (r["B"], r["K"], r["H"]) == (b, k, h)), None)
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets, each with what was measured and whether it was met (None: not measured)."""
+    out = {}
+    t = TARGETS["speed"]
+    r = _find(rows, t["B"], t["K"], t["H"])
+    over_plain = r.get("plain_over_loss") if r else None
+    over_dense = r.get("dense_step_over_step") if r else None
+    out["speed"] = {
+        **t,
+        "plain_over_loss": over_plain,
+        "dense_step_over_step": over_dense,
+        "met": None
+        if over_plain is None or over_dense is None
+        else over_plain >= t["min_over_plain"] and over_dense >= t["min_over_dense_step"],
+    }
+    t = TARGETS["memory"]
+    r = _find(rows, t["B"], t["K"], t["H"])
+    peak = r["step"].get("peak_bytes") if r else None
+    out["memory"] = {**t, "peak_bytes": peak, "met": peak <= t["max_peak_bytes"] if isinstance(peak, int) else None}
+    t = TARGETS["heads"]
+    many, one = _find(rows, t["B"], t["K"], t["H"]), _find(rows, t["B"], t["K"], 1)
+    ratio = many["step"]["ms"] / one["step"]["ms"] if many and one and "ms" in many["step"] else None
+    out["heads"] = {**t, "over_one_head": ratio, "met": None if ratio is None else ratio <= t["max_over_one_head"]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _ms(case: dict) -> str:
+    return f"{case['ms']:,.1f} ms" if "ms" in case else "skipped"
+
+
+def _mib(x) -> str:
+    return f"{x / 2**20:,.0f} MiB" if isinstance(x, int) else "–"
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| B | K | H | sparse step | samples/s | dense step | dense / sparse | sparse loss | plain loss | "
+        "plain / sparse | step / FLOP bound | step / stream | step peak | dense step peak |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+
+    def ratio(r, name):
+        return f"{r[name]:.1f}×" if name in r else "–"
+
+    lines = [
+        f"| {r['B']} | {r['K']} | {r['H']} | {_ms(r['step'])} | {r.get('samples_per_s', 0):,.0f} | "
+        f"{_ms(r['dense_step'])} | {ratio(r, 'dense_step_over_step')} | {_ms(r['loss'])} | {_ms(r['plain_loss'])} | "
+        f"{ratio(r, 'plain_over_loss')} | {ratio(r, 'step_over_flop_bound')} | {ratio(r, 'step_over_stream')} | "
+        f"{_mib(r['step'].get('peak_bytes'))} | {_mib(r['dense_step'].get('peak_bytes'))} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch-sizes", default="256,1024,4096")
+    parser.add_argument("--batch-sizes", default="1024,4096,16384")
     parser.add_argument("--clusters", default="10,100,1000")
+    parser.add_argument("--heads", default="1,16")
+    parser.add_argument("--extra", default="16384:1000:5", help="more B:K:H cases, comma-separated")
     parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=1)
-    parser.add_argument("--naive-max-gb", type=float, default=2.0)
-    parser.add_argument("--max-repeats", type=int, default=10)
+    parser.add_argument("--max-repeats", type=int, default=5)
     parser.add_argument("--budget-s", type=float, default=2.0, help="time budget per measurement (sets repeats)")
+    parser.add_argument("--case-budget-s", type=float, default=60.0, help="skip cases estimated to take longer")
     parser.add_argument("--matmul-n", type=int, default=None, help="side of the reference matmul (cpu 2048, cuda 8192)")
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--no-sharp-probe", action="store_true")
     parser.add_argument("--out", default=None, help="file name under benchmarks/results (train_step_<device>.json)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
@@ -518,25 +476,20 @@ def main() -> None:
         args.device,
         [int(x) for x in args.batch_sizes.split(",")],
         [int(x) for x in args.clusters.split(",")],
+        [int(x) for x in args.heads.split(",")],
         dim=args.dim,
-        heads=args.heads,
-        naive_max_gb=args.naive_max_gb,
         max_repeats=args.max_repeats,
         budget_s=args.budget_s,
+        case_budget_s=args.case_budget_s,
         matmul_n=args.matmul_n,
         memory=not args.no_memory,
-        sharp_probe=not args.no_sharp_probe,
+        extra=[tuple(int(v) for v in t.split(":")) for t in args.extra.split(",") if t],
     )
     result["wall_s"] = time.perf_counter() - start
     print()
     print(table(result["rows"]))
-    t = result["target"]
-    if t["measured"]:
-        print(
-            f"\ntarget: cluster kernel at B={t['B']}, K={t['K']}: {t['fraction']:.2f} of matmul "
-            f"({'met' if t['met'] else 'NOT met'}, need ≥ {t['min_fraction']}); "
-            f"{t['fraction_of_peak_matmul']:.2f} of the run's best matmul"
-        )
+    print()
+    print(json.dumps(result["targets"], indent=1))
     write_result(args.out or f"train_step_{args.device}.json", result)
 
 

@@ -142,15 +142,10 @@ class IConLoss(Objective):
                 raise ValueError(
                     f"p: expected a target of shape {(len(anchors[0]), m)}, got {(len(p), p.num_candidates)}"
                 )
-            has_positive = anchors_with_positive(p.row_mass().unsqueeze(1))
+            anchors_with_positive(p.row_mass().unsqueeze(1))
             out = self.q.sparse_kl(p, anchors, anchors if candidates is None else candidates)
             if out is not None:
-                return [
-                    LossOutput(
-                        loss=kl[has_positive].mean(), kl=kl[has_positive].mean(), cross_entropy=ce[has_positive].mean()
-                    )
-                    for kl, ce in zip(*out)
-                ]
+                return [LossOutput(loss=kl, kl=kl, cross_entropy=ce) for kl, ce in zip(*out)]
             p = p.to_dense()
         return [
             self._dense(a, None if candidates is None else candidates[h], p, self_offset) for h, a in enumerate(anchors)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from icon_lightning.functional.sparse import SparseTarget
 
-CHUNK_ELEMENTS = 1 << 22  # (rows × M × H) or (pairs × K × H) elements per block: 16 MB in float32
+CHUNK_ELEMENTS = 1 << 20  # (rows × M × H) or (pairs × K × H) elements per block: 4 MB in float32, near cache
 PROBABILITY_SPACE_MIN = 1e-30  # as in functional.cluster: below this row total, take the dense log-space path
 
 
@@ -64,54 +64,71 @@ def pair_log_matmul_exp(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Ten
     return _PairLogSumExp.apply(a, b, rows, cols)
 
 
-class _RowLogAffineSum(torch.autograd.Function):
-    """(H, B) Σ_{j ≠ self_col[i]} log(shift_i + Σ_c a_hic b_hjc), row block by row block."""
+class _WeightedLogAffine(torch.autograd.Function):
+    """(H,) Σ_i w_i Σ_{j ≠ self_col[i]} log y_hij + Σ_pairs v log y_h,row,col with y = shift_i + a_h b_hᵀ,
+    row block by row block.
+
+    The output is one scalar per head, so its upstream gradient is one number per head: the gradients of a
+    and b are formed in the same pass as the value (∂ log y / ∂y = 1/y, two products per block) and only
+    scaled in backward. Nothing of size (B, M) is kept, and no block is computed twice.
+    """
 
     @staticmethod
-    def _affine(a, b, shift, self_col, s, e, buffer):
-        h = a.shape[0]
-        y = buffer[: h * (e - s) * b.shape[1]].view(h, e - s, b.shape[1])
-        torch.baddbmm(shift[s:e].view(1, -1, 1), a[:, s:e], b.transpose(1, 2), out=y)
-        return y, (self_col[s:e] >= 0).nonzero().squeeze(1)
-
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, shift: Tensor, self_col: Tensor) -> Tensor:
+    def forward(ctx, a, b, shift, self_col, weight, pair_rows, pair_cols, pair_weight) -> Tensor:
         h, n, _ = a.shape
         m = b.shape[1]
-        out = a.new_empty(h, n)
-        buffer = a.new_empty(min(n, max(1, CHUNK_ELEMENTS // (h * m))) * h * m)  # one block buffer, reused
-        for s, e in _blocks(n, h * m):
-            y, local = _RowLogAffineSum._affine(a, b, shift, self_col, s, e, buffer)
-            y[:, local, self_col[s:e][local]] = 1.0  # log 1 = 0: the self pair is not a candidate
-            out[:, s:e] = y.log_().sum(-1)
-        ctx.save_for_backward(a, b, shift, self_col)
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        out = a.new_zeros(h)
+        rows = min(n, max(1, CHUNK_ELEMENTS // (h * m)))
+        value = a.new_empty(rows * h * m)  # one block buffer each, reused by every block
+        inverse = a.new_empty(rows * h * m) if with_grad else None
+        grad_a = torch.empty_like(a) if with_grad else None
+        grad_bt = b.new_zeros(h, b.shape[2], m) if with_grad else None  # (H, K, M): aᵀ y streams y in its layout
+        bt = b.transpose(1, 2)
+        bounds = torch.searchsorted(pair_rows, torch.arange(0, n + rows, rows, device=a.device)).tolist()
+        for block, (s, e) in enumerate(_blocks(n, h * m)):
+            y = value[: h * (e - s) * m].view(h, e - s, m)
+            torch.baddbmm(shift[s:e].view(1, -1, 1), a[:, s:e], bt, out=y)
+            local = (self_col[s:e] >= 0).nonzero().squeeze(1)
+            y[:, local, self_col[s:e][local]] = 1.0  # log 1 = 0, and no gradient: the self pair is no candidate
+            ps, pe = bounds[block], bounds[block + 1]
+            pr, pc, pw = pair_rows[ps:pe] - s, pair_cols[ps:pe], pair_weight[ps:pe]
+            at_pairs = y[:, pr, pc]  # (H, pairs in this block)
+            w = weight[s:e].view(1, -1, 1)
+            if with_grad:
+                g = torch.reciprocal(y, out=inverse[: h * (e - s) * m].view(h, e - s, m)).mul_(w)
+                g[:, local, self_col[s:e][local]] = 0.0
+                g[:, pr, pc] += pw / at_pairs  # pairs are unique
+                torch.bmm(g, b, out=grad_a[:, s:e])
+                grad_bt.baddbmm_(a[:, s:e].transpose(1, 2), g)
+            out += y.log_().sum(-1) @ weight[s:e] + torch.log(at_pairs) @ pw
+        ctx.save_for_backward(grad_a, grad_bt)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        a, b, shift, self_col = ctx.saved_tensors
-        h, n, _ = a.shape
-        m = b.shape[1]
-        grad_a = torch.empty_like(a)
-        grad_b = b.new_zeros(h, b.shape[2], m)  # transposed: (H, K, M) += aᵀ y streams y in its own layout
-        buffer = a.new_empty(min(n, max(1, CHUNK_ELEMENTS // (h * m))) * h * m)
-        for s, e in _blocks(n, h * m):
-            y, local = _RowLogAffineSum._affine(a, b, shift, self_col, s, e, buffer)
-            y.reciprocal_()  # ∂ log(y) / ∂y
-            y[:, local, self_col[s:e][local]] = 0.0
-            g = grad[:, s:e, None]
-            grad_a[:, s:e] = torch.bmm(y, b) * g
-            grad_b.baddbmm_((a[:, s:e] * g).transpose(1, 2), y)
-        return grad_a, grad_b.transpose(1, 2), None, None
+        grad_a, grad_bt = ctx.saved_tensors
+        scale = grad.view(-1, 1, 1)
+        return grad_a * scale, grad_bt.transpose(1, 2) * scale, None, None, None, None, None, None
 
 
-def row_log_affine_sum(a: Tensor, b: Tensor, shift: Tensor, self_col: Tensor) -> Tensor:
-    """(H, B) Σ_{j valid} log(shift_i + (a_h b_hᵀ)_ij) for a (H, B, K), b (H, M, K), shift (B,) > 0.
+def weighted_log_affine(
+    a: Tensor,
+    b: Tensor,
+    shift: Tensor,
+    self_col: Tensor,
+    weight: Tensor,
+    pair_rows: Tensor,
+    pair_cols: Tensor,
+    pair_weight: Tensor,
+) -> Tensor:
+    """(H,) Σ_i weight_i Σ_{j valid} log y_ij + Σ_p pair_weight_p log y_{pair_rows_p, pair_cols_p} with
+    y_h = shift_i + a_h b_hᵀ, for a (H, B, K), b (H, M, K), shift (B,) > 0, pair_rows sorted.
 
-    The (B, M) matrix exists one row block at a time (``CHUNK_ELEMENTS``), in forward and again in backward,
-    in one buffer reused across blocks. Self pairs (``self_col``) are left out of the sum.
+    The (B, M) matrix exists one row block at a time (``CHUNK_ELEMENTS``), in one reused buffer; self pairs
+    (``self_col``) are left out. Gradients are formed in the same pass (see ``_WeightedLogAffine``).
     """
-    return _RowLogAffineSum.apply(a, b, shift, self_col)
+    return _WeightedLogAffine.apply(a, b, shift, self_col, weight, pair_rows, pair_cols, pair_weight)
 
 
 def log_row_normaliser(log_phi_a: Tensor, log_wphi_c: Tensor, log_size: Tensor, self_col: Tensor) -> Tensor:
@@ -148,14 +165,14 @@ def sparse_cluster_kl(
     alpha: float,
     log_weight_c: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
-    """Per-head, per-anchor (KL(p ‖ q~), cross-entropy), each (H, B), of the (debiased) shared cluster
-    likelihood q~ against a sparse p.
+    """(H,) mean over anchors with a positive of KL(p ‖ q~), and of the cross-entropy, for the (debiased)
+    shared cluster likelihood q~ against a sparse p: the values ``IConLoss`` minimises and logs.
 
     log_phi_a: (H, B, K), log_phi_c: (H, M, K) log cluster probabilities; log_weight_c: optional (M,) log
     degrees (normalized cuts). alpha: q's debiasing (0: plain q). Equal to the dense path to rounding.
-    Returns None, for the caller's dense path, where this one would lose precision or has no sparse form:
-    p with a uniform part against a plain q (α = 0: log q is not bounded below), or an anchor whose total
-    affinity is below ``PROBABILITY_SPACE_MIN`` (alone in a very sharp cluster).
+    Returns None, for the caller's dense path, where this one would lose precision: p with a uniform part
+    against a plain q (α = 0: log q is not bounded below), or an anchor whose total affinity is below
+    ``PROBABILITY_SPACE_MIN`` (alone in a very sharp cluster).
     """
     dtype = log_phi_a.dtype
     log_wphi_c = log_phi_c if log_weight_c is None else log_phi_c + log_weight_c.view(1, -1, 1)
@@ -165,15 +182,28 @@ def sparse_cluster_kl(
     needs_dense = bool((p.uniform > 0).any())
     if needs_dense and (alpha == 0.0 or float(log_total.detach().min()) < math.log(PROBABILITY_SPACE_MIN)):
         return None
+    has_positive = p.row_mass() > 0
+    count = int(has_positive.sum())
     m = p.num_valid.to(dtype).clamp_min(1)
     values = p.values.to(dtype)
-    log_q = pair_log_matmul_exp(log_phi_a, log_psi, p.rows, p.cols) - log_total[:, p.rows]  # (H, nnz)
-    if alpha > 0.0:
-        log_q = torch.logaddexp(log_q + math.log1p(-alpha), math.log(alpha) - torch.log(m[p.rows]))
-    cross_entropy = torch.zeros_like(log_total).index_add(1, p.rows, -values * log_q)
-    if needs_dense:
-        rows = (p.uniform > 0).nonzero().squeeze(1)
+    if needs_dense:  # one blocked pass over the rows with mass gives every log q~_ij, pairs included
+        rows = has_positive.nonzero().squeeze(1)
+        position = torch.cumsum(has_positive.long(), 0) - 1
         scale = (1.0 - alpha) * torch.exp(log_phi_a[:, rows] - log_total[:, rows, None])  # (1−α) φ_ic / T_i
-        dense = row_log_affine_sum(scale, torch.exp(log_psi), alpha / m[rows], p.self_col[rows])  # Σ_j log q~_ij
-        cross_entropy = cross_entropy.index_add(1, rows, -(p.uniform.to(dtype) / m)[rows] * dense)
-    return target_entropy(p).to(dtype) + cross_entropy, cross_entropy
+        cross_entropy = weighted_log_affine(
+            scale,
+            torch.exp(log_psi),
+            alpha / m[rows],
+            p.self_col[rows],
+            -(p.uniform.to(dtype) / m)[rows] / count,
+            position[p.rows],
+            p.cols,
+            -values / count,
+        )  # −Σ_j p~_ij log q~_ij, averaged over anchors: q~_ij = (1−α) s_ij / T_i + α/M_i
+    else:
+        log_q = pair_log_matmul_exp(log_phi_a, log_psi, p.rows, p.cols) - log_total[:, p.rows]  # (H, nnz)
+        if alpha > 0.0:
+            log_q = torch.logaddexp(log_q + math.log1p(-alpha), math.log(alpha) - torch.log(m[p.rows]))
+        cross_entropy = -(log_q @ values) / count  # rows without a positive have no pairs
+    entropy = target_entropy(p).to(dtype)[has_positive].mean()
+    return entropy + cross_entropy, cross_entropy

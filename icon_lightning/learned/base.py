@@ -28,6 +28,7 @@ class Learned(nn.Module):
     def sparse_kl(
         self, p: SparseTarget, anchors: list[Rows], candidates: list[Rows], alpha: float = 0.0
     ) -> tuple[Tensor, Tensor] | None:
-        """(H, B) KL(p ‖ q~) and cross-entropy of H heads' rows against a sparse p, q~ = (1−α) q + α/M, without
-        a (B, M) matrix. None where this q has no such form (the loss then builds log_q densely)."""
+        """(H,) KL(p ‖ q~) and cross-entropy of H heads' rows against a sparse p, q~ = (1−α) q + α/M, each a
+        mean over the anchors with a positive, without a (B, M) matrix. None where this q has no such form
+        (the loss then builds log_q densely)."""
         return None

@@ -13,7 +13,7 @@ import torch
 
 from icon_lightning import learned, supervisory
 from icon_lightning.functional import cluster_kl
-from icon_lightning.functional.cluster_kl import log_row_normaliser, row_log_affine_sum, sparse_cluster_kl
+from icon_lightning.functional.cluster_kl import log_row_normaliser, sparse_cluster_kl, weighted_log_affine
 from icon_lightning.functional.sparse import SparseTarget, match_pairs, self_columns, sparse_matmul
 from icon_lightning.loss import IConLoss
 from icon_lightning.rows import Rows
@@ -137,22 +137,29 @@ def test_blocks_of_any_size_give_the_same_result(monkeypatch):
     torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-12, atol=1e-15)
 
 
-def test_row_log_affine_sum_matches_brute_force():
+def test_weighted_log_affine_matches_brute_force():
+    """Row weights on every valid pair plus weights on a sparse set of pairs, self pairs left out."""
     g = torch.Generator().manual_seed(7)
     a = torch.rand(2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.rand(2, 11, 3, generator=g, dtype=torch.float64, requires_grad=True)
     shift = torch.rand(9, generator=g, dtype=torch.float64) + 0.1
     self_col = torch.tensor([0, 3, -1, 10, 2, -1, 5, 6, 7])
-    out = row_log_affine_sum(a, b, shift, self_col)
+    weight = torch.randn(9, generator=g, dtype=torch.float64)
+    pair_rows, pair_cols = torch.tensor([0, 0, 2, 5, 5, 8]), torch.tensor([1, 4, 0, 0, 10, 3])
+    pair_weight = torch.randn(6, generator=g, dtype=torch.float64)
+    out = weighted_log_affine(a, b, shift, self_col, weight, pair_rows, pair_cols, pair_weight)
     y = torch.log(shift.view(1, -1, 1) + a @ b.transpose(1, 2))
     mask = torch.ones(9, 11, dtype=torch.bool)
     has = self_col >= 0
     mask[torch.arange(9)[has], self_col[has]] = False
-    ref = (y * mask).sum(-1)
+    ref = (y * mask).sum(-1) @ weight + y[:, pair_rows, pair_cols] @ pair_weight
     torch.testing.assert_close(out, ref, rtol=1e-13, atol=0)
-    w = torch.randn(2, 9, generator=g, dtype=torch.float64)
-    for x, r in zip(torch.autograd.grad((out * w).sum(), (a, b)), torch.autograd.grad((ref * w).sum(), (a, b))):
+    upstream = torch.tensor([0.7, -1.3], dtype=torch.float64)  # one number per head
+    for x, r in zip(torch.autograd.grad(out @ upstream, (a, b)), torch.autograd.grad(ref @ upstream, (a, b))):
         torch.testing.assert_close(x, r, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():  # no gradient wanted: the value alone
+        value = weighted_log_affine(a, b, shift, self_col, weight, pair_rows, pair_cols, pair_weight)
+        torch.testing.assert_close(value, ref.detach())
 
 
 def test_row_normaliser_has_no_cancellation_when_one_item_holds_a_cluster():
