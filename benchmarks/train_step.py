@@ -112,13 +112,14 @@ def plain_loss(logits: torch.Tensor, p: torch.Tensor, alpha: float = ALPHA) -> t
     """
     total = logits.new_zeros(())
     b = logits.shape[1]
-    off = ~torch.eye(b, dtype=torch.bool, device=logits.device)
+    valid = ~torch.eye(b, dtype=torch.bool, device=logits.device)
+    off = valid.to(logits.dtype)  # (a bool mask times a Python float would round α/(B−1) to float32)
     has = p.sum(1) > 0
     for z in logits:
         phi = torch.softmax(z, -1)
         s = (phi @ (phi / phi.sum(0)).T) * off  # Σ_c φ_ic φ_jc / n_c, self pairs masked
         q = (1 - alpha) * s / s.sum(1, keepdim=True) + alpha / (b - 1) * off
-        log_q = torch.log(torch.where(off, q, torch.ones_like(q)))
+        log_q = torch.log(torch.where(valid, q, torch.ones_like(q)))
         log_p = torch.log(torch.where(p > 0, p, torch.ones_like(p)))
         total = total + (p * (log_p - log_q)).sum(1)[has].mean()
     return total

@@ -1,5 +1,5 @@
-"""benchmarks/train_step.py at tiny sizes: its FLOP count, its kernel against the materialised B×B×K
-reference, its batch, and one pass of the whole measurement."""
+"""benchmarks/train_step.py at tiny sizes: its plain loss against the library, its batch, its bounds and
+targets, and one pass of the whole measurement."""
 
 from __future__ import annotations
 
@@ -12,43 +12,22 @@ from benchmarks import train_step as bench
 from icon_lightning.recipes import load_recipe
 
 
-def materialised(logits: torch.Tensor) -> torch.Tensor:
-    """log Σ_c φ_ic φ_jc / n_c through the (B, B, K) tensor, written out here independently."""
-    log_phi = torch.log_softmax(logits, -1)
-    log_size = torch.logsumexp(log_phi, dim=0)  # log n_c, the soft cluster sizes
-    pairs = log_phi[:, None, :] + log_phi[None, :, :] - log_size  # (B, B, K)
-    assert pairs.shape == (len(logits), len(logits), logits.shape[1])
-    return torch.logsumexp(pairs, dim=-1)
-
-
-def test_flop_formula():
-    assert bench.kernel_flops(32, 5) == {
-        "forward": 2 * 32 * 32 * 5,
-        "backward": 4 * 32 * 32 * 5,
-        "total": 6 * 32 * 32 * 5,
-    }
-    assert bench.kernel_flops(32, 5, m=8)["total"] == 6 * 32 * 8 * 5
-    assert bench.naive_bytes(4096, 1000) == 4096 * 4096 * 1000 * 4
-
-
-@pytest.mark.parametrize("scale", [1.0, 50.0])  # 50: confident heads, the underflow-repair path
-def test_kernel_equals_materialised_reference(scale):
-    b, k = 32, 5
-    logits = bench.make_logits(b, k, "cpu", scale=scale)  # float32, where the repair path triggers
-    reference = logits.detach().double().requires_grad_(True)
-    out, expected = bench.cluster_kernel(logits), materialised(reference)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
-    grad = bench.upstream_grad(b, b, "cpu")
-    out.backward(grad)
-    expected.backward(grad.double())
-    torch.testing.assert_close(logits.grad.double(), reference.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(bench.naive_kernel(logits.detach()).double(), expected.detach(), rtol=1e-5, atol=1e-4)
-
-
-def test_sharp_logits_take_the_repair_path():
-    assert bench.underflow_pairs(bench.make_logits(32, 5, "cpu", scale=50.0)) > 0
-    assert bench.underflow_pairs(bench.make_logits(32, 5, "cpu")) == 0
+def test_plain_loss_is_the_recipe_loss():
+    """The plain formula implementation the benchmark compares against is the same loss, values and grads."""
+    batch = bench.make_batch(64, 16)
+    loss = load_recipe(bench.RECIPE)
+    assert loss.p.alpha == loss.q.alpha == bench.ALPHA
+    logits = torch.randn(3, 64, 5, dtype=torch.float64, requires_grad=True)
+    rows = batch.rows(logits[0].detach())
+    dense = load_recipe(bench.RECIPE)
+    dense.sparse = False
+    plain = bench.plain_loss(logits, dense.target(rows).double())
+    outs = loss.forward_heads([rows.with_z(z) for z in logits], [rows.with_z(z) for z in logits], None, 0)
+    library = sum(o.loss for o in outs)
+    torch.testing.assert_close(plain, library, rtol=1e-9, atol=0)
+    (g_plain,) = torch.autograd.grad(plain, logits)
+    (g_library,) = torch.autograd.grad(library, logits)
+    torch.testing.assert_close(g_plain, g_library, rtol=1e-8, atol=1e-12)
 
 
 def test_batch_is_the_datamodule_layout_with_positives():
@@ -57,26 +36,39 @@ def test_batch_is_the_datamodule_layout_with_positives():
     assert len(batch) == 32 and batch.inputs.shape == (32, 16)
     anchors = 32 // per_anchor
     assert torch.equal(batch.index[:anchors], batch.index[anchors : 2 * anchors])  # two views of each anchor
-    p = load_recipe(bench.RECIPE).target(batch.rows(torch.zeros(32, 5)))
-    assert bool((p[:anchors] > 0).sum(-1).gt(1).all())  # every anchor has positives beyond the uniform part
+    p = load_recipe(bench.RECIPE).target(batch.rows(torch.zeros(32, 5))).to_dense()
+    assert bool((p[:anchors] > p[:anchors].min(1, keepdim=True).values).sum(-1).gt(1).all())  # beyond uniform
     with pytest.raises(ValueError, match="multiple of 4"):
         bench.make_batch(30, 16)
 
 
-def test_run_at_tiny_sizes():
-    result = bench.run(
-        "cpu", [32], [5], dim=16, max_repeats=2, budget_s=0.01, matmul_n=64, memory=False, sharp_probe=False
-    )
-    (row,) = result["rows"]
-    assert row["kernel_flops"]["total"] == 6 * 32 * 32 * 5
-    assert row["samples_per_s"] == pytest.approx(32 / (row["step_ms"] / 1e3))
-    assert row["kernel_gflops"] == pytest.approx(6 * 32 * 32 * 5 / (row["kernel_ms"] / 1e3) / 1e9)
-    assert row["fraction_of_matmul"] == pytest.approx(row["kernel_gflops"] / row["matmul_gflops_adjacent"])
-    assert row["fraction_of_peak_matmul"] == pytest.approx(row["kernel_gflops"] / result["matmul_gflops"]["peak"])
-    assert row["fraction_of_peak_matmul"] <= row["fraction_of_matmul"]
-    assert row["naive_ms"] is not None and row["underflow_pairs"] == 0
-    assert result["target"] == {**bench.TARGET, "measured": False}
-    assert "| 32 | 5 |" in bench.table(result["rows"])
+def test_run_at_tiny_sizes_and_its_targets():
+    result = bench.run("cpu", [32], [5], [1, 2], dim=16, max_repeats=2, budget_s=0.01, matmul_n=64, memory=False)
+    one, two = result["rows"]
+    assert (one["H"], two["H"]) == (1, 2) and one["loss_flops"] == 3 * 2 * 32 * 32 * 5
+    assert one["samples_per_s"] == pytest.approx(32 / (one["step"]["ms"] / 1e3))
+    assert one["dense_step_over_step"] == pytest.approx(one["dense_step"]["ms"] / one["step"]["ms"])
+    assert one["plain_over_loss"] == pytest.approx(one["plain_loss"]["ms"] / one["loss"]["ms"])
+    bound = 1e3 * one["loss_flops"] / (one["matmul_gflops_adjacent"] * 1e9)
+    assert one["step_over_flop_bound"] == pytest.approx(one["step"]["ms"] / bound)
+    assert one["step_over_stream"] == pytest.approx(one["step"]["ms"] / one["stream"]["ms"])
+    assert result["targets"]["speed"]["met"] is None  # B = 4096 was not measured
+    assert "| 32 | 5 | 2 |" in bench.table(result["rows"])
+    fake = [
+        {"B": 4096, "K": 10, "H": 1, "step": {"ms": 10.0}, "plain_over_loss": 9.0, "dense_step_over_step": 5.0},
+        {"B": 4096, "K": 10, "H": 16, "step": {"ms": 15.0}},
+        {"B": 16384, "K": 1000, "H": 5, "step": {"ms": 1.0, "peak_bytes": 3 * 2**30}},
+    ]
+    t = bench.targets(fake)
+    assert t["speed"]["met"] is False and t["heads"]["over_one_head"] == 1.5 and t["heads"]["met"] is True
+    assert t["memory"]["met"] is False
+
+
+def test_expensive_cases_are_skipped_with_their_estimate():
+    skipped = bench.measure("dense_step", 16384, 1000, 16, 16, "cpu", 0.01, 1, None, case_budget_s=60.0)
+    assert "estimated" in skipped["skipped"]
+    big = bench.measure("plain_loss", 16384, 10, 2, 16, "cpu", 0.01, 1, None, case_budget_s=1e9)
+    assert "GiB" in big["skipped"]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux /proc")

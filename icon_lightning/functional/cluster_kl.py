@@ -147,6 +147,32 @@ def log_row_normaliser(log_phi_a: Tensor, log_wphi_c: Tensor, log_size: Tensor, 
     return torch.logsumexp(log_phi_a + log_others - log_size, -1)
 
 
+EXACT_BELOW = 0.25  # rows whose total affinity T_i is below this are recomputed without cancellation
+
+
+def log_row_normaliser_fast(
+    phi_a: Tensor, log_phi_a: Tensor, wphi_c: Tensor, log_wphi_c: Tensor, size: Tensor, self_col: Tensor
+) -> Tensor | None:
+    """(H, B) log T_i, T_i = 1 − Σ_c φ_ic w_s φ_sc / n_c taken in probability space: a few (B, K) passes.
+
+    Where T_i < ``EXACT_BELOW`` the subtraction would cost digits, so those rows take the exact
+    ``log_row_normaliser`` (log space also keeps their gradients in range: 1/T_i² would overflow float32).
+    None when some T_i is below ``PROBABILITY_SPACE_MIN`` (the caller's dense path handles an anchor alone
+    in a very sharp cluster).
+    """
+    has_self = (self_col >= 0).to(phi_a.dtype).view(1, -1, 1)
+    own = wphi_c[:, self_col.clamp_min(0)] * (has_self * size.reciprocal())  # (H, B, K) own share of each cluster
+    own_total = (phi_a * own).sum(-1)
+    log_total = torch.log1p(-own_total.clamp(max=1.0 - EXACT_BELOW))  # the clamp binds only on exact rows
+    low = (own_total.detach() > 1.0 - EXACT_BELOW).any(0).nonzero().squeeze(1)
+    if len(low):
+        exact = log_row_normaliser(log_phi_a[:, low], log_wphi_c, torch.log(size), self_col[low])
+        log_total = log_total.index_put((torch.arange(len(log_total), device=low.device).view(-1, 1), low), exact)
+    if float(log_total.detach().min()) < math.log(PROBABILITY_SPACE_MIN):
+        return None
+    return log_total
+
+
 def target_entropy(p: SparseTarget) -> Tensor:
     """(B,) Σ_j p_ij log p_ij over the valid candidates (0 log 0 = 0)."""
     m = p.num_valid.to(p.values.dtype).clamp_min(1)
@@ -176,11 +202,8 @@ def sparse_cluster_kl(
     """
     dtype = log_phi_a.dtype
     log_wphi_c = log_phi_c if log_weight_c is None else log_phi_c + log_weight_c.view(1, -1, 1)
-    log_size = torch.logsumexp(log_wphi_c, 1, keepdim=True)  # (H, 1, K)
-    log_psi = log_wphi_c - log_size
-    log_total = log_row_normaliser(log_phi_a, log_wphi_c, log_size, p.self_col)  # (H, B)
     needs_dense = bool((p.uniform > 0).any())
-    if needs_dense and (alpha == 0.0 or float(log_total.detach().min()) < math.log(PROBABILITY_SPACE_MIN)):
+    if needs_dense and alpha == 0.0:
         return None
     has_positive = p.row_mass() > 0
     count = int(has_positive.sum())
@@ -188,11 +211,17 @@ def sparse_cluster_kl(
     values = p.values.to(dtype)
     if needs_dense:  # one blocked pass over the rows with mass gives every log q~_ij, pairs included
         rows = has_positive.nonzero().squeeze(1)
+        wphi_c = torch.exp(log_wphi_c)
+        same = log_wphi_c is log_phi_a and len(rows) == len(p)  # square, unweighted, every row: one exp
+        phi_a = wphi_c if same else torch.exp(log_phi_a[:, rows])
+        size = wphi_c.sum(1, keepdim=True)  # (H, 1, K) n_c
+        log_total = log_row_normaliser_fast(phi_a, log_phi_a[:, rows], wphi_c, log_wphi_c, size, p.self_col[rows])
+        if log_total is None:
+            return None
         position = torch.cumsum(has_positive.long(), 0) - 1
-        scale = (1.0 - alpha) * torch.exp(log_phi_a[:, rows] - log_total[:, rows, None])  # (1−α) φ_ic / T_i
         cross_entropy = weighted_log_affine(
-            scale,
-            torch.exp(log_psi),
+            torch.exp(log_phi_a[:, rows] - log_total.unsqueeze(-1) + math.log1p(-alpha)),  # (1−α) φ_ic / T_i
+            wphi_c * size.reciprocal(),
             alpha / m[rows],
             p.self_col[rows],
             -(p.uniform.to(dtype) / m)[rows] / count,
@@ -201,7 +230,9 @@ def sparse_cluster_kl(
             -values / count,
         )  # −Σ_j p~_ij log q~_ij, averaged over anchors: q~_ij = (1−α) s_ij / T_i + α/M_i
     else:
-        log_q = pair_log_matmul_exp(log_phi_a, log_psi, p.rows, p.cols) - log_total[:, p.rows]  # (H, nnz)
+        log_size = torch.logsumexp(log_wphi_c, 1, keepdim=True)  # (H, 1, K)
+        log_total = log_row_normaliser(log_phi_a, log_wphi_c, log_size, p.self_col)  # (H, B)
+        log_q = pair_log_matmul_exp(log_phi_a, log_wphi_c - log_size, p.rows, p.cols) - log_total[:, p.rows]
         if alpha > 0.0:
             log_q = torch.logaddexp(log_q + math.log1p(-alpha), math.log(alpha) - torch.log(m[p.rows]))
         cross_entropy = -(log_q @ values) / count  # rows without a positive have no pairs

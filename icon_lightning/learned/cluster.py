@@ -59,7 +59,8 @@ class UniformCluster(Learned):
         with torch.autocast(anchors[0].z.device.type, enabled=False):
             parts = [self._log_phi(_full(a), _full(c)) for a, c in zip(anchors, candidates)]
             log_phi_a = torch.stack([a for a, _, _ in parts])
-            log_phi_c = torch.stack([c for _, c, _ in parts])
+            square = all(a.z is c.z for a, c in zip(anchors, candidates))  # the anchors are the candidates
+            log_phi_c = log_phi_a if square else torch.stack([c for _, c, _ in parts])
             return sparse_cluster_kl(p, log_phi_a, log_phi_c, alpha, parts[0][2])
 
 

@@ -124,10 +124,11 @@ class IConModule(L.LightningModule):
             p = self._target(meta, candidates_z[:, 0], with_labels)
             p = p.row_slice(offset, offset + local) if isinstance(p, SparseTarget) else p[offset : offset + local]
         anchors, candidates = batch.rows(z[:, 0], with_labels), meta.rows(candidates_z[:, 0], with_labels)
-        heads = range(z.shape[1])
+        # unbind, not z[:, h]: its backward is one stack, where H selects would each build a zero (B, H, K) grad
+        heads = z.unbind(1)
         outs = self.loss.forward_heads(
-            [anchors.with_z(z[:, h]) for h in heads],
-            [candidates.with_z(candidates_z[:, h]) for h in heads],
+            [anchors.with_z(zh) for zh in heads],
+            [candidates.with_z(zh) for zh in (heads if candidates_z is z else candidates_z.unbind(1))],
             p=p,
             self_offset=offset,
         )

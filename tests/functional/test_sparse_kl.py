@@ -204,3 +204,22 @@ def test_match_pairs_and_sparse_matmul_against_brute_force():
     product = torch.zeros(7, 7, dtype=torch.float64)
     product[pr, pc] = pv
     torch.testing.assert_close(product, a @ a, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_anchor_almost_alone_in_its_cluster_takes_the_exact_normaliser(dtype):
+    """T_0 ≈ 1e-9 (< EXACT_BELOW): the row normaliser is recomputed without cancellation, so the loss and
+    gradients match the dense float64 reference, in float64 to 1e-9 and in float32 to float32 rounding."""
+    anchors, _, _ = problem("square", seed=11)
+    logits = anchors.z.detach().clone()
+    logits[0] = torch.tensor([25.0, 0.0, 0.0, 0.0, 0.0])
+    logits[1:, 0] = -25.0
+    loss = IConLoss(P_CASES["knn_walks_debiased"](), Q_CASES["debiased"]())
+    dense = IConLoss(P_CASES["knn_walks_debiased"](), Q_CASES["debiased"](), sparse=False)
+    z = logits.to(dtype).requires_grad_(True)
+    z64 = logits.requires_grad_(True)
+    out, ref = loss(anchors.with_z(z)), dense(anchors.with_z(z64))
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=tol, atol=0)
+    (g,), (g_ref,) = torch.autograd.grad(out.loss, z), torch.autograd.grad(ref.loss, z64)
+    torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * float(g_ref.abs().max()))
