@@ -464,7 +464,15 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="file name under benchmarks/results (train_step_<device>.json)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="print the README table of the saved JSON and exit")
     args = parser.parse_args()
+    if args.table:
+        from benchmarks.common import RESULTS
+
+        result = json.loads((RESULTS / (args.out or f"train_step_{args.device}.json")).read_text())
+        print(table(result["rows"]))
+        print(json.dumps(result["targets"], indent=1))
+        return
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.memory_worker:

@@ -174,6 +174,7 @@ class ClusteringPlots(Callback):
 
     @torch.no_grad()
     def _neighbourhoods(self, pl_module, datamodule, out: Path, epoch: int) -> Path | None:
+        from icon_lightning.functional.sparse import SparseTarget
         from icon_lightning.loss import IConLoss
 
         if not isinstance(pl_module.loss, IConLoss):
@@ -181,7 +182,8 @@ class ClusteringPlots(Callback):
         batch = next(iter(datamodule.train_dataloader())).to(pl_module.device)
         z = pl_module(pl_module.features(batch))[:, int(pl_module.selected_head)]
         rows = batch.rows(z, pl_module.hparams.with_labels)
-        p = pl_module.loss.target(rows)[: self.anchors]
+        p = pl_module.loss.target(rows)
+        p = p.row_slice(0, self.anchors).to_dense() if isinstance(p, SparseTarget) else p[: self.anchors]
         valid = ~torch.eye(len(rows), dtype=torch.bool, device=z.device)[: self.anchors]
         q = pl_module.loss.q(_take(rows, self.anchors), rows, valid).exp()
         return plot_neighbourhoods(

@@ -160,9 +160,12 @@ def log_row_normaliser_fast(
     None when some T_i is below ``PROBABILITY_SPACE_MIN`` (the caller's dense path handles an anchor alone
     in a very sharp cluster).
     """
-    has_self = (self_col >= 0).to(phi_a.dtype).view(1, -1, 1)
-    own = wphi_c[:, self_col.clamp_min(0)] * (has_self * size.reciprocal())  # (H, B, K) own share of each cluster
-    own_total = (phi_a * own).sum(-1)
+    b, m = phi_a.shape[1], wphi_c.shape[1]
+    if b == m and bool((self_col == torch.arange(b, device=self_col.device)).all()):
+        own = wphi_c  # square batch: each anchor is its own candidate row, no gather
+    else:
+        own = wphi_c[:, self_col.clamp_min(0)] * (self_col >= 0).to(phi_a.dtype).view(1, -1, 1)
+    own_total = (phi_a * own * size.reciprocal()).sum(-1)  # Σ_c φ_ic w_s φ_sc / n_c
     log_total = torch.log1p(-own_total.clamp(max=1.0 - EXACT_BELOW))  # the clamp binds only on exact rows
     low = (own_total.detach() > 1.0 - EXACT_BELOW).any(0).nonzero().squeeze(1)
     if len(low):
@@ -211,16 +214,17 @@ def sparse_cluster_kl(
     values = p.values.to(dtype)
     if needs_dense:  # one blocked pass over the rows with mass gives every log q~_ij, pairs included
         rows = has_positive.nonzero().squeeze(1)
+        every = len(rows) == len(p)
+        log_phi_rows = log_phi_a if every else log_phi_a[:, rows]  # no (H, B, K) copy when every row has mass
         wphi_c = torch.exp(log_wphi_c)
-        same = log_wphi_c is log_phi_a and len(rows) == len(p)  # square, unweighted, every row: one exp
-        phi_a = wphi_c if same else torch.exp(log_phi_a[:, rows])
+        phi_a = wphi_c if every and log_wphi_c is log_phi_a else torch.exp(log_phi_rows)  # square, unweighted
         size = wphi_c.sum(1, keepdim=True)  # (H, 1, K) n_c
-        log_total = log_row_normaliser_fast(phi_a, log_phi_a[:, rows], wphi_c, log_wphi_c, size, p.self_col[rows])
+        log_total = log_row_normaliser_fast(phi_a, log_phi_rows, wphi_c, log_wphi_c, size, p.self_col[rows])
         if log_total is None:
             return None
         position = torch.cumsum(has_positive.long(), 0) - 1
         cross_entropy = weighted_log_affine(
-            torch.exp(log_phi_a[:, rows] - log_total.unsqueeze(-1) + math.log1p(-alpha)),  # (1−α) φ_ic / T_i
+            phi_a * torch.exp(math.log1p(-alpha) - log_total).unsqueeze(-1),  # (1−α) φ_ic / T_i
             wphi_c * size.reciprocal(),
             alpha / m[rows],
             p.self_col[rows],

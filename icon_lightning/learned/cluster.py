@@ -31,16 +31,20 @@ class UniformCluster(Learned):
         self.degree_weighted = degree_weighted
 
     def _log_phi(self, anchors: Rows, candidates: Rows) -> tuple[Tensor, Tensor, Tensor | None]:
-        log_phi_a = torch.log_softmax(anchors.z / self.temperature, dim=-1)
-        log_phi_c = torch.log_softmax(candidates.z / self.temperature, dim=-1)
-        log_weight = None
-        if self.degree_weighted:
-            if candidates.degree is None:
-                raise ValueError("degree: UniformCluster(degree_weighted=True) needs candidates.degree")
-            if bool((candidates.degree <= 0).any()):
-                raise ValueError("degree: expected positive degrees")
-            log_weight = torch.log(candidates.degree.to(log_phi_c.dtype))
-        return log_phi_a, log_phi_c, log_weight
+        return self._log_softmax(anchors.z), self._log_softmax(candidates.z), self._log_weight(candidates)
+
+    def _log_softmax(self, z: Tensor) -> Tensor:
+        return torch.log_softmax(z if self.temperature == 1.0 else z / self.temperature, dim=-1)
+
+    def _log_weight(self, candidates: Rows) -> Tensor | None:
+        """(M,) log degrees of the candidates (normalized cuts), or None (uniform weights)."""
+        if not self.degree_weighted:
+            return None
+        if candidates.degree is None:
+            raise ValueError("degree: UniformCluster(degree_weighted=True) needs candidates.degree")
+        if bool((candidates.degree <= 0).any()):
+            raise ValueError("degree: expected positive degrees")
+        return torch.log(candidates.degree.to(torch.promote_types(candidates.z.dtype, torch.float32)))
 
     def log_kernel(self, anchors: Rows, candidates: Rows) -> Tensor:
         return log_cluster_affinity(*self._log_phi(anchors, candidates))
@@ -57,11 +61,10 @@ class UniformCluster(Learned):
     ) -> tuple[Tensor, Tensor] | None:
         """All heads in one call of ``functional.sparse_cluster_kl``, in at least float32 (outside autocast)."""
         with torch.autocast(anchors[0].z.device.type, enabled=False):
-            parts = [self._log_phi(_full(a), _full(c)) for a, c in zip(anchors, candidates)]
-            log_phi_a = torch.stack([a for a, _, _ in parts])
+            log_phi_a = self._log_softmax(torch.stack([_full(a).z for a in anchors]))
             square = all(a.z is c.z for a, c in zip(anchors, candidates))  # the anchors are the candidates
-            log_phi_c = log_phi_a if square else torch.stack([c for _, c, _ in parts])
-            return sparse_cluster_kl(p, log_phi_a, log_phi_c, alpha, parts[0][2])
+            log_phi_c = log_phi_a if square else self._log_softmax(torch.stack([_full(c).z for c in candidates]))
+            return sparse_cluster_kl(p, log_phi_a, log_phi_c, alpha, self._log_weight(candidates[0]))
 
 
 def _full(rows: Rows) -> Rows:

@@ -123,7 +123,8 @@ class IConModule(L.LightningModule):
         if getattr(self.loss, "shares_target", False):  # one p for all heads (I-Con, SCAN, TEMI): rows only, not z
             p = self._target(meta, candidates_z[:, 0], with_labels)
             p = p.row_slice(offset, offset + local) if isinstance(p, SparseTarget) else p[offset : offset + local]
-        anchors, candidates = batch.rows(z[:, 0], with_labels), meta.rows(candidates_z[:, 0], with_labels)
+        anchors = batch.rows(z[:, 0], with_labels)
+        candidates = anchors if meta is batch and candidates_z is z else meta.rows(candidates_z[:, 0], with_labels)
         # unbind, not z[:, h]: its backward is one stack, where H selects would each build a zero (B, H, K) grad
         heads = z.unbind(1)
         outs = self.loss.forward_heads(
