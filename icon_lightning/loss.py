@@ -142,8 +142,8 @@ class IConLoss(Objective):
                 raise ValueError(
                     f"p: expected a target of shape {(len(anchors[0]), m)}, got {(len(p), p.num_candidates)}"
                 )
+            out = self.q.sparse_kl(p, anchors, anchors if candidates is None else candidates)  # q's checks first
             anchors_with_positive(p.row_mass().unsqueeze(1))
-            out = self.q.sparse_kl(p, anchors, anchors if candidates is None else candidates)
             if out is not None:
                 return [LossOutput(loss=kl, kl=kl, cross_entropy=ce) for kl, ce in zip(*out)]
             p = p.to_dense()

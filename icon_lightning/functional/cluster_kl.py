@@ -209,7 +209,7 @@ def sparse_cluster_kl(
     if needs_dense and alpha == 0.0:
         return None
     has_positive = p.row_mass() > 0
-    count = int(has_positive.sum())
+    count = max(1, int(has_positive.sum()))  # no anchor with a positive: IConLoss raises after this call
     m = p.num_valid.to(dtype).clamp_min(1)
     values = p.values.to(dtype)
     if needs_dense:  # one blocked pass over the rows with mass gives every log q~_ij, pairs included
