@@ -6,9 +6,9 @@ q~ = (1−α) q + α/M_i. With p = S + u_i/M_i (``SparseTarget``):
 
     −Σ_j p_ij log q~_ij = −Σ_{j∈S} S_ij log q~_ij − (u_i/M_i) Σ_{j valid} log q~_ij
 
-The first sum costs O(nnz·K); the second, the only dense one, is taken in row chunks by
-``row_log_affine_sum`` (a matmul and a log per chunk, recomputed in backward), so memory stays
-O(chunk × M). Every function takes a leading head dimension H: all heads in one call.
+The first sum costs O(nnz·K); the second, the only dense one, is taken in row blocks by
+``weighted_log_affine`` (a matmul, a log and a reciprocal per block, the gradients formed in the same pass),
+so memory stays O(block × M). Every function takes a leading head dimension H: all heads in one call.
 """
 
 from __future__ import annotations
@@ -151,25 +151,25 @@ EXACT_BELOW = 0.25  # rows whose total affinity T_i is below this are recomputed
 
 
 def log_row_normaliser_fast(
-    phi_a: Tensor, log_phi_a: Tensor, wphi_c: Tensor, log_wphi_c: Tensor, size: Tensor, self_col: Tensor
+    phi_a: Tensor, log_phi_a: Tensor, psi_c: Tensor, log_wphi_c: Tensor, log_size: Tensor, self_col: Tensor
 ) -> Tensor | None:
-    """(H, B) log T_i, T_i = 1 − Σ_c φ_ic w_s φ_sc / n_c taken in probability space: a few (B, K) passes.
+    """(H, B) log T_i, T_i = 1 − Σ_c φ_ic ψ_sc (ψ_jc = w_j φ_jc / n_c) in probability space: a few (B, K) passes.
 
     Where T_i < ``EXACT_BELOW`` the subtraction would cost digits, so those rows take the exact
     ``log_row_normaliser`` (log space also keeps their gradients in range: 1/T_i² would overflow float32).
     None when some T_i is below ``PROBABILITY_SPACE_MIN`` (the caller's dense path handles an anchor alone
     in a very sharp cluster).
     """
-    b, m = phi_a.shape[1], wphi_c.shape[1]
+    b, m = phi_a.shape[1], psi_c.shape[1]
     if b == m and bool((self_col == torch.arange(b, device=self_col.device)).all()):
-        own = wphi_c  # square batch: each anchor is its own candidate row, no gather
+        own = psi_c  # square batch: each anchor is its own candidate row, no gather
     else:
-        own = wphi_c[:, self_col.clamp_min(0)] * (self_col >= 0).to(phi_a.dtype).view(1, -1, 1)
-    own_total = (phi_a * own * size.reciprocal()).sum(-1)  # Σ_c φ_ic w_s φ_sc / n_c
+        own = psi_c[:, self_col.clamp_min(0)] * (self_col >= 0).to(phi_a.dtype).view(1, -1, 1)
+    own_total = (phi_a * own).sum(-1)  # Σ_c φ_ic w_s φ_sc / n_c
     log_total = torch.log1p(-own_total.clamp(max=1.0 - EXACT_BELOW))  # the clamp binds only on exact rows
     low = (own_total.detach() > 1.0 - EXACT_BELOW).any(0).nonzero().squeeze(1)
     if len(low):
-        exact = log_row_normaliser(log_phi_a[:, low], log_wphi_c, torch.log(size), self_col[low])
+        exact = log_row_normaliser(log_phi_a[:, low], log_wphi_c, log_size, self_col[low])
         log_total = log_total.index_put((torch.arange(len(log_total), device=low.device).view(-1, 1), low), exact)
     if float(log_total.detach().min()) < math.log(PROBABILITY_SPACE_MIN):
         return None
@@ -216,16 +216,16 @@ def sparse_cluster_kl(
         rows = has_positive.nonzero().squeeze(1)
         every = len(rows) == len(p)
         log_phi_rows = log_phi_a if every else log_phi_a[:, rows]  # no (H, B, K) copy when every row has mass
-        wphi_c = torch.exp(log_wphi_c)
-        phi_a = wphi_c if every and log_wphi_c is log_phi_a else torch.exp(log_phi_rows)  # square, unweighted
-        size = wphi_c.sum(1, keepdim=True)  # (H, 1, K) n_c
-        log_total = log_row_normaliser_fast(phi_a, log_phi_rows, wphi_c, log_wphi_c, size, p.self_col[rows])
+        log_size = torch.logsumexp(log_wphi_c, 1, keepdim=True)  # (H, 1, K) log n_c, exact for empty clusters
+        psi_c = torch.exp(log_wphi_c - log_size)  # ψ_jc = w_j φ_jc / n_c
+        phi_a = torch.exp(log_phi_rows)
+        log_total = log_row_normaliser_fast(phi_a, log_phi_rows, psi_c, log_wphi_c, log_size, p.self_col[rows])
         if log_total is None:
             return None
         position = torch.cumsum(has_positive.long(), 0) - 1
         cross_entropy = weighted_log_affine(
             phi_a * torch.exp(math.log1p(-alpha) - log_total).unsqueeze(-1),  # (1−α) φ_ic / T_i
-            wphi_c * size.reciprocal(),
+            psi_c,
             alpha / m[rows],
             p.self_col[rows],
             -(p.uniform.to(dtype) / m)[rows] / count,

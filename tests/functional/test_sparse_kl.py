@@ -223,3 +223,20 @@ def test_anchor_almost_alone_in_its_cluster_takes_the_exact_normaliser(dtype):
     torch.testing.assert_close(out.loss.double(), ref.loss, rtol=tol, atol=0)
     (g,), (g_ref,) = torch.autograd.grad(out.loss, z), torch.autograd.grad(ref.loss, z64)
     torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * float(g_ref.abs().max()))
+
+
+def test_a_cluster_nobody_uses_gives_no_nan_in_float32():
+    """Every item's probability of cluster 0 underflows float32 (logit gap 120): n_0 is 0 in probability
+    space. The sparse path takes cluster sizes in log space, so it matches the float64 dense path."""
+    anchors, _, _ = problem("square", seed=12)
+    logits = anchors.z.detach().clone()
+    logits[:, 0] = -120.0
+    loss = IConLoss(P_CASES["augmentation_and_knn"](), Q_CASES["degree_weighted_debiased"]())
+    dense = IConLoss(P_CASES["augmentation_and_knn"](), Q_CASES["degree_weighted_debiased"](), sparse=False)
+    z = logits.float().requires_grad_(True)
+    z64 = logits.requires_grad_(True)
+    out, ref = loss(anchors.with_z(z)), dense(anchors.with_z(z64))
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=0)
+    (g,), (g_ref,) = torch.autograd.grad(out.loss, z), torch.autograd.grad(ref.loss, z64)
+    assert bool(torch.isfinite(g).all())
+    torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6)
