@@ -53,7 +53,7 @@ bench-kernel: install ## cluster-kernel speed vs a plain matmul -> benchmarks/re
 	$(BIN)/python -m benchmarks.cluster_kernel
 
 BENCH_TRAIN_ARGS ?= --threads 1
-bench-train: install ## training-step samples/s, kernel FLOPs, memory -> benchmarks/results/train_step_<device>.json
+bench-train: install ## sparse vs dense step over B x K x H, FLOP/stream bounds, memory -> benchmarks/results/train_step_<device>.json
 	$(BIN)/python -m benchmarks.train_step $(BENCH_TRAIN_ARGS)
 
 CLUSTERING_DATASETS ?= digits cifar10_test cifar10_train_test fashion_mnist_test

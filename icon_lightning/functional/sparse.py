@@ -59,19 +59,15 @@ class SparseTarget:
             self.rows, self.cols, self.values.detach(), self.uniform.detach(), self.self_col, self.num_candidates
         )
 
-    def row_slice(self, start: int, stop: int, self_offset: int | None = None) -> SparseTarget:
-        """Rows start..stop-1 (e.g. the local anchors of one DDP process), with self pairs at
-        ``self_offset + i`` of the slice (None: keep each row's own self column)."""
+    def row_slice(self, start: int, stop: int) -> SparseTarget:
+        """Rows start..stop-1 (e.g. the local anchors of one DDP process), each keeping its self column."""
         keep = (self.rows >= start) & (self.rows < stop)
-        self_col = self.self_col[start:stop]
-        if self_offset is not None:
-            self_col = self_columns(stop - start, self.num_candidates, self_offset, self.rows.device)
         return SparseTarget(
             self.rows[keep] - start,
             self.cols[keep],
             self.values[keep],
             self.uniform[start:stop],
-            self_col,
+            self.self_col[start:stop],
             self.num_candidates,
         )
 
@@ -84,13 +80,6 @@ class SparseTarget:
         has_self = self.self_col >= 0
         valid[torch.arange(b, device=p.device)[has_self], self.self_col[has_self]] = False
         return p + valid.to(p.dtype) * (self.uniform / self.num_valid.clamp_min(1).to(p.dtype)).unsqueeze(1)
-
-    @staticmethod
-    def from_dense(p: Tensor, self_col: Tensor) -> SparseTarget:
-        """The sparse form of a dense (B, M) p with no uniform part (zero at self pairs)."""
-        rows, cols = p.nonzero(as_tuple=True)
-        zeros = torch.zeros(len(p), dtype=p.dtype, device=p.device)
-        return SparseTarget(rows, cols, p[rows, cols], zeros, self_col, p.shape[1])
 
 
 def match_pairs(query_row: Tensor, query_key: Tensor, candidate_key: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,18 +101,21 @@ def match_pairs(query_row: Tensor, query_key: Tensor, candidate_key: Tensor) -> 
 
 
 def unique_valid_pairs(
-    rows: Tensor, cols: Tensor, self_col: Tensor, num_candidates: int, values: Tensor | None = None
+    rows: Tensor, cols: Tensor, self_col: Tensor | None, num_candidates: int, values: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Merge duplicate (row, col) pairs (values summed; 1 each when ``values`` is None, then 1 per pair:
-    an edge present once or twice is one edge) and drop self pairs. Sorted by row, then column."""
-    keep = cols != self_col[rows]
-    rows, cols = rows[keep], cols[keep]
+    an edge present once or twice is one edge) and drop self pairs (none when ``self_col`` is None).
+    Sorted by row, then column."""
+    if self_col is not None:
+        keep = cols != self_col[rows]
+        rows, cols = rows[keep], cols[keep]
+        values = None if values is None else values[keep]
     key = rows * num_candidates + cols
     unique, inverse = torch.unique(key, sorted=True, return_inverse=True)
     if values is None:
         merged = torch.ones(len(unique), dtype=torch.get_default_dtype(), device=rows.device)
     else:
-        merged = torch.zeros(len(unique), dtype=values.dtype, device=rows.device).index_add_(0, inverse, values[keep])
+        merged = torch.zeros(len(unique), dtype=values.dtype, device=rows.device).index_add_(0, inverse, values)
     return unique // num_candidates, unique % num_candidates, merged
 
 
@@ -174,8 +166,7 @@ def sparse_matmul(
     a_rows, a_cols, a_values = a
     b_rows, b_cols, b_values = b
     edge, joined = match_pairs(torch.arange(len(a_rows), device=a_rows.device), a_cols, b_rows)
-    none = torch.full((int(a_rows.max()) + 1 if len(a_rows) else 0,), -1, dtype=torch.long, device=a_rows.device)
-    return unique_valid_pairs(a_rows[edge], b_cols[joined], none, num_cols, a_values[edge] * b_values[joined])
+    return unique_valid_pairs(a_rows[edge], b_cols[joined], None, num_cols, a_values[edge] * b_values[joined])
 
 
 def sparse_propagate(p: SparseTarget, steps: int, uniform: bool = False) -> SparseTarget | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
@@ -61,12 +59,13 @@ class UniformCluster(Learned):
     ) -> tuple[Tensor, Tensor] | None:
         """All heads in one call of ``functional.sparse_cluster_kl``, in at least float32 (outside autocast)."""
         with torch.autocast(anchors[0].z.device.type, enabled=False):
-            log_phi_a = self._log_softmax(torch.stack([_full(a).z for a in anchors]))
+            log_phi_a = self._log_softmax(_stack_full(anchors))
             square = all(a.z is c.z for a, c in zip(anchors, candidates))  # the anchors are the candidates
-            log_phi_c = log_phi_a if square else self._log_softmax(torch.stack([_full(c).z for c in candidates]))
+            log_phi_c = log_phi_a if square else self._log_softmax(_stack_full(candidates))
             return sparse_cluster_kl(p, log_phi_a, log_phi_c, alpha, self._log_weight(candidates[0]))
 
 
-def _full(rows: Rows) -> Rows:
-    """The rows with z in at least float32."""
-    return replace(rows, z=rows.z.float()) if rows.z.dtype in (torch.float16, torch.bfloat16) else rows
+def _stack_full(heads: list[Rows]) -> Tensor:
+    """(H, B, K) the heads' z, in at least float32."""
+    z = torch.stack([rows.z for rows in heads])
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
