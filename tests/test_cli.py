@@ -207,6 +207,11 @@ def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
             f"--data.cache_dir={tmp_path / 'cache'}",
         ]
     )
+    # wandb.finish() returns before W&B's service process has flushed the run file to disk (CI once read only
+    # its header); shutting the service down waits for the write, as the exit of a real `icon fit` process does.
+    import wandb
+
+    wandb.teardown()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     (record,) = runs[0].glob("run-*.wandb")
