@@ -84,6 +84,7 @@ SCHEDULES = {
     "cifar10_test": Schedule(batch_size=512, num_neighbours=1, max_epochs=15, lr=1e-2, lr_step_size=5),
     "cifar10_train_test": Schedule(batch_size=512, num_neighbours=1, max_epochs=2, lr=1e-2, lr_step_size=1),
     "fashion_mnist_test": Schedule(batch_size=512, num_neighbours=1, max_epochs=15, lr=1e-2, lr_step_size=5),
+    "mnist_test": Schedule(batch_size=512, num_neighbours=1, max_epochs=15, lr=1e-2, lr_step_size=5),
 }
 
 
@@ -124,6 +125,10 @@ def load_split(name: str, args: argparse.Namespace) -> Split:
         return Split(
             name, x, x, data.labels, f"Fashion-MNIST test, EfficientNet-Lite0 features at {args.fashion_size} px"
         )
+    if name == "mnist_test":
+        data = IdxDataset(args.mnist_dir, prefix="t10k")
+        x = centred_unit_rows(_image_features(data, args.fashion_size, args.cache_dir, gray=True))
+        return Split(name, x, x, data.labels, f"MNIST test, EfficientNet-Lite0 features at {args.fashion_size} px")
     raise ValueError(f"dataset: expected one of {sorted(SCHEDULES)}, got {name!r}")
 
 
@@ -303,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--cifar10-tar-dir", default=str(SHARED / "cifar10"))
     parser.add_argument("--fashion-dir", default=str(FASHION))
+    parser.add_argument("--mnist-dir", default=str(SHARED / "mnist"))
     parser.add_argument("--fashion-size", type=int, default=64)
     parser.add_argument("--cache-dir", default=".cache/icon_lightning")
     parser.add_argument("--resume", action="store_true", help="skip methods already in the JSON with every seed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import warnings
 
 import lightning as L
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from sklearn.base import BaseEstimator, ClusterMixin
 
 from icon_lightning.baselines.kmeans import _as_features
+from icon_lightning.callbacks.convergence import Convergence
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.data.datasets import FeaturesArray
 from icon_lightning.loss import Objective
@@ -24,27 +26,33 @@ from icon_lightning.models.module import IConModule
 
 
 class HeadClusterer(ClusterMixin, BaseEstimator):
-    """Train ``num_heads`` linear cluster heads on (N, D) features with ``loss``; keep the lowest-loss head.
+    """Train ``num_heads`` cluster heads on (N, D) features with ``loss``; keep the lowest-loss head.
 
-    k / walk_steps / num_neighbours: the DataModule's k-NN table width, walk length of the neighbour pool and
-    neighbours sampled per anchor; batch_size anchors per step (each brings its neighbours); Adam at ``lr``,
-    multiplied by ``lr_gamma`` every ``lr_step_size`` epochs. ema_momentum / teacher_candidates: an EMA
-    teacher whose outputs are the candidates (TEMI). Features are used as given (centre/normalise first).
-    Attributes: labels_ (N,), selected_head_, head_losses_ (H,), module_ (the trained ``IConModule``).
+    The defaults are ``icon fit``'s: full batch up to 4,096 anchors (else 4,096 anchors a step, each with
+    ``num_neighbours`` sampled neighbours), Adam at ``lr``, and the ``Convergence`` callback: the LR halves on
+    training-loss plateaus and the run stops at the third, within a step budget that scales with N (``max_steps``
+    'auto'). k / walk_steps: the DataModule's k-NN table width and walk length of the neighbour pool.
+    head_init / head_hidden_dim: see ``IConModule`` (heads started from k-means; MLP heads).
+    ema_momentum / teacher_candidates: an EMA teacher whose outputs are the candidates (TEMI).
+    Features are used as given (centre/normalise first).
+    Attributes: labels_ (N,), selected_head_, head_losses_ (H,), converged_, steps_, module_ (the ``IConModule``).
     """
 
     def __init__(
         self,
         loss: Objective,
         n_clusters: int = 10,
-        num_heads: int = 5,
+        num_heads: int = 10,
+        head_init: list[str] | None = None,
+        head_hidden_dim: int | None = None,
         k: int = 3,
         walk_steps: int = 1,
-        num_neighbours: int = 2,
-        max_epochs: int = 30,
-        batch_size: int = 1024,
-        lr: float = 1e-3,
-        lr_step_size: int = 10,
+        num_neighbours: int = 1,
+        batch_size: int | str = "auto",
+        lr: float = 1e-2,
+        max_steps: int | str | None = "auto",
+        max_epochs: int = -1,
+        lr_step_size: int | None = None,
         lr_gamma: float = 0.5,
         ema_momentum: float | None = None,
         teacher_candidates: bool = False,
@@ -55,12 +63,15 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self.loss = loss
         self.n_clusters = n_clusters
         self.num_heads = num_heads
+        self.head_init = head_init
+        self.head_hidden_dim = head_hidden_dim
         self.k = k
         self.walk_steps = walk_steps
         self.num_neighbours = num_neighbours
-        self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.lr = lr
+        self.max_steps = max_steps
+        self.max_epochs = max_epochs
         self.lr_step_size = lr_step_size
         self.lr_gamma = lr_gamma
         self.ema_momentum = ema_momentum
@@ -92,16 +103,21 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
             num_clusters=self.n_clusters,
             num_samples=len(x),
             num_heads=self.num_heads,
+            head_init=self.head_init,
+            head_hidden_dim=self.head_hidden_dim,
             optimizer=functools.partial(torch.optim.Adam, lr=self.lr),
             lr_step_size=self.lr_step_size,
             lr_gamma=self.lr_gamma,
             ema_momentum=self.ema_momentum,
             teacher_candidates=self.teacher_candidates,
         )
+        # a fixed LR schedule is the caller's; without one, Convergence halves the LR on plateaus
+        convergence = Convergence(max_steps=self.max_steps, lr_drops=2 if self.lr_step_size is None else 0)
         trainer = L.Trainer(
             accelerator=self.accelerator,
             devices=1,
             max_epochs=self.max_epochs,
+            callbacks=[convergence],
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -109,10 +125,14 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
             limit_val_batches=0,
             num_sanity_val_steps=0,
         )
-        trainer.fit(module, datamodule=data)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The run did not converge")  # recorded in converged_ instead
+            trainer.fit(module, datamodule=data)
         self.module_ = module.cpu().eval()
         self.selected_head_ = int(module.selected_head)
         self.head_losses_ = module.head_losses.cpu().numpy()
+        self.converged_ = convergence.converged
+        self.steps_ = trainer.global_step
         self.labels_ = self.predict(x)
         return self
 

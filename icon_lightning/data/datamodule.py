@@ -3,6 +3,7 @@ views and sampled neighbours (I-Con §4: each image with 2 augmentations and 2 n
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,9 @@ from icon_lightning.data.neighbours import (
 )
 from icon_lightning.data.transforms import augment_transform, eval_transform
 from icon_lightning.models.backbones import FrozenBackbone, Identity
+
+
+FULL_BATCH_MAX = 4096  # the paper's anchors a step; ``batch_size='auto'`` trains full-batch up to this size
 
 
 class AnchorSampler(DistributedSampler):
@@ -197,7 +201,11 @@ class ClusteringDataModule(L.LightningDataModule):
     views: ``cached`` (``view_pool`` augmented views per image extracted once; V drawn per epoch),
         ``online`` (images augmented every step; the module runs the backbone: the paper's exact recipe),
         or ``clean`` (no augmentation: every view is the clean feature; for feature/tabular data).
-    num_views: V views per anchor. num_neighbours: S neighbours sampled per anchor.
+    num_views: V views per anchor; None → 2 augmented views (the paper), or 1 with ``views='clean'``, whose views
+        would all be the same clean feature. num_neighbours: S neighbours sampled per anchor; none in full-batch training,
+        where every neighbour already is a candidate.
+    batch_size: anchors per step and process; ``auto``: the whole dataset when it fits the paper's 4,096
+        anchors (full batch: p and the loss are exact), else 4,096 anchors, split evenly between processes.
     k: width of the k-NN table. walk_steps: sample neighbours among endpoints of 1..s-step walks.
     normalize: centre by the train mean, then L2-normalise the cached features.
     extract_precision: bf16 autocast (default) or fp32 for extraction on CUDA; the CPU always runs fp32.
@@ -217,13 +225,13 @@ class ClusteringDataModule(L.LightningDataModule):
         grayscale_to_rgb: bool = False,
         views: Literal["cached", "online", "clean"] = "cached",
         view_pool: int = 4,
-        num_views: int = 2,
+        num_views: int | None = None,
         num_neighbours: int = 2,
         k: int = 3,
         walk_steps: int = 1,
         knn_backend: Literal["auto", "faiss", "torch"] = "auto",
         normalize: bool = True,
-        batch_size: int = 256,
+        batch_size: int | Literal["auto"] = "auto",
         val_batch_size: int = 1024,
         num_workers: int = 0,
         extract_batch_size: int = 256,
@@ -234,12 +242,13 @@ class ClusteringDataModule(L.LightningDataModule):
         evaluate_train: bool = True,
     ) -> None:
         super().__init__()
+        num_views = (1 if views == "clean" else 2) if num_views is None else num_views
         for name, value, low in (
             ("num_views", num_views, 1),
             ("num_neighbours", num_neighbours, 0),
             ("k", k, 1),
             ("walk_steps", walk_steps, 1),
-            ("batch_size", batch_size, 1),
+            ("batch_size", 1 if batch_size == "auto" else batch_size, 1),
         ):
             if value < low:
                 raise ValueError(f"{name}: expected at least {low}, got {value}")
@@ -361,12 +370,18 @@ class ClusteringDataModule(L.LightningDataModule):
                 ]
             )
         pool = walks(table.indices, self.walk_steps)
+        neighbours = 0 if self.full_batch else self.num_neighbours
+        if neighbours != self.num_neighbours:
+            rank_zero_info(
+                f"full batch ({self.num_samples} anchors a step): every neighbour is a candidate already, so no "
+                f"sampled neighbours (num_neighbours {self.num_neighbours} → 0)"
+            )
         self.anchors = AnchorDataset(
             len(clean),
             pool,
             self.num_views,
             self.view_pool if self.views == "cached" else 0,
-            self.num_neighbours,
+            neighbours,
             self.seed,
         )
         if self.val_dataset is not None:
@@ -376,14 +391,29 @@ class ClusteringDataModule(L.LightningDataModule):
             self.val_data = EvalDataset(self.train_features, labels, self.table, self.degree)
         self.train_eval_data = EvalDataset(self.train_features, labels, self.table, self.degree)
 
+    # ------------------------------------------------------------------ batches
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    @property
+    def anchors_per_step(self) -> int:
+        """Anchors a step on each process: ``batch_size``, or what ``auto`` resolves to."""
+        if self.batch_size != "auto":
+            return int(self.batch_size)
+        return math.ceil(min(self.num_samples, FULL_BATCH_MAX) / self._world()[0])
+
+    @property
+    def full_batch(self) -> bool:
+        """Every item is an anchor of every step (one step an epoch)."""
+        return self.anchors_per_step * self._world()[0] >= self.num_samples
+
     # ------------------------------------------------------------------ loaders
     def _sampler(self, shuffle: bool) -> AnchorSampler:
-        trainer = getattr(self, "trainer", None)
-        world = trainer.world_size if trainer is not None else 1
-        rank = trainer.global_rank if trainer is not None else 0
+        world, rank = self._world()
         # One batch per epoch (full-batch training): the order of its rows changes nothing, so keep it fixed
         # and the batch is the same every step (IConModule then reuses p).
-        shuffle = shuffle and self.num_samples > self.batch_size * world
+        shuffle = shuffle and not self.full_batch
         return AnchorSampler(range(self.num_samples), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
@@ -397,11 +427,11 @@ class ClusteringDataModule(L.LightningDataModule):
             )
         return DataLoader(
             data,
-            batch_size=self.batch_size,
+            batch_size=self.anchors_per_step,
             sampler=self._sampler(shuffle=True),
             collate_fn=collate,
             num_workers=self.num_workers,
-            drop_last=len(data) >= self.batch_size,
+            drop_last=not self.full_batch,
             persistent_workers=self.num_workers > 0,
         )
 

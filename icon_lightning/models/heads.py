@@ -1,13 +1,18 @@
-"""Heads on frozen features: H linear cluster heads (K outputs each), or a projection for representations."""
+"""Heads on frozen features: H cluster heads (linear or MLP, K outputs each), or a projection for representations."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 
 class ClusterHeads(nn.Module):
-    """features (B, D) → logits (B, H, K) = (W_h x + b_h) / temperature for each of H heads.
+    """features (B, D) → logits (B, H, K) = head_h(x) / temperature for each of H heads.
 
+    hidden_dim: None → linear heads W_h x + b_h; an integer → an MLP per head, D → hidden (ReLU) → K (TEMI's heads
+        are MLPs). All heads run as one batched product either way.
     projection_dim: when set, an MLP D → D' → D' first (representation learning); the heads then act on it.
     With ``num_clusters=0`` the module returns the projection itself as (B, 1, D').
     """
@@ -19,6 +24,7 @@ class ClusterHeads(nn.Module):
         num_heads: int = 1,
         temperature: float = 1.0,
         projection_dim: int | None = None,
+        hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
         if feature_dim < 1:
@@ -29,6 +35,8 @@ class ClusterHeads(nn.Module):
             raise ValueError(f"temperature: expected a positive number, got {temperature}")
         if num_clusters < 1 and projection_dim is None:
             raise ValueError("num_clusters: expected ≥ 1 (or a projection_dim for representation learning)")
+        if hidden_dim is not None and hidden_dim < 1:
+            raise ValueError(f"hidden_dim: expected ≥ 1 or None (linear heads), got {hidden_dim}")
         self.num_heads, self.num_clusters, self.temperature = num_heads, num_clusters, float(temperature)
         dim = feature_dim
         self.projection = nn.Identity()
@@ -38,10 +46,51 @@ class ClusterHeads(nn.Module):
             )
             dim = projection_dim
         self.out_dim = num_clusters if num_clusters >= 1 else dim
-        self.linear = nn.Linear(dim, num_heads * num_clusters) if num_clusters >= 1 else None
+        self.hidden = None
+        self.linear = None
+        if num_clusters >= 1 and hidden_dim is not None:
+            self.hidden = nn.Linear(dim, num_heads * hidden_dim)
+            bound = 1 / math.sqrt(hidden_dim)  # nn.Linear's default initialisation, per head
+            self.out_weight = nn.Parameter(torch.empty(num_heads, hidden_dim, num_clusters).uniform_(-bound, bound))
+            self.out_bias = nn.Parameter(torch.empty(num_heads, num_clusters).uniform_(-bound, bound))
+        elif num_clusters >= 1:
+            self.linear = nn.Linear(dim, num_heads * num_clusters)
+
+    @property
+    def is_linear(self) -> bool:
+        return self.linear is not None
 
     def forward(self, features: Tensor) -> Tensor:
         h = self.projection(features)
+        if self.hidden is not None:
+            a = torch.relu(self.hidden(h)).view(len(features), self.num_heads, -1)  # (B, H, hidden)
+            logits = torch.einsum("bhd,hdk->bhk", a, self.out_weight) + self.out_bias
+            return logits / self.temperature
         if self.linear is None:
             return h.unsqueeze(1)
         return self.linear(h).view(len(features), self.num_heads, self.num_clusters) / self.temperature
+
+    @torch.no_grad()
+    def init_from_partition(self, head: int, features: Tensor, assignment: Tensor, sharpness: float = 3.0) -> None:
+        """Start linear head ``head`` at the nearest-centroid rule of a partition of ``features`` (N, D).
+
+        logit_c(x) = s · (2⟨x, μ_c⟩ − |μ_c|²), whose argmax is the nearest centroid μ_c; a cluster with no member
+        gets the mean. s makes the logits' standard deviation over clusters ``sharpness`` on average (a soft start
+        that the loss can still move; chosen once, without labels).
+        """
+        if self.linear is None or not isinstance(self.projection, nn.Identity):
+            raise ValueError("head_init: starting heads from a clustering needs linear heads on the features")
+        k = self.num_clusters
+        x = features.to(self.linear.weight.dtype)
+        a = assignment.to(device=x.device, dtype=torch.long)
+        if a.shape != (len(x),) or a.min() < 0 or a.max() >= k:
+            raise ValueError(f"assignment: expected ({len(x)},) cluster ids in [0, {k}), got {tuple(a.shape)}")
+        counts = torch.bincount(a, minlength=k).to(x.dtype)
+        sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, a, x)
+        means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], x.mean(0, keepdim=True))
+        weight, bias = 2 * means, -(means * means).sum(1)
+        spread = (x @ weight.T + bias).std(1).mean().clamp_min(1e-12)
+        scale = sharpness * self.temperature / spread  # forward divides by the temperature
+        rows = slice(head * k, (head + 1) * k)
+        self.linear.weight[rows] = (weight * scale).to(self.linear.weight.device)
+        self.linear.bias[rows] = (bias * scale).to(self.linear.bias.device)

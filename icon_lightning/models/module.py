@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Literal
 
 import lightning as L
 import torch
@@ -27,9 +28,15 @@ class IConModule(L.LightningModule):
     loss: the objective of a recipe (``configs/recipes``), e.g. ``IConLoss(p, q)``.
     backbone: frozen extractor for batches of images (``views: online``); None on cached features.
     feature_dim, num_clusters, num_classes, num_samples: linked from the DataModule by the CLI.
-    num_heads, head_temperature, projection_dim: see ``ClusterHeads``.
-    optimizer: Adam at lr 1e-3 by default; the LR is multiplied by ``lr_gamma`` every ``lr_step_size``
-        epochs (the paper: halved every 10 of 30 epochs).
+    num_heads, head_temperature, projection_dim, head_hidden_dim: see ``ClusterHeads`` (hidden: MLP heads).
+    head_init: None → ``["kmeans"]`` for linear cluster heads, none otherwise. How the first heads start, one
+        entry a head: ``kmeans`` (k-means of the clean train features,
+        a different seed each) or ``spectral`` (spectral clustering of their 10-NN graph), as the
+        nearest-centroid rule of that partition; the other heads start at random. The training loss picks the
+        head (label-free), so a started head is kept only when the objective prefers it. Linear heads only.
+    optimizer: None → Adam at lr 1e-2. lr_step_size: None → no fixed schedule (the ``Convergence`` callback
+        halves the LR on plateaus); an integer multiplies the LR by ``lr_gamma`` every ``lr_step_size``
+        optimizer steps, or epochs with ``lr_interval='epoch'`` (the paper: halved every 10 of 30 epochs).
     ema_momentum: keep an EMA teacher of the heads (a registered module: it moves devices and is
         checkpointed); teacher_candidates: the teacher's outputs form the candidate side of q.
     with_labels: hand labels to p (SupCon, cross-entropy). Unsupervised recipes never see them.
@@ -43,18 +50,25 @@ class IConModule(L.LightningModule):
         num_clusters: int = 10,
         num_classes: int = 0,
         num_samples: int = 0,
-        num_heads: int = 1,
+        num_heads: int = 10,
         head_temperature: float = 1.0,
         projection_dim: int | None = None,
+        head_hidden_dim: int | None = None,
+        head_init: list[Literal["kmeans", "spectral"]] | None = None,
         backbone: FrozenBackbone | None = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_step_size: int = 10,
+        optimizer: OptimizerCallable | None = None,
+        lr_step_size: int | None = None,
         lr_gamma: float = 0.5,
+        lr_interval: Literal["step", "epoch"] = "step",
         ema_momentum: float | None = None,
         teacher_candidates: bool = False,
         with_labels: bool = False,
     ) -> None:
         super().__init__()
+        if num_clusters < 1:  # a projection for representation learning is one output, whatever num_heads says
+            num_heads = 1
+        linear = head_hidden_dim is None and projection_dim is None and num_clusters >= 1
+        head_init = (["kmeans"] if linear else []) if head_init is None else list(head_init)
         # Under `icon` the CLI stores the resolved config here, so load_from_checkpoint rebuilds every part.
         self.save_hyperparameters()
         if teacher_candidates and ema_momentum is None:
@@ -64,12 +78,27 @@ class IConModule(L.LightningModule):
         self.loss = loss
         self.backbone = backbone
         self.optimizer = optimizer
-        self.heads = ClusterHeads(feature_dim, num_clusters, num_heads, head_temperature, projection_dim)
+        if len(head_init) > num_heads:
+            raise ValueError(f"head_init: {len(head_init)} started heads but num_heads is {num_heads}")
+        unknown = sorted(set(head_init) - set(HEAD_INITS))
+        if unknown:
+            raise ValueError(f"head_init: unknown {unknown}; expected entries of {list(HEAD_INITS)}")
+        if lr_step_size is not None and lr_step_size < 1:
+            raise ValueError(f"lr_step_size: expected None or ≥ 1, got {lr_step_size}")
+        if lr_interval not in ("step", "epoch"):
+            raise ValueError(f"lr_interval: expected 'step' or 'epoch', got {lr_interval!r}")
+        self.head_init = head_init
+        self.heads = ClusterHeads(
+            feature_dim, num_clusters, num_heads, head_temperature, projection_dim, hidden_dim=head_hidden_dim
+        )
+        if head_init and not self.heads.is_linear or head_init and projection_dim is not None:
+            raise ValueError("head_init: heads started from a clustering must be linear heads on the features")
         self.teacher = None
         if ema_momentum is not None:
             self.teacher = AveragedModel(self.heads, multi_avg_fn=get_ema_multi_avg_fn(ema_momentum), use_buffers=True)
         self.register_buffer("head_losses", torch.zeros(num_heads))
         self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
+        self.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))  # head_init ran (checkpointed)
         self._loss_sum = torch.zeros(num_heads)
         self._cached_target: tuple[tuple[Tensor, ...], Tensor] | None = None
         self._loss_count = 0
@@ -81,6 +110,30 @@ class IConModule(L.LightningModule):
                 )
         self.last_cluster_sizes: dict[str, Tensor] = {}
         self.last_confusion: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ heads started from clusterings
+    def setup(self, stage: str) -> None:
+        """Start the ``head_init`` heads from clusterings of the DataModule's clean train features, once (a
+        resumed run restores the trained weights afterwards; a second fit keeps them)."""
+        if stage != "fit" or not self.head_init or bool(self.heads_started):
+            return
+        features = getattr(getattr(self.trainer, "datamodule", None), "train_features", None)
+        if features is None:
+            raise ValueError(
+                "head_init: needs a DataModule with train_features (ClusteringDataModule); set head_init: []"
+            )
+        self.start_heads(features)
+
+    @torch.no_grad()
+    def start_heads(self, features: Tensor) -> None:
+        x = features.detach().float().cpu()
+        base = int(torch.randint(0, 2**31 - 1, ()).item())  # follows seed_everything
+        for head, method in enumerate(self.head_init):
+            assignment = HEAD_INITS[method](x.numpy(), self.hparams.num_clusters, base + head)
+            self.heads.init_from_partition(head, x, torch.as_tensor(assignment))
+        if self.teacher is not None:  # the EMA teacher starts where the heads start
+            self.teacher.module.load_state_dict(self.heads.state_dict())
+        self.heads_started.fill_(True)
 
     # ------------------------------------------------------------------ forward
     def features(self, batch: ClusteringBatch) -> Tensor:
@@ -214,6 +267,8 @@ class IConModule(L.LightningModule):
         self.log(f"{split}/selected_head", float(best))
 
     def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.global_step  # the CLI validates once more when the last step was not
         for split in SPLITS:
             self._log_split(split)
 
@@ -226,9 +281,32 @@ class IConModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.heads.parameters())
+        params = self.heads.parameters()
+        optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.Adam(params, lr=DEFAULT_LR)
+        if self.hparams.lr_step_size is None:
+            return optimizer
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.hparams.lr_step_size, self.hparams.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.lr_interval}}
+
+
+def _kmeans(x, k: int, seed: int):
+    from icon_lightning.baselines import FaissKMeans
+
+    return FaissKMeans(k, n_init=10, random_state=seed).fit(x).labels_
+
+
+def _spectral(x, k: int, seed: int):
+    from icon_lightning.baselines import KNNSpectralClustering
+
+    return (
+        KNNSpectralClustering(k, 10, eigen_solver="lobpcg" if len(x) > 20_000 else None, random_state=seed)
+        .fit(x)
+        .labels_
+    )
+
+
+HEAD_INITS = {"kmeans": _kmeans, "spectral": _spectral}
+DEFAULT_LR = 1e-2
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:

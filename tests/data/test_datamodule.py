@@ -68,6 +68,28 @@ def test_full_batch_is_the_same_batch_every_epoch(tmp_path):
     assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("index", "view", "inputs", "neighbours"))
 
 
+def test_auto_batch_is_the_whole_dataset_up_to_4096_anchors_without_sampled_neighbours(tmp_path):
+    dm = digits_module(tmp_path, batch_size="auto", num_views=1, num_neighbours=2)
+    (only,) = list(dm.train_dataloader())  # one step an epoch
+    assert dm.full_batch and dm.anchors_per_step == 1797
+    assert torch.equal(only.index, torch.arange(1797)) and (only.source == ANCHOR).all()  # no neighbour rows
+
+
+def test_auto_batch_above_4096_items_is_4096_anchors_with_their_neighbours(tmp_path):
+    from icon_lightning.data.datasets import FeaturesArray
+
+    x = np.random.default_rng(0).standard_normal((5000, 8)).astype(np.float32)
+    dm = ClusteringDataModule(
+        FeaturesArray(x), views="clean", cache_dir=str(tmp_path), num_views=1, num_neighbours=1, k=3
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert not dm.full_batch and dm.anchors_per_step == 4096
+    assert len(batches) == 1 and len(batches[0]) == 2 * 4096  # drop_last: 5000 // 4096 steps an epoch
+    assert (batches[0].source == NEIGHBOUR).sum() == 4096
+
+
 def test_anchor_sampler_shards_disjointly():
     shards = [list(AnchorSampler(range(10), num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
     indices = [i for shard in shards for _, i in shard]

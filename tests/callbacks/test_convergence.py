@@ -1,0 +1,136 @@
+"""`Convergence`: plateau detection, LR drops, the step budget and the verdict, on losses whose course is known."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from icon_lightning.callbacks import Convergence
+from icon_lightning.callbacks.convergence import auto_step_budget
+
+
+class Scripted(L.LightningModule):
+    """training_step returns loss_at(step): a loss whose course the test decides (the parameter only carries a grad)."""
+
+    def __init__(self, loss_at, lr: float = 0.1) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.loss_at, self.lr = loss_at, lr
+
+    def training_step(self, batch, batch_idx):
+        return self.w * 0 + self.loss_at(self.global_step)
+
+    def train_dataloader(self):
+        return DataLoader(range(4), batch_size=1)  # 4 steps an epoch
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def fit(loss_at, callback: Convergence, max_epochs: int = -1) -> tuple[L.Trainer, Scripted]:
+    module = Scripted(loss_at)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module)
+    return trainer, module
+
+
+def test_auto_budget_is_epochs_in_steps_clamped():
+    assert auto_step_budget(1) == 1000  # full batch on a small set: the floor
+    assert auto_step_budget(313) == 30 * 313  # ImageNet at 4096 anchors: the paper's 30 epochs
+    assert auto_step_budget(10_000) == 20_000  # the ceiling
+    assert auto_step_budget(50, budget_epochs=10, budget_min_steps=100, budget_max_steps=400) == 400
+
+
+def test_flat_loss_drops_the_lr_then_stops_converged():
+    # A constant loss is a plateau at every window: drop, drop, stop. Windows of 10 steps; the first plateau can
+    # only be seen at the second window (step 20) and min_steps is 0, so: drop at 20, drop at 30, stop at 40.
+    callback = Convergence(window=10, tol=1e-3, lr_drops=2, lr_gamma=0.5, min_steps=0, max_steps=500)
+    trainer, module = fit(lambda step: 1.0, callback)
+    assert callback.converged and trainer.global_step == 40
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
+    assert callback.report()["lr_drops"] == 2 and "plateaued at step 40" in callback.reason
+
+
+def test_min_steps_defers_the_plateau():
+    callback = Convergence(window=10, lr_drops=0, min_steps=55, max_steps=500)
+    trainer, _ = fit(lambda step: 1.0, callback)
+    assert callback.converged and trainer.global_step == 60  # the first window end at or past step 55
+
+
+def test_a_falling_loss_runs_to_the_budget_and_says_it_did_not_converge():
+    callback = Convergence(window=10, tol=1e-3, min_steps=0, max_steps=70)
+    with pytest.warns(UserWarning, match="did not converge: reached the step budget"):
+        trainer, _ = fit(lambda step: math.exp(-0.01 * step), callback)  # ~10 % better every window
+    assert trainer.global_step == 70 and not callback.converged
+    report = callback.report()
+    assert report["step_budget"] == 70 and report["last_relative_improvement"] == pytest.approx(
+        1 - math.exp(-0.1), rel=1e-3
+    )
+
+
+def test_improvement_is_measured_between_consecutive_windows():
+    # The loss falls by 5 % a window until step 100, then stays: the plateau is seen at the window after it.
+    def loss(step: int) -> float:
+        return 0.95 ** min(step // 10, 10)
+
+    callback = Convergence(window=10, tol=1e-2, lr_drops=0, min_steps=0, max_steps=1000)
+    trainer, _ = fit(loss, callback)
+    assert callback.converged and trainer.global_step == 120  # windows [100, 110) and [110, 120) are equal
+
+
+def test_auto_budget_uses_the_batches_an_epoch():
+    callback = Convergence(window=5, max_steps="auto", budget_epochs=3, budget_min_steps=8, budget_max_steps=100)
+    with pytest.warns(UserWarning, match="did not converge"):
+        trainer, _ = fit(lambda step: 1.0 / (1 + step), callback)  # always > tol better: only the cap stops it
+    assert callback.cap == 12 and trainer.global_step == 12  # 3 epochs x 4 batches
+
+
+def test_max_epochs_ending_first_is_not_convergence():
+    callback = Convergence(window=5, max_steps=None)
+    with pytest.warns(UserWarning, match="max_epochs / max_steps / interrupt"):
+        trainer, _ = fit(lambda step: 1.0 / (1 + step), callback, max_epochs=2)
+    assert trainer.global_step == 8 and not callback.converged
+
+
+def test_without_stopping_on_plateau_it_only_judges():
+    # The paper's protocol: fixed length and LR; the verdict still comes from the last two windows.
+    callback = Convergence(window=4, tol=1e-3, min_steps=0, max_steps=None, stop_on_plateau=False)
+    trainer, _ = fit(lambda step: 1.0, callback, max_epochs=5)
+    assert trainer.global_step == 20 and callback.converged
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1  # never touched
+
+
+def test_state_round_trips_for_resumed_runs():
+    callback = Convergence(window=10, lr_drops=2, min_steps=0, max_steps=500)
+    fit(lambda step: 1.0, callback)
+    restored = Convergence()
+    restored.load_state_dict(callback.state_dict())
+    assert restored.state_dict() == callback.state_dict()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"window": 0}, "window"),
+        ({"tol": float("nan")}, "tol"),
+        ({"lr_gamma": 0.0}, "lr_gamma"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"max_steps": "forever"}, "max_steps"),
+        ({"budget_min_steps": 10, "budget_max_steps": 5}, "budget_max_steps"),
+    ],
+)
+def test_bad_settings_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Convergence(**kwargs)
