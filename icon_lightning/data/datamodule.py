@@ -27,7 +27,6 @@ from icon_lightning.data.neighbours import (
 from icon_lightning.data.transforms import augment_transform, eval_transform
 from icon_lightning.models.backbones import FrozenBackbone, Identity
 
-
 FULL_BATCH_MAX = 4096  # the paper's anchors a step; ``batch_size='auto'`` trains full-batch up to this size
 
 
@@ -202,8 +201,9 @@ class ClusteringDataModule(L.LightningDataModule):
         ``online`` (images augmented every step; the module runs the backbone: the paper's exact recipe),
         or ``clean`` (no augmentation: every view is the clean feature; for feature/tabular data).
     num_views: V views per anchor; None → 2 augmented views (the paper), or 1 with ``views='clean'``, whose views
-        would all be the same clean feature. num_neighbours: S neighbours sampled per anchor; none in full-batch training,
-        where every neighbour already is a candidate.
+        would all be the same clean feature.
+    num_neighbours: S neighbours sampled per anchor; none in full-batch training, where every neighbour already
+        is a candidate.
     batch_size: anchors per step and process; ``auto``: the whole dataset when it fits the paper's 4,096
         anchors (full batch: p and the loss are exact), else 4,096 anchors, split evenly between processes.
     k: width of the k-NN table. walk_steps: sample neighbours among endpoints of 1..s-step walks.
