@@ -387,3 +387,48 @@ def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password key\n")
     assert not wandb_offline_unless_logged_in() and "WANDB_MODE" not in os.environ
+
+
+def test_first_command_on_a_features_file_converges_and_says_so(tmp_path, monkeypatch):
+    """The README's first command, with nothing else: batch, length, LR and heads are the defaults."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    keep = np.arange(0, len(digits.target), 3)  # 599 items: a dataset that is not digits' own config
+    np.savez(tmp_path / "x.npz", features=digits.data[keep].astype(np.float32), labels=digits.target[keep])
+    monkeypatch.chdir(tmp_path)
+    first = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "recipes" / "icon_clustering.yaml"),
+        "--data.dataset",
+        "icon_lightning.data.FeaturesFile",
+        "--data.dataset.path",
+        "x.npz",
+        "--data.views",
+        "clean",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",  # the default W&B logger works too; CSV is faster
+        "--trainer.logger.save_dir=runs",
+    ]
+    cli = cli_main(first)
+    report = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert cli.datamodule.full_batch and cli.model.hparams.num_heads == 10
+    assert report["convergence"]["converged"] and report["convergence"]["lr_drops"] == 2
+    assert report["steps"] < report["convergence"]["step_budget"] == 1000
+    assert "val/hungarian_acc/best" in report["metrics"] and cli.model.validated_at_step == report["steps"]
+    # k-means on the same centred, normalised features, as the bar the default has to clear
+    from sklearn.cluster import KMeans
+
+    from icon_lightning.metrics import ClusteringMetrics
+
+    x = cli.datamodule.train_features.numpy()
+    metric = ClusteringMetrics(10, 10)
+    metric.update(
+        torch.as_tensor(KMeans(10, n_init=10, random_state=0).fit(x).labels_), torch.as_tensor(digits.target[keep])
+    )
+    assert report["metrics"]["val/hungarian_acc/best"] >= float(metric.compute()["hungarian_acc"]) - 0.02
+
+    with pytest.warns(UserWarning, match="did not converge: reached the step budget"):
+        cli = cli_main([*first, "--convergence.max_steps=30", "--trainer.logger.save_dir=short"])
+    report = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert report["steps"] == 30 and report["convergence"]["converged"] is False
