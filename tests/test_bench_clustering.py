@@ -1,4 +1,4 @@
-"""`benchmarks.clustering` on digits with a shrunk schedule: per-seed JSON, summaries, merge, README table."""
+"""`benchmarks.clustering` on digits with a shrunk budget: per-seed JSON, summaries, merge, README table."""
 
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ import benchmarks.common as common
 def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(bc, "RESULTS", tmp_path)
-    monkeypatch.setitem(
-        bc.SCHEDULES, "digits", bc.Schedule(batch_size=256, num_neighbours=1, max_epochs=3, lr=1e-2, lr_step_size=2)
-    )
+    monkeypatch.setattr(bc, "BUDGET", {"batch_size": 256, "max_steps": 12, "num_heads": 3})
     args = ["--dataset", "digits", "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache")]
     bc.main([*args, "--methods", "kmeans_faiss", "icon"])
     bc.main([*args, "--methods", "kmeans_sklearn", "--table"])  # merged into the same file
 
     data = json.loads((tmp_path / "clustering_digits.json").read_text())
     assert list(data["methods"]) == ["kmeans_sklearn", "kmeans_faiss", "icon"]  # the harness's order
-    assert data["fit_shape"] == [1797, 64] and data["seeds"] == [0, 1]
+    assert data["fit_shape"] == [1797, 64] and data["seeds"] == [0, 1] and data["budget_overrides"]["max_steps"] == 12
     for name, method in data["methods"].items():
         accs = [r["hungarian_acc"] for r in method["runs"]]
         assert [r["seed"] for r in method["runs"]] == [0, 1]
@@ -32,6 +30,7 @@ def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monk
         assert all(0.1 < a <= 1 for a in accs), name
     icon_run = data["methods"]["icon"]["runs"][0]
     assert icon_run["selected_head"] == int(np.argmin(icon_run["head_losses"]))  # label-free selection
+    assert icon_run["steps"] == 12 and icon_run["converged"] is False  # the shrunk budget ends it, and it says so
     assert "| kmeans_faiss |" in capsys.readouterr().out
 
     bc.main([*args, "--methods", "icon", "kmeans_sklearn", "--resume"])  # both done: nothing re-runs
@@ -43,3 +42,10 @@ def test_unknown_method_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(bc, "RESULTS", tmp_path)
     with pytest.raises(ValueError, match="--methods: unknown \\['nope'\\]"):
         bc.main(["--dataset", "digits", "--methods", "nope", "--cache-dir", str(tmp_path)])
+
+
+def test_over_clustering_rows_are_scored_by_majority_mapping():
+    label = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([0, 1, 2, 3, 4, 4])  # 5 clusters, each pure
+    assert bc.score(pred, label, 5, 3)["hungarian_acc"] == 1.0  # over-clustering accuracy
+    assert bc.score(np.array([0, 0, 1, 1, 1, 2]), label, 3, 3)["hungarian_acc"] == pytest.approx(5 / 6)

@@ -14,7 +14,9 @@ from icon_lightning.data import ImageFolderDataset, TarImageFolder
 
 
 def test_demo_fits_validates_and_tabulates_beside_kmeans_and_spectral(capsys, tmp_path):
-    results = demo.main(["--epochs", "60", "--heads", "2", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path)])
+    results = demo.main(
+        ["--max-steps", "60", "--heads", "2", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path)]
+    )
     icon, kmeans, spectral = results["icon"], results["kmeans"], results["spectral"]
     assert icon["hungarian_acc"] > 0.6 and icon["nmi"] > 0.6  # chance is 0.1 / 0.0
     assert icon["hungarian_acc"] > kmeans["hungarian_acc"] - 0.1
@@ -23,7 +25,8 @@ def test_demo_fits_validates_and_tabulates_beside_kmeans_and_spectral(capsys, tm
     assert {"confusion_epoch60.png", "cluster_sizes_epoch60.png", "embedding_epoch60.png"} <= names
     assert all(Path(p).stat().st_size > 0 for p in results["plots"])
     out = capsys.readouterr().out
-    for text in ("I-Con (icon_clustering)", "k-means", "spectral", "selected head", "plots: "):
+    assert results["steps"] == 60 and not results["converged"]  # the cap ended it, and the demo says so
+    for text in ("I-Con (icon_clustering)", "k-means", "spectral", "selected head", "plots: ", "NOT CONVERGED"):
         assert text in out
 
 
