@@ -173,6 +173,14 @@ def methods(k: int, num_fit: int = 0) -> dict[str, tuple[str, Callable[[int], ob
             "I-Con option: 10 heads, one from k-means, one from spectral",
             icon(head_init=["kmeans", "spectral"]),
         ),
+        "icon_self_label": (
+            "I-Con option: + self-labelling (confident half of the selected head, class-balanced; logistic regr.)",
+            icon(self_label="selected"),
+        ),
+        "icon_consensus_self_label": (
+            "I-Con option: + self-labelling on the consensus of the 10 heads (ICCE style)",
+            icon(self_label="consensus"),
+        ),
         "icon_mlp_heads": ("I-Con option: 10 MLP heads (hidden 512), at random", icon(head_hidden_dim=512)),
         f"icon_overcluster_{OVERCLUSTER}x": (
             f"I-Con option: {OVERCLUSTER}×{k} clusters, scored by over-clustering accuracy",

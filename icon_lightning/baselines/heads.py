@@ -18,7 +18,7 @@ import torch
 from sklearn.base import BaseEstimator, ClusterMixin
 
 from icon_lightning.baselines.kmeans import _as_features
-from icon_lightning.callbacks.convergence import Convergence
+from icon_lightning.callbacks import Convergence, SelfLabel
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.data.datasets import FeaturesArray
 from icon_lightning.loss import Objective
@@ -33,6 +33,8 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     training-loss plateaus and the run stops at the third, within a step budget that scales with N (``max_steps``
     'auto'). k / walk_steps: the DataModule's k-NN table width and walk length of the neighbour pool.
     head_init / head_hidden_dim: see ``IConModule`` (heads started from k-means; MLP heads).
+    self_label: None, or ``"selected"`` / ``"consensus"``: the ``SelfLabel`` stage after the fit (confident,
+    class-balanced pseudo-labels of the selected head, or of a consensus of heads, train the selected head).
     ema_momentum / teacher_candidates: an EMA teacher whose outputs are the candidates (TEMI).
     Features are used as given (centre/normalise first).
     Attributes: labels_ (N,), selected_head_, head_losses_ (H,), converged_, steps_, module_ (the ``IConModule``).
@@ -45,6 +47,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         num_heads: int = 10,
         head_init: list[str] | None = None,
         head_hidden_dim: int | None = None,
+        self_label: str | None = None,
         k: int = 3,
         walk_steps: int = 1,
         num_neighbours: int = 1,
@@ -65,6 +68,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self.num_heads = num_heads
         self.head_init = head_init
         self.head_hidden_dim = head_hidden_dim
+        self.self_label = self_label
         self.k = k
         self.walk_steps = walk_steps
         self.num_neighbours = num_neighbours
@@ -113,11 +117,16 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         )
         # a fixed LR schedule is the caller's; without one, Convergence halves the LR on plateaus
         convergence = Convergence(max_steps=self.max_steps, lr_drops=2 if self.lr_step_size is None else 0)
+        callbacks = [convergence]
+        if self.self_label is not None:
+            if self.self_label not in ("selected", "consensus"):
+                raise ValueError(f"self_label: expected None, 'selected' or 'consensus', got {self.self_label!r}")
+            callbacks.append(SelfLabel(consensus=self.self_label == "consensus"))
         trainer = L.Trainer(
             accelerator=self.accelerator,
             devices=1,
             max_epochs=self.max_epochs,
-            callbacks=[convergence],
+            callbacks=callbacks,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
