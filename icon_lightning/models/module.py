@@ -284,7 +284,7 @@ class IConModule(L.LightningModule):
         params = self.heads.parameters()
         optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.Adam(params, lr=DEFAULT_LR)
         if self.hparams.lr_step_size is None:
-            return optimizer
+            return {"optimizer": optimizer}
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.hparams.lr_step_size, self.hparams.lr_gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.lr_interval}}
 
