@@ -124,7 +124,9 @@ class Convergence(Callback):
         self._count += 1
         if self._count >= self.window:
             # every process reaches this step together; they agree on the mean, so they agree on stopping
-            mean = trainer.strategy.reduce(torch.tensor(self._sum / self._count, device=pl_module.device), "mean")
+            mean = trainer.strategy.reduce(
+                torch.tensor(self._sum / self._count, device=pl_module.device), reduce_op="mean"
+            )
             self._window_done(trainer, float(mean))
         step = trainer.global_step
         if self.cap is not None and step >= self.cap and not trainer.should_stop:

@@ -134,3 +134,58 @@ def test_state_round_trips_for_resumed_runs():
 def test_bad_settings_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Convergence(**kwargs)
+
+
+def _rank_dependent_loss(step: int) -> float:
+    # rank 0 is flat from the start; rank 1 falls 10 % a window of 10 steps until step 60, then is flat.
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return 1.0 if rank == 0 else 0.9 ** (min(step, 60) // 10)
+
+
+class _RankLoss(Scripted):
+    def __init__(self) -> None:
+        super().__init__(_rank_dependent_loss)
+
+
+class _Record(L.Callback):
+    def __init__(self, folder: str, convergence: Convergence) -> None:
+        self.folder, self.convergence = folder, convergence
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import json
+        from pathlib import Path
+
+        record = {
+            "step": trainer.global_step,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            **self.convergence.report(),
+        }
+        Path(self.folder, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_the_plateau_from_the_mean_loss(tmp_path):
+    # Each process sees its own loss. Judged alone, rank 0 (flat) would drop the LR at step 20 and stop at 30;
+    # the window means are averaged over processes, so both see the mean fall until step 60. (It failed before
+    # the fix: `strategy.reduce(x, "mean")` passed "mean" as the process group and raised under DDP.)
+    import json
+
+    convergence = Convergence(window=10, tol=1e-3, lr_drops=1, lr_gamma=0.5, min_steps=0, max_steps=500)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=-1,
+        callbacks=[convergence, _Record(str(tmp_path), convergence)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(_RankLoss())
+    records = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert records[0] == records[1]
+    # mean windows fall > 1e-3 until [60, 70) vs [70, 80): LR drop at 80; the next window [80, 90) is flat: stop at 90
+    assert records[0]["step"] == 90 and records[0]["converged"] and records[0]["lr_drops"] == 1
+    assert records[0]["lr"] == pytest.approx(0.05)
