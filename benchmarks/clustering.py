@@ -242,14 +242,16 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
     print(f"{name}: fit {split.fit_x.shape}, score {split.score_x.shape}, {k} clusters; {split.source}")
     # Merge into an existing file, and write after every method: one method can be re-run, and an interrupted
     # run resumes with --resume (methods already in the file are skipped).
-    results = json.loads(path.read_text())["methods"] if path.exists() else {}
+    # Every method's entry names the protocol it ran under, so rows from an earlier protocol kept in the same file
+    # are never attributed to this one, and --resume re-runs them.
+    protocol = current_protocol()
+    results = methods_on_disk(path) if path.exists() else {}
     ran: set[str] = set()
 
     def save() -> Path:
         # Re-read first: another process may have added other methods of this dataset meanwhile.
         if path.exists():
-            on_disk = json.loads(path.read_text())["methods"]
-            results.update({m: v for m, v in on_disk.items() if m not in ran})
+            results.update({m: v for m, v in methods_on_disk(path).items() if m not in ran})
         payload = {
             "dataset": name,
             "source": split.source,
@@ -257,19 +259,24 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
             "score_shape": list(split.score_x.shape),
             "num_clusters": k,
             "seeds": list(args.seeds),
-            "protocol": PROTOCOL,
-            "budget_overrides": dict(BUDGET),
             "command": f"python -m benchmarks.clustering --dataset {name}",
             "methods": {m: results[m] for m in table if m in results},
         }
         return write_result(path.name, payload)
 
     for method in chosen:
-        if args.resume and method in results and len(results[method]["runs"]) == len(args.seeds):
+        done = results.get(method)
+        if args.resume and done and done["protocol"] == protocol and len(done["runs"]) == len(args.seeds):
             continue
         description, make, clusters = table[method]
         runs = [run_method(split, make, seed, clusters) for seed in args.seeds]
-        results[method] = {"description": description, "clusters": clusters, "runs": runs, **summarise(runs)}
+        results[method] = {
+            "description": description,
+            "clusters": clusters,
+            "protocol": protocol,
+            "runs": runs,
+            **summarise(runs),
+        }
         ran.add(method)
         s = results[method]
         print(
@@ -281,15 +288,33 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
     return save()
 
 
+def current_protocol() -> str:
+    return PROTOCOL + (f"; budget overrides {dict(BUDGET)}" if BUDGET else "")
+
+
+def methods_on_disk(path: Path) -> dict:
+    """The file's methods, each with its ``protocol`` (files written before per-method protocols name one for all,
+    at the top level: ``protocol``, or the still earlier ``schedule``)."""
+    data = json.loads(path.read_text())
+    default = data.get("protocol") or f"earlier fixed schedule {data.get('schedule')}"
+    if data.get("budget_overrides"):
+        default += f"; budget overrides {data['budget_overrides']}"
+    return {name: {"protocol": default, **entry} for name, entry in data["methods"].items()}
+
+
 # ---------------------------------------------------------------------------------------------- README table
 def markdown_table(paths: list[Path]) -> str:
     lines = []
     for path in paths:
         data = json.loads(path.read_text())
-        methods_ = data["methods"]
+        methods_ = methods_on_disk(path)
         k = data["num_clusters"]
         best = max(m["hungarian_acc"]["mean"] for m in methods_.values() if m.get("clusters", k) == k)
-        protocol = data.get("protocol") or f"earlier fixed schedule {data.get('schedule')}"
+        protocols = list(dict.fromkeys(m["protocol"] for m in methods_.values()))
+        if len(protocols) == 1:
+            protocol = protocols[0]
+        else:  # rows of several protocols in one file: each row says which
+            protocol = "; ".join(f"[{i + 1}] {p}" for i, p in enumerate(protocols)) + " (marked per row)"
         lines += [
             f"**{data['dataset']}**: {data['source']}; {len(data['seeds'])} seeds, mean ± std (`{data['command']}`); "
             f"head-based methods: {protocol}",
@@ -306,6 +331,8 @@ def markdown_table(paths: list[Path]) -> str:
             if "steps" in runs[0]:
                 done = sum(bool(r["converged"]) for r in runs)
                 steps = f"{np.mean([r['steps'] for r in runs]):.0f} ({done}/{len(runs)})"
+            if len(protocols) > 1:
+                name = f"{name} [{protocols.index(m['protocol']) + 1}]"
             lines.append(
                 f"| {name} | {acc} | {m['nmi']['mean']:.3f} ± {m['nmi']['std']:.3f} "
                 f"| {m['ari']['mean']:.3f} ± {m['ari']['std']:.3f} | {steps} | {m['wall_s']['mean']:.1f} |"

@@ -21,7 +21,9 @@ def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monk
 
     data = json.loads((tmp_path / "clustering_digits.json").read_text())
     assert list(data["methods"]) == ["kmeans_sklearn", "kmeans_faiss", "icon"]  # the harness's order
-    assert data["fit_shape"] == [1797, 64] and data["seeds"] == [0, 1] and data["budget_overrides"]["max_steps"] == 12
+    assert data["fit_shape"] == [1797, 64] and data["seeds"] == [0, 1]
+    for method in data["methods"].values():
+        assert "budget overrides" in method["protocol"] and "'max_steps': 12" in method["protocol"]
     for name, method in data["methods"].items():
         accs = [r["hungarian_acc"] for r in method["runs"]]
         assert [r["seed"] for r in method["runs"]] == [0, 1]
@@ -49,3 +51,29 @@ def test_over_clustering_rows_are_scored_by_majority_mapping():
     pred = np.array([0, 1, 2, 3, 4, 4])  # 5 clusters, each pure
     assert bc.score(pred, label, 5, 3)["hungarian_acc"] == 1.0  # over-clustering accuracy
     assert bc.score(np.array([0, 0, 1, 1, 1, 2]), label, 3, 3)["hungarian_acc"] == pytest.approx(5 / 6)
+
+
+def test_rows_of_an_earlier_protocol_keep_their_label_and_are_rerun_by_resume(tmp_path, monkeypatch, capsys):
+    # A file from before per-method protocols: one schedule at the top level for every row.
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bc, "RESULTS", tmp_path)
+    monkeypatch.setattr(bc, "BUDGET", {})
+    run = {"seed": 0, "hungarian_acc": 0.5, "nmi": 0.5, "ari": 0.5, "wall_s": 1.0}
+    old_row = {"description": "old", "clusters": 10, "runs": [run], **bc.summarise([run])}
+    old = {
+        "dataset": "digits", "source": "old source", "fit_shape": [1797, 64], "score_shape": [1797, 64],
+        "num_clusters": 10, "seeds": [0], "schedule": {"max_epochs": 15},
+        "command": "python -m benchmarks.clustering --dataset digits",
+        "methods": {"kmeans_faiss": old_row, "scan": old_row},
+    }  # fmt: skip
+    (tmp_path / "clustering_digits.json").write_text(json.dumps(old))
+    args = ["--dataset", "digits", "--seeds", "0", "--cache-dir", str(tmp_path / "cache"), "--resume"]
+    bc.main([*args, "--methods", "kmeans_faiss", "--table"])
+
+    data = json.loads((tmp_path / "clustering_digits.json").read_text())
+    assert data["methods"]["kmeans_faiss"]["runs"][0]["hungarian_acc"] != 0.5  # --resume re-ran the old row
+    assert data["methods"]["kmeans_faiss"]["protocol"] == bc.PROTOCOL
+    assert data["methods"]["scan"]["protocol"] == "earlier fixed schedule {'max_epochs': 15}"  # not relabelled
+    table = capsys.readouterr().out
+    assert "| scan [2] |" in table and "| kmeans_faiss [1] |" in table
+    assert "[2] earlier fixed schedule" in table
