@@ -432,3 +432,40 @@ def test_first_command_on_a_features_file_converges_and_says_so(tmp_path, monkey
         cli = cli_main([*first, "--convergence.max_steps=30", "--trainer.logger.save_dir=short"])
     report = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
     assert report["steps"] == 30 and report["convergence"]["converged"] is False
+
+
+def test_metrics_json_scores_the_head_that_self_labelling_wrote(tmp_path, monkeypatch):
+    """SelfLabel rewrites the selected head at the end of fit; when the last validation fell on the last step,
+    metrics.json used to keep that validation, which scored the head before self-labelling."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    np.savez(tmp_path / "x.npz", features=digits.data.astype(np.float32), labels=digits.target)
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "recipes" / "icon_clustering.yaml"),
+            "--data.dataset",
+            "icon_lightning.data.FeaturesFile",
+            "--data.dataset.path",
+            "x.npz",
+            "--data.views",
+            "clean",
+            "--model.num_heads=3",
+            "--convergence.max_steps=20",
+            "--trainer.val_check_interval=10",  # the last validation is at the last step
+            "--trainer.callbacks+=icon_lightning.callbacks.SelfLabel",
+            *csv_logger(tmp_path),
+        ]
+    )
+    self_label = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SelfLabel")
+    assert self_label.summary["changed_assignments"] > 0  # the head really changed
+    report = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    again = {
+        k: v
+        for loader in cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        for k, v in loader.items()
+    }
+    assert report["metrics"]["val/hungarian_acc/best"] == pytest.approx(again["val/hungarian_acc/best"])

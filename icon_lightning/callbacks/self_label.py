@@ -87,6 +87,7 @@ class SelfLabel(Callback):
         self.fit_head(heads, best, x.cpu().numpy()[index], label)
         moved = float((pl_module(x)[:, best].argmax(-1).cpu().numpy() != probs[best].argmax(1)).mean())
         self.summary = {"pseudo_labelled": len(index), "consensus": self.consensus, "changed_assignments": moved}
+        pl_module.validated_at_step = None  # the selected head changed: the last validation no longer scores it
         rank_zero_info(
             f"self-labelling: {len(index)} confident, class-balanced pseudo-labels"
             f"{' (consensus of heads)' if self.consensus else ''}; {moved:.1%} of the assignments changed"
