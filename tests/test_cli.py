@@ -389,6 +389,20 @@ def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
     assert not wandb_offline_unless_logged_in() and "WANDB_MODE" not in os.environ
 
 
+# The README's first command: a features file and clean views, nothing else.
+FIRST_COMMAND = [
+    "fit",
+    "--config",
+    str(ROOT / "configs" / "recipes" / "icon_clustering.yaml"),
+    "--data.dataset",
+    "icon_lightning.data.FeaturesFile",
+    "--data.dataset.path",
+    "x.npz",
+    "--data.views",
+    "clean",
+]
+
+
 def test_first_command_on_a_features_file_converges_and_says_so(tmp_path, monkeypatch):
     """The README's first command, with nothing else: batch, length, LR and heads are the defaults."""
     from sklearn.datasets import load_digits
@@ -398,15 +412,7 @@ def test_first_command_on_a_features_file_converges_and_says_so(tmp_path, monkey
     np.savez(tmp_path / "x.npz", features=digits.data[keep].astype(np.float32), labels=digits.target[keep])
     monkeypatch.chdir(tmp_path)
     first = [
-        "fit",
-        "--config",
-        str(ROOT / "configs" / "recipes" / "icon_clustering.yaml"),
-        "--data.dataset",
-        "icon_lightning.data.FeaturesFile",
-        "--data.dataset.path",
-        "x.npz",
-        "--data.views",
-        "clean",
+        *FIRST_COMMAND,
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",  # the default W&B logger works too; CSV is faster
         "--trainer.logger.save_dir=runs",
     ]
@@ -444,15 +450,7 @@ def test_metrics_json_scores_the_head_that_self_labelling_wrote(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     cli = cli_main(
         [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / "recipes" / "icon_clustering.yaml"),
-            "--data.dataset",
-            "icon_lightning.data.FeaturesFile",
-            "--data.dataset.path",
-            "x.npz",
-            "--data.views",
-            "clean",
+            *FIRST_COMMAND,
             "--model.num_heads=3",
             "--convergence.max_steps=20",
             "--trainer.val_check_interval=10",  # the last validation is at the last step
