@@ -293,9 +293,12 @@ def current_protocol() -> str:
 
 
 def methods_on_disk(path: Path) -> dict:
-    """The file's methods, each with its ``protocol`` (files written before per-method protocols name one for all,
-    at the top level: ``protocol``, or the still earlier ``schedule``)."""
-    data = json.loads(path.read_text())
+    return methods_of(json.loads(path.read_text()))
+
+
+def methods_of(data: dict) -> dict:
+    """A results file's methods, each with its ``protocol`` (files written before per-method protocols name one
+    for all, at the top level: ``protocol``, or the still earlier ``schedule``)."""
     default = data.get("protocol") or f"earlier fixed schedule {data.get('schedule')}"
     if data.get("budget_overrides"):
         default += f"; budget overrides {data['budget_overrides']}"
@@ -307,7 +310,7 @@ def markdown_table(paths: list[Path]) -> str:
     lines = []
     for path in paths:
         data = json.loads(path.read_text())
-        methods_ = methods_on_disk(path)
+        methods_ = methods_of(data)
         k = data["num_clusters"]
         best = max(m["hungarian_acc"]["mean"] for m in methods_.values() if m.get("clusters", k) == k)
         protocols = list(dict.fromkeys(m["protocol"] for m in methods_.values()))
