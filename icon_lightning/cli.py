@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
 from pathlib import Path
 
-import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from icon_lightning import __version__
 from icon_lightning.callbacks import ClusterAssignmentWriter, Convergence
+from icon_lightning.callbacks.checkpoint import RunCheckpoint
 from icon_lightning.data.datamodule import ClusteringDataModule
-from icon_lightning.data.feature_store import atomic_write_json
+from icon_lightning.io import atomic_write, atomic_write_json
 from icon_lightning.models.module import IConModule
+from icon_lightning.runs import (
+    RUN_DIR_ENV,
+    config_name,
+    config_sha256,
+    experiment_key,
+    last_checkpoint,
+    new_run_dir,
+    use_run_dir,
+)
 
 
 def wandb_offline_unless_logged_in() -> bool:
@@ -39,13 +47,43 @@ DEFAULT_LOGGER = {
 
 
 VALIDATE_EVERY_STEPS = 100
+EVALUATING = ("validate", "test", "predict")
+CHECKPOINT_WORDS = ("last", "best", "hpc", "registry")  # Lightning's names; `last` is resolved here
+
+
+class RunConfig(SaveConfigCallback):
+    """Writes the run's full config as ``config.yaml`` into its run directory (never into a shared logger folder)."""
+
+    def __init__(self, parser, config, **kwargs) -> None:
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        atomic_write(Path(trainer.default_root_dir) / self.config_filename, lambda f: f.write(text))
 
 
 class IConCLI(LightningCLI):
-    """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model and writes
-    ``metrics.json`` (final metrics, config hash, seed, wall time, version) into every run directory."""
+    """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model, gives every run
+    a directory of its own (`icon_lightning.runs`), resolves ``--ckpt_path last`` and writes ``metrics.json``
+    (final metrics, config hash, seed, wall time, version) into the run directory."""
+
+    def init_parser(self, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--model.num_head` must not pass for `--model.num_heads`
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="this run's own folder (default: <trainer.default_root_dir>/<config>-<key>/<subcommand>-<time>-<id>)",
+        )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="let validate, test and predict run without --ckpt_path, on the untrained heads",
+        )
         # Length is the Convergence callback's (`convergence.*`): a training-loss plateau, within a step budget
         # that scales with N. max_epochs -1 leaves it alone; the ImageNet experiment sets the paper's 30 epochs.
         # Validation every 100 optimizer steps, whatever an epoch is (one step in full batch), and once more after
@@ -53,6 +91,7 @@ class IConCLI(LightningCLI):
         parser.set_defaults(
             {
                 "trainer.logger": DEFAULT_LOGGER,
+                "trainer.default_root_dir": "runs",
                 "trainer.max_epochs": -1,
                 "trainer.check_val_every_n_epoch": None,
                 "trainer.val_check_interval": VALIDATE_EVERY_STEPS,
@@ -68,6 +107,43 @@ class IConCLI(LightningCLI):
         ):
             parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Hash the config, resolve the checkpoint, and point every output of the run at its own folder."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        subcommand = self.subcommand or "fit"
+        plain = cfg.as_dict()
+        self.config_sha256 = config_sha256(plain)
+        key = experiment_key(plain)
+        root = cfg.trainer.default_root_dir or "runs"
+        ckpt = cfg.get("ckpt_path")
+        if ckpt == "last":
+            cfg.ckpt_path = str(last_checkpoint(root, key))
+            print(f"ckpt_path last: {cfg.ckpt_path}")
+        elif ckpt is not None and ckpt not in CHECKPOINT_WORDS and not Path(ckpt).is_file():
+            raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt}")
+        if subcommand in EVALUATING and cfg.get("ckpt_path") is None and not cfg.allow_untrained:
+            raise ValueError(
+                f"ckpt_path: `icon {subcommand}` needs trained heads: give a checkpoint file, or 'last' for the "
+                f"newest of this config under {root}; --allow_untrained true evaluates untrained heads on purpose"
+            )
+        if int(os.environ.get("LOCAL_RANK", 0)) > 0 and os.environ.get(RUN_DIR_ENV):
+            self.run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP process started by rank 0: rank 0's folder
+        elif cfg.get("run_dir"):
+            self.run_dir = use_run_dir(cfg.run_dir)
+        else:
+            self.run_dir = new_run_dir(root, f"{config_name(cfg.get('config'))}-{key}", subcommand)
+        os.environ[RUN_DIR_ENV] = str(self.run_dir)
+        cfg.run_dir = str(self.run_dir)
+        cfg.trainer.default_root_dir = str(self.run_dir)
+        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            if init_args is not None and "save_dir" in init_args:
+                init_args.save_dir = str(self.run_dir)
+        if cfg.trainer.get("enable_checkpointing") is not False and subcommand == "fit":
+            self.trainer_defaults = {**self.trainer_defaults}
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults.get("callbacks", []), RunCheckpoint()]
+
     def _start(self) -> None:
         self._started = time.time()
 
@@ -75,26 +151,30 @@ class IConCLI(LightningCLI):
 
     def _finish(self) -> None:
         trainer = self.trainer
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is collective: every rank asks
+        run_dir = self.run_dir
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        config = yaml.safe_dump(self.config_dump, sort_keys=True) if hasattr(self, "config_dump") else ""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
         watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
         convergence = watcher.report() if watcher is not None and self.subcommand == "fit" else None
+        saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))
+        monitored = [c for c in saving if getattr(c, "monitor", None)]
         payload = {
             "subcommand": self.subcommand,
             "metrics": metrics,
             "selected_head": int(self.model.selected_head),
             "head_losses": [float(x) for x in self.model.head_losses],
-            "config_sha256": hashlib.sha256(config.encode()).hexdigest(),
-            "seed": self.config[self.subcommand].get("seed_everything"),
+            "config_sha256": self.config_sha256,
+            "run_dir": str(run_dir),
+            "ckpt_path": cfg.get("ckpt_path"),
+            "seed": cfg.get("seed_everything"),
             "wall_time_s": round(time.time() - getattr(self, "_started", time.time()), 2),
             "version": __version__,
             "steps": trainer.global_step,
             "convergence": convergence,
-            "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
-            "last_checkpoint": getattr(trainer.checkpoint_callback, "last_model_path", None) or None,
+            "best_checkpoint": next((c.best_model_path for c in monitored if c.best_model_path), None),
+            "last_checkpoint": next((c.last_model_path for c in saving if c.last_model_path), None),
         }
         atomic_write_json(run_dir / "metrics.json", payload)
         rows = sorted(metrics.items())
@@ -123,6 +203,9 @@ class IConCLI(LightningCLI):
 class ParseOnlyCLI(IConCLI):
     """Parses and validates a configuration (keys, types, class paths) without instantiating anything."""
 
+    def before_instantiate_classes(self) -> None:
+        pass
+
     def instantiate_classes(self) -> None:
         pass
 
@@ -137,6 +220,12 @@ def check_config(args: list[str]):
     ).config
 
 
+def parse_config(argv: list[str]):
+    """The parsed config (Namespace) of ``icon <subcommand> …`` for ``argv`` = [subcommand, …]."""
+    cli = ParseOnlyCLI(IConModule, ClusteringDataModule, args=argv, save_config_callback=None, trainer_defaults={})
+    return cli.config[cli.config.subcommand]
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
     wandb_offline_unless_logged_in()
     return IConCLI(
@@ -144,19 +233,40 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
         ClusteringDataModule,
         args=args,
         run=run,
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfig,
         trainer_defaults={"callbacks": [ClusterAssignmentWriter()]},  # `icon predict` always writes its files
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    words = sys.argv[1:] if argv is None else argv
-    if words and words[0] == "sweep":
-        from icon_lightning.sweep import main as sweep_main
+DEBUG_ENV = "ICON_DEBUG"
 
-        sweep_main(words[1:])
-        return
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+
+def main(argv: list[str] | None = None) -> None:
+    """`icon …`: errors end in one line on stderr (exit 1) naming what was wrong; ``--debug`` or ``ICON_DEBUG=1``
+    shows the traceback instead."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in words or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    words = [w for w in words if w != "--debug"]
+    try:
+        if words and words[0] == "sweep":
+            from icon_lightning.sweep import main as sweep_main
+
+            sweep_main(words[1:])
+        else:
+            cli_main(words)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:
+        if debug:
+            raise
+        sys.exit(f"icon: error: {one_line(error)}  (--debug or {DEBUG_ENV}=1 shows the traceback)")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its message with newlines folded, prefixed by its type unless the message is
+    already a sentence about an argument or path."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, (ValueError, OSError, KeyError)) else f"{type(error).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,13 @@
 (every combination of ``values``/``value``) or ``random`` draws (``values``, ``min``/``max`` uniform,
 ``distribution: int_uniform``), each trial a normal `icon` run with its own run directory and
 ``metrics.json``, then prints a summary table and writes ``sweep_summary.json`` (and, for debias-α sweeps,
-``alpha_sweep.png``). Rerunning skips the trials that already finished.
+``alpha_sweep.png``).
+
+Each trial is keyed by the hash of its whole parsed config (the sweep's command, its config files' contents and the
+trial's parameters): its runs live in ``<out>/trial-<key>/``. A rerun skips a trial only when a finished fit with
+that exact hash is there, so an edited sweep or config runs again, beside the old results. A trial that fails is
+recorded (``failed-<time>.json``, and ``failed`` in the summary) and the sweep goes on; the summary is written
+however the sweep ends.
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ import argparse
 import itertools
 import json
 import random
+import sys
+import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -80,51 +89,114 @@ def trial_args(sweep: dict, trial: dict) -> list[str]:
     return args
 
 
+def finished_run(trial_dir: Path, sha: str) -> dict | None:
+    """The metrics.json of a finished fit of exactly this config under ``trial_dir``, if any."""
+    for path in sorted(trial_dir.glob("**/metrics.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # unreadable: not a finished run
+        if record.get("subcommand") == "fit" and record.get("config_sha256") == sha:
+            return record
+    return None
+
+
+def run_trial(argv: list[str], trial_dir: Path, sha: str) -> dict:
+    """Run one trial in this process; its failure is recorded in ``trial_dir`` and returned, never raised."""
+    from icon_lightning.cli import cli_main, one_line
+    from icon_lightning.io import atomic_write_json
+
+    try:
+        cli_main([*argv, f"--trainer.default_root_dir={trial_dir}"])
+    except (Exception, SystemExit) as error:  # a parse error exits; KeyboardInterrupt stops the sweep
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish(exit_code=1)
+        message = one_line(error) if isinstance(error, Exception) else f"the CLI exited with {error.code}"
+        record = {"status": "failed", "error": message, "traceback": traceback.format_exc(), "argv": argv}
+        atomic_write_json(trial_dir / f"failed-{time.strftime('%Y%m%d-%H%M%S')}.json", record)
+        print(f"    failed: {message}", flush=True)
+        return record
+    record = finished_run(trial_dir, sha)
+    if record is None:
+        return {"status": "failed", "error": f"no metrics.json of this config under {trial_dir}", "argv": argv}
+    return {"status": "done", **record}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
-        prog="icon sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="icon sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("sweep")
     parser.add_argument("--count", type=int, default=None, help="at most this many trials")
     parser.add_argument("--out", default=None, help="folder of the trials' run directories")
     parser.add_argument("--dry-run", action="store_true", help="print the trials' commands only")
     args = parser.parse_args(argv)
+    if args.count is not None and args.count < 1:
+        parser.error(f"--count: expected a positive number of trials, got {args.count}")
     sweep = load_sweep(args.sweep)
     out = Path(args.out or Path("runs") / "sweeps" / Path(args.sweep).parent.name)
     rows = []
-    for i, trial in enumerate(trials(sweep, args.count)):
-        run_dir = out / f"trial_{i:03d}"
-        argv_i = trial_args(sweep, trial) + [
-            f"--trainer.default_root_dir={run_dir}",
-            f"--trainer.logger.init_args.save_dir={run_dir}",
-        ]
-        print(f"[{i + 1}] icon {' '.join(argv_i)}", flush=True)
-        if args.dry_run:
-            continue
-        done = run_dir / "metrics.json"  # written atomically at the end of a run: a rerun skips finished trials
-        if not (done.is_file() and json.loads(done.read_text()).get("subcommand") == "fit"):
-            from icon_lightning.cli import cli_main
-
-            cli_main(argv_i)
-        metrics = json.loads(done.read_text())
-        rows.append({"trial": i, **trial, **{k: v for k, v in metrics["metrics"].items() if "/head_" not in k}})
-    if rows:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep_summary.json").write_text(json.dumps(rows, indent=2))
-        print_table(rows, list(sweep["parameters"]))
-        if any("alpha" in key for key in sweep["parameters"]):
-            from icon_lightning.callbacks.plots import plot_alpha_sweep
-
-            print(f"α-sweep plot: {plot_alpha_sweep(rows, out / 'alpha_sweep.png')}")
+    try:
+        for i, trial in enumerate(trials(sweep, args.count)):
+            argv_i = trial_args(sweep, trial)
+            print(f"[{i + 1}] icon {' '.join(argv_i)}", flush=True)
+            if args.dry_run:
+                continue
+            rows.append({"trial": i, **trial, **trial_result(argv_i, out)})
+    finally:
+        if rows:
+            write_summary(rows, out, list(sweep["parameters"]))
     return rows
 
 
+def trial_result(argv: list[str], out: Path) -> dict:
+    """Key the trial by its config hash, then reuse its finished fit or run it."""
+    from icon_lightning.cli import one_line, parse_config
+    from icon_lightning.runs import config_sha256
+
+    try:
+        sha = config_sha256(parse_config(argv).as_dict())
+    except (Exception, SystemExit) as error:
+        message = one_line(error) if isinstance(error, Exception) else "the trial's arguments do not parse"
+        print(f"    failed: {message}", flush=True)
+        return {"status": "failed", "error": message}
+    trial_dir = out / f"trial-{sha[:12]}"
+    record = finished_run(trial_dir, sha)
+    result = {"status": "done", **record} if record is not None else run_trial(argv, trial_dir, sha)
+    if record is not None:
+        print(f"    finished earlier: {trial_dir}", flush=True)
+    metrics = {k: v for k, v in result.get("metrics", {}).items() if "/head_" not in k}
+    return {"status": result["status"], "config_sha256": sha, "dir": str(trial_dir), **metrics} | (
+        {"error": result["error"]} if result["status"] == "failed" else {}
+    )
+
+
+def write_summary(rows: list[dict], out: Path, params: list[str]) -> None:
+    from icon_lightning.io import atomic_write
+
+    atomic_write(out / "sweep_summary.json", lambda f: json.dump(rows, f, indent=2))
+    print_table(rows, params)
+    failed = [r["trial"] for r in rows if r["status"] == "failed"]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} trials failed: {failed} (their failed-*.json say why)")
+    done = [r for r in rows if r["status"] == "done"]
+    if done and any("alpha" in key for key in params):
+        from icon_lightning.callbacks.plots import plot_alpha_sweep
+
+        print(f"α-sweep plot: {plot_alpha_sweep(done, out / 'alpha_sweep.png')}")
+    print(f"summary: {out / 'sweep_summary.json'}")
+
+
 def print_table(rows: list[dict], params: list[str]) -> None:
-    shown = [c for c in ("train/loss", "val/hungarian_acc/best", "val/nmi", "val/ari") if c in rows[0]]
+    shown = [c for c in ("train/loss", "val/hungarian_acc/best", "val/nmi", "val/ari") if any(c in r for r in rows)]
     names = [p.split(".")[-1] if p.count(".") < 3 else ".".join(p.split(".")[-3:]) for p in params]
-    print("\n" + "  ".join(f"{n:>12}" for n in ["trial", *names, *shown]))
+    print("\n" + "  ".join(f"{n:>12}" for n in ["trial", *names, *shown, "status"]))
     for r in rows:
-        cells = [str(r["trial"]), *[str(r[p]) for p in params], *[f"{r[c]:.4f}" for c in shown]]
+        scores = [f"{r[c]:.4f}" if c in r else "-" for c in shown]
+        cells = [str(r["trial"]), *[str(r[p]) for p in params], *scores, r["status"]]
         print("  ".join(f"{c:>12}" for c in cells))
 
 

@@ -127,12 +127,12 @@ def trained(tmp_path_factory):
 
 def test_fit_writes_metrics_json_and_checkpoint(trained):
     cli, _ = trained
-    run_dir = Path(cli.trainer.log_dir)
+    run_dir = cli.run_dir
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["subcommand"] == "fit" and metrics["seed"] == 0 and len(metrics["config_sha256"]) == 64
     assert 0.3 < metrics["metrics"]["val/hungarian_acc/best"] <= 1.0
     assert metrics["selected_head"] == int(np.argmin(metrics["head_losses"]))  # label-free selection
-    assert Path(cli.trainer.checkpoint_callback.last_model_path).is_file()
+    assert Path(cli.run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_logged_learning_rate_halves_at_epochs_10_and_20(trained):
@@ -148,7 +148,7 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained):
 
     cli, _ = trained
     model = cli.model.eval()
-    loaded = IConModule.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path).eval()
+    loaded = IConModule.load_from_checkpoint(cli.run_dir / "checkpoints" / "last.ckpt").eval()
     x = cli.datamodule.train_features[:200]
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert int(loaded.selected_head) == int(model.selected_head)
@@ -157,17 +157,17 @@ def test_checkpoint_round_trip_gives_identical_predictions(trained):
 
 def test_validate_on_the_checkpoint_reproduces_the_metrics(trained, tmp_path):
     cli, _ = trained
-    fit_metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())["metrics"]
+    fit_metrics = json.loads((cli.run_dir / "metrics.json").read_text())["metrics"]
     again = cli_main(
         [
             "validate",
             "--config",
             DIGITS,
             *csv_logger(tmp_path),
-            f"--ckpt_path={cli.trainer.checkpoint_callback.last_model_path}",
+            f"--ckpt_path={cli.run_dir / 'checkpoints' / 'last.ckpt'}",
         ]
     )
-    val = json.loads((Path(again.trainer.log_dir) / "metrics.json").read_text())["metrics"]
+    val = json.loads((again.run_dir / "metrics.json").read_text())["metrics"]
     for key in ("val/hungarian_acc/best", "val/nmi", "val/ari", "train/hungarian_acc/best"):
         assert val[key] == pytest.approx(fit_metrics[key], abs=1e-6)
 
@@ -180,10 +180,10 @@ def test_predict_writes_assignments_per_dataset_index(trained, tmp_path):
             "--config",
             DIGITS,
             *csv_logger(tmp_path),
-            f"--ckpt_path={cli.trainer.checkpoint_callback.last_model_path}",
+            f"--ckpt_path={cli.run_dir / 'checkpoints' / 'last.ckpt'}",
         ]
     )
-    out = Path(run.trainer.log_dir)
+    out = run.run_dir
     clusters = np.load(out / "predictions.npy")
     assert clusters.shape == (1797,) and clusters.min() >= 0 and clusters.max() < 10
     rows = list(csv.DictReader(open(out / "predictions.csv")))
@@ -195,7 +195,7 @@ def test_predict_writes_assignments_per_dataset_index(trained, tmp_path):
 def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cli_main(
+    cli = cli_main(
         [
             "fit",
             "--config",
@@ -203,7 +203,6 @@ def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
             "--trainer.max_epochs=1",
             "--trainer.check_val_every_n_epoch=1",
             f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
             f"--data.cache_dir={tmp_path / 'cache'}",
         ]
     )
@@ -212,13 +211,13 @@ def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
     import wandb
 
     wandb.teardown()
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    runs = list((cli.run_dir / "wandb").glob("offline-run-*"))  # W&B writes into the run's own folder
     assert len(runs) == 1
     (record,) = runs[0].glob("run-*.wandb")
     data = record.read_bytes()
     assert b"IConLoss" in data and b"head_temperature" in data  # the resolved config went to W&B
     assert b"val/hungarian_acc/best" in data  # and the metrics
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["loss"]["class_path"].endswith("IConLoss")
+    assert yaml.safe_load((cli.run_dir / "config.yaml").read_text())["model"]["loss"]["class_path"].endswith("IConLoss")
 
 
 @pytest.mark.parametrize("sweep", sorted(str(p) for p in ROOT.glob("experiments/*/sweep.yaml")))
@@ -244,7 +243,7 @@ def test_fit_writes_the_pictures(trained):
     from PIL import Image
 
     cli, _ = trained
-    plots = Path(cli.trainer.log_dir) / "plots"
+    plots = cli.run_dir / "plots"
     for name in ("confusion", "cluster_sizes", "embedding", "neighbourhoods"):
         (png,) = plots.glob(f"{name}_epoch20.png")
         assert Image.open(png).size[0] > 100
@@ -333,48 +332,95 @@ def test_a_killed_fit_resumes_to_the_same_metrics(tmp_path):
     straight = cli_main(
         ["fit", "--config", DIGITS, "--trainer.max_epochs=40", *csv_logger(tmp_path / "straight"), *common[1:]]
     )
-    a = json.loads((Path(resumed.trainer.log_dir) / "metrics.json").read_text())["metrics"]
-    b = json.loads((Path(straight.trainer.log_dir) / "metrics.json").read_text())["metrics"]
+    a = json.loads((resumed.run_dir / "metrics.json").read_text())["metrics"]
+    b = json.loads((straight.run_dir / "metrics.json").read_text())["metrics"]
     for key in ("train/loss", "val/hungarian_acc/best", "val/nmi"):
         assert a[key] == pytest.approx(b[key], abs=1e-6), key
 
 
-def test_sweep_runner_runs_the_grid_and_skips_finished_trials(tmp_path, monkeypatch, capsys):
-    from icon_lightning import cli
-    from icon_lightning.sweep import main as sweep_main
-
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(
+def _alpha_sweep(path: Path, p_alphas: list[float]) -> Path:
+    path.write_text(
         yaml.safe_dump(
             {
                 "program": "icon",
                 "method": "grid",
                 "command": ["icon", "fit", "--config", DIGITS, "${args}"],
                 "parameters": {
-                    "model.loss.init_args.p.init_args.alpha": {"values": [0.0, 0.4]},
+                    "model.loss.init_args.p.init_args.alpha": {"values": p_alphas},
                     "model.loss.init_args.q.init_args.alpha": {"values": [0.0, 0.4]},
                 },
             }
         )
     )
+    return path
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """Stands in for real runs: each writes a metrics.json into a run dir of its own, as IConCLI does, with the
+    config hash of its arguments; a p-α of 0.7 fails like a crashing run."""
+    from icon_lightning import cli
+    from icon_lightning.runs import config_sha256
+
     calls = []
 
-    def fake_cli(argv):  # stands in for a real run: writes the run's metrics.json like IConCLI does
+    def fake_cli(argv):
         calls.append(argv)
-        run_dir = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")))
-        run_dir.mkdir(parents=True)
         alpha = float(next(a.split("=")[1] for a in argv if ".p.init_args.alpha=" in a))
+        if alpha == 0.7:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        root = Path(next(a.split("=", 1)[1] for a in argv if a.startswith("--trainer.default_root_dir=")))
+        run_dir = root / "digits-x" / f"fit-{len(calls)}"
+        run_dir.mkdir(parents=True)
+        sha = config_sha256(cli.parse_config(argv).as_dict())
+        metrics = {"train/loss": 1.0, "val/hungarian_acc/best": 0.5 + alpha}
         (run_dir / "metrics.json").write_text(
-            json.dumps({"subcommand": "fit", "metrics": {"train/loss": 1.0, "val/hungarian_acc/best": 0.5 + alpha}})
+            json.dumps({"subcommand": "fit", "config_sha256": sha, "metrics": metrics})
         )
 
     monkeypatch.setattr(cli, "cli_main", fake_cli)
+    return calls
+
+
+def test_sweep_runner_runs_the_grid_and_skips_finished_trials(tmp_path, fake_runs, capsys):
+    from icon_lightning.sweep import main as sweep_main
+
+    sweep = _alpha_sweep(tmp_path / "sweep.yaml", [0.0, 0.4])
     rows = sweep_main([str(sweep), "--out", str(tmp_path / "out")])
-    assert len(calls) == 4 and [r["val/hungarian_acc/best"] for r in rows] == [0.5, 0.5, 0.9, 0.9]
+    assert len(fake_runs) == 4 and [r["val/hungarian_acc/best"] for r in rows] == [0.5, 0.5, 0.9, 0.9]
+    assert len({r["dir"] for r in rows}) == 4 and all(r["status"] == "done" for r in rows)
     assert (tmp_path / "out" / "alpha_sweep.png").is_file() and (tmp_path / "out" / "sweep_summary.json").is_file()
     sweep_main([str(sweep), "--out", str(tmp_path / "out")])  # everything finished: nothing runs again
-    assert len(calls) == 4
+    assert len(fake_runs) == 4
     assert "val/hungarian_acc/best" in capsys.readouterr().out
+
+
+def test_an_edited_sweep_runs_its_new_trials_instead_of_reusing_old_results(tmp_path, fake_runs):
+    """The runner used to match finished trials by position: after an edit it skipped every trial and reported
+    the old results under the new parameters."""
+    from icon_lightning.sweep import main as sweep_main
+
+    sweep_main([str(_alpha_sweep(tmp_path / "sweep.yaml", [0.0, 0.4])), "--out", str(tmp_path / "out")])
+    rows = sweep_main([str(_alpha_sweep(tmp_path / "sweep.yaml", [0.2, 0.4])), "--out", str(tmp_path / "out")])
+    assert len(fake_runs) == 6  # the two p-α = 0.2 trials ran; the p-α = 0.4 ones were reused
+    assert [r["val/hungarian_acc/best"] for r in rows] == pytest.approx([0.7, 0.7, 0.9, 0.9])
+    summary = json.loads((tmp_path / "out" / "sweep_summary.json").read_text())
+    assert [r["model.loss.init_args.p.init_args.alpha"] for r in summary] == [0.2, 0.2, 0.4, 0.4]
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, fake_runs, capsys):
+    from icon_lightning.sweep import main as sweep_main
+
+    rows = sweep_main([str(_alpha_sweep(tmp_path / "sweep.yaml", [0.7, 0.4])), "--out", str(tmp_path / "out")])
+    assert [r["status"] for r in rows] == ["failed", "failed", "done", "done"] and len(fake_runs) == 4
+    assert "illegal memory access" in rows[0]["error"]
+    failures = list((tmp_path / "out").glob("trial-*/failed-*.json"))
+    assert len(failures) == 2 and "RuntimeError" in json.loads(failures[0].read_text())["traceback"]
+    summary = json.loads((tmp_path / "out" / "sweep_summary.json").read_text())
+    assert [r["status"] for r in summary] == ["failed", "failed", "done", "done"]
+    assert "2 of 4 trials failed" in capsys.readouterr().out
+    sweep_main([str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")])  # failed trials are retried
+    assert len(fake_runs) == 6
 
 
 def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
@@ -417,7 +463,7 @@ def test_first_command_on_a_features_file_converges_and_says_so(tmp_path, monkey
         "--trainer.logger.save_dir=runs",
     ]
     cli = cli_main(first)
-    report = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    report = json.loads((cli.run_dir / "metrics.json").read_text())
     assert cli.datamodule.full_batch and cli.model.hparams.num_heads == 10
     assert report["convergence"]["converged"] and report["convergence"]["lr_drops"] == 2
     assert report["steps"] < report["convergence"]["step_budget"] == 1000
@@ -436,7 +482,7 @@ def test_first_command_on_a_features_file_converges_and_says_so(tmp_path, monkey
 
     with pytest.warns(UserWarning, match="did not converge: reached the step budget"):
         cli = cli_main([*first, "--convergence.max_steps=30", "--trainer.logger.save_dir=short"])
-    report = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    report = json.loads((cli.run_dir / "metrics.json").read_text())
     assert report["steps"] == 30 and report["convergence"]["converged"] is False
 
 
@@ -460,7 +506,7 @@ def test_metrics_json_scores_the_head_that_self_labelling_wrote(tmp_path, monkey
     )
     self_label = next(c for c in cli.trainer.callbacks if type(c).__name__ == "SelfLabel")
     assert self_label.summary["changed_assignments"] > 0  # the head really changed
-    report = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    report = json.loads((cli.run_dir / "metrics.json").read_text())
     again = {
         k: v
         for loader in cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)

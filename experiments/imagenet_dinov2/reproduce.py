@@ -356,16 +356,6 @@ def kmeans_clusters(fit_features, features, k: int, args: argparse.Namespace, us
     return assigned.reshape(-1), min(len(x), k * per_centroid), per_centroid
 
 
-def run_directory(trainer) -> Path:
-    """Where IConCLI put metrics.json: ``trainer.log_dir`` without its broadcast (only rank 0 calls this)."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    if trainer.loggers:
-        first = trainer.loggers[0]
-        return Path(first.log_dir if isinstance(first, (CSVLogger, TensorBoardLogger)) else first.save_dir)
-    return Path(trainer.default_root_dir)
-
-
 def table_text(result: dict) -> str:
     model = result["model"]
     rows = [("I-Con", result["icon"]["hungarian_acc"], result["paper_table2"]["icon"])]
@@ -429,7 +419,7 @@ def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> 
     )
     kmeans_s = time.time() - started
 
-    run_dir = run_directory(trainer)
+    run_dir = Path(cli.run_dir)  # this fit's own folder (icon_lightning.runs)
     result = {
         "model": args.model,
         "backbone": MODELS[args.model][0],

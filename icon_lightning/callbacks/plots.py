@@ -110,7 +110,8 @@ def plot_alpha_sweep(rows: list[dict], path: Path, metric: str = "val/hungarian_
 class ClusteringPlots(Callback):
     """After each validation: confusion matrix, cluster sizes, a 2-D embedding and p-vs-q neighbourhoods.
 
-    PNGs go to ``<log_dir>/plots/<name>_epoch<E>.png`` and, with a W&B logger, to the run as images.
+    PNGs go to ``<run dir>/plots/<name>_epoch<E>.png`` (``trainer.default_root_dir``) and, with a W&B logger, to
+    the run as images.
     """
 
     def __init__(self, max_points: int = 2000, anchors: int = 4, strict: bool = False) -> None:
@@ -129,7 +130,7 @@ class ClusteringPlots(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "plots"  # collective: every rank asks
+        out = Path(trainer.default_root_dir) / "plots"  # the run directory under `icon`
         if not trainer.is_global_zero:
             return
         out.mkdir(parents=True, exist_ok=True)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from icon_lightning.io import atomic_write
+
 
 class ClusterAssignmentWriter(BasePredictionWriter):
     """``predictions.csv`` (index, cluster, confidence) and ``predictions.npy`` ((N,) cluster per dataset
-    index, -1 for items not predicted), written atomically to ``output_dir`` or the trainer's log dir."""
+    index, -1 for items not predicted), written atomically to ``output_dir`` or the run directory
+    (``trainer.default_root_dir``, which `icon` sets to each run's own folder)."""
 
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="epoch")
@@ -27,7 +28,7 @@ class ClusterAssignmentWriter(BasePredictionWriter):
         index = torch.cat([b["index"] for b in batches]).cpu().numpy()
         cluster = torch.cat([b["cluster"] for b in batches]).cpu().numpy()
         confidence = torch.cat([b["probs"].max(-1).values for b in batches]).float().cpu().numpy()
-        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: on every rank
+        out = Path(self.output_dir or trainer.default_root_dir)  # the run directory under `icon`
         if trainer.world_size > 1:
             # Each process predicted its shard: gather them, drop the sampler's padding, and write once.
             parts = [None] * trainer.world_size
@@ -37,16 +38,15 @@ class ClusterAssignmentWriter(BasePredictionWriter):
             cluster, confidence = cluster[first], confidence[first]
             if not trainer.is_global_zero:
                 return
-        out.mkdir(parents=True, exist_ok=True)
         dense = np.full(int(index.max()) + 1, -1, dtype=np.int64)
         dense[index] = cluster
-        with tempfile.NamedTemporaryFile(dir=out, suffix=".npy", delete=False) as f:
-            np.save(f, dense)
-        os.replace(f.name, out / "predictions.npy")
-        with tempfile.NamedTemporaryFile("w", dir=out, suffix=".csv", delete=False, newline="") as f:
+        atomic_write(out / "predictions.npy", lambda f: np.save(f, dense), binary=True)
+
+        def write_csv(f) -> None:
             writer = csv.writer(f)
             writer.writerow(["index", "cluster", "confidence"])
             for row in sorted(zip(index.tolist(), cluster.tolist(), confidence.tolist())):
                 writer.writerow([row[0], row[1], f"{row[2]:.6f}"])
-        os.replace(f.name, out / "predictions.csv")
+
+        atomic_write(out / "predictions.csv", write_csv)
         print(f"predictions: {out / 'predictions.csv'} and predictions.npy ({len(index)} items)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,6 +23,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from icon_lightning.data.datasets import IndexedDataset
+from icon_lightning.io import (
+    atomic_write_json,
+    default_file_mode,
+    remove_stale_temporaries,
+    reserve,
+    temporary_name,
+    write_error,
+)
 
 
 @dataclass(frozen=True)
@@ -41,22 +48,17 @@ class FeatureKey:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:20]
 
 
-def atomic_write_json(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-
-
 class FeatureStore:
-    """A folder of ``<digest>.npy`` + ``<digest>.json`` pairs."""
+    """A folder of ``<digest>.npy`` + ``<digest>.json`` pairs. Opening it removes the temporary files that
+    interrupted extractions of this host left behind."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise write_error(self.root, error, "create the feature cache folder") from None
+        remove_stale_temporaries(self.root)
 
     def paths(self, key: FeatureKey) -> tuple[Path, Path]:
         return self.root / f"{key.digest}.npy", self.root / f"{key.digest}.json"
@@ -82,9 +84,16 @@ class FeatureStore:
     ) -> np.ndarray:
         """Create the array under a temporary name, let ``fill`` write every row, then publish it."""
         array_path, meta_path = self.paths(key)
-        tmp = self.root / f"{key.digest}.npy.{os.getpid()}.tmp"
+        tmp = temporary_name(array_path)
         start = time.time()
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            reserve(tmp, tmp.stat().st_size)  # a full disk fails here, with the path, not as SIGBUS mid-write
+        except BaseException as error:
+            tmp.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise write_error(array_path, error) from None
+            raise
         try:
             fill(out)
             if not np.isfinite(out).all():
@@ -95,18 +104,21 @@ class FeatureStore:
             tmp.unlink(missing_ok=True)
             raise
         del out
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, array_path)
-        atomic_write_json(
-            meta_path,
-            {
-                "digest": key.digest,
-                "key": asdict(key),
-                "shape": list(shape),
-                "dtype": dtype,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": round(time.time() - start, 3),
-            },
-        )
+        meta = {
+            "digest": key.digest,
+            "key": asdict(key),
+            "shape": list(shape),
+            "dtype": dtype,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.time() - start, 3),
+        }
+        try:
+            atomic_write_json(meta_path, meta)
+        except BaseException:
+            array_path.unlink(missing_ok=True)  # an array without its .json is never read: do not keep its bytes
+            raise
         return self.load(key)
 
     def get_or_create(self, key: FeatureKey, shape: tuple[int, int], fill: Callable[[np.ndarray], None]) -> np.ndarray:

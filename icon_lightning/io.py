@@ -1,0 +1,117 @@
+"""Files that are complete or absent: every record, cache entry and prediction is written under a temporary name
+beside its target and renamed into place, with the permissions any ordinary file would get (``0666 & ~umask``,
+not ``tempfile``'s private 0600), and no partial file left behind when the write fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_error(path: Path | str, error: OSError, what: str = "write") -> OSError:
+    """``error`` as one line that names ``path`` (disk full, read-only, no permission, …)."""
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        reason = "no space left on the device"
+    return type(error)(error.errno, f"{path}: could not {what}: {reason}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """A file object under a temporary name in ``path``'s folder; renamed to ``path`` when the block ends without
+    error, removed otherwise. OS errors name ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(
+            mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, **kwargs
+        )
+    except OSError as error:
+        raise write_error(path, error) from None
+    tmp = Path(handle.name)
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, error) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path | str, write: Callable[[IO], None], binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file and publish it as ``path`` (see ``atomic_open``)."""
+    with atomic_open(path, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+        write(f)
+    return Path(path)
+
+
+def atomic_write_json(path: Path | str, payload: dict) -> Path:
+    """Write JSON so that readers never see half a file."""
+    return atomic_write(path, lambda f: json.dump(payload, f, indent=2))
+
+
+def temporary_name(path: Path) -> Path:
+    """``path``'s in-progress name, owned by this host and process: ``<name>.<host>.<pid>.tmp``."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the ``temporary_name`` files in ``folder`` whose process (on this host) no longer runs: what an
+    interrupted or crashed write left behind. Files of live processes and of other hosts are kept."""
+    host = socket.gethostname()
+    removed = []
+    for tmp in folder.glob(f"*.{host}.*.tmp"):
+        pid = tmp.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reserve(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes of ``path`` on disk now, so that a full disk fails here with a message, not later
+    as SIGBUS inside a memory map. Filesystems without ``posix_fallocate`` are left to fail on write."""
+    if not hasattr(os, "posix_fallocate") or size <= 0:
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as error:
+        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return
+        raise write_error(path, error, f"reserve {size / 2**30:.2f} GiB for it") from None
+    finally:
+        os.close(fd)
