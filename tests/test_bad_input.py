@@ -32,9 +32,9 @@ def test_shape_mismatch_names_the_field():
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.0, 1.5])
 def test_alpha_outside_unit_interval(alpha):
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match=r"^p\.alpha \(supervisory\.Debiased"):  # which side's α is wrong
         supervisory.Debiased(supervisory.Augmentation(), alpha)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match=r"^q\.alpha \(learned\.Debiased"):
         learned.Debiased(learned.UniformCluster(), alpha)
 
 

@@ -249,9 +249,16 @@ class ClusteringDataModule(L.LightningDataModule):
             ("k", k, 1),
             ("walk_steps", walk_steps, 1),
             ("batch_size", 1 if batch_size == "auto" else batch_size, 1),
+            ("val_batch_size", val_batch_size, 1),
+            ("extract_batch_size", extract_batch_size, 1),
         ):
             if value < low:
                 raise ValueError(f"{name}: expected at least {low}, got {value}")
+        if num_clusters is not None and not 2 <= num_clusters <= len(dataset):
+            raise ValueError(
+                f"num_clusters: expected 2 ≤ K ≤ N = {len(dataset)} items (or null for the number of classes), "
+                f"got {num_clusters}"
+            )
         if views not in ("cached", "online", "clean"):
             raise ValueError(f"views: expected 'cached', 'online' or 'clean', got {views!r}")
         if views == "cached" and view_pool < 1:

@@ -12,8 +12,11 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,6 +31,39 @@ def _require(path: str | Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; expected {what}")
     return path
+
+
+def decode_image(source, where: str) -> Image.Image:
+    """Fully decode an image (a truncated JPEG fails here, not half-way into a batch) or raise one line naming
+    ``where`` (a path, or a tar and its member)."""
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(
+            f"{where}: not a readable image ({err}); corrupt='skip' leaves unreadable images out and counts them"
+        ) from None
+
+
+def _readable(items: list, read: Callable, name: Callable[[object], str], where: str, corrupt: str) -> list:
+    """``items`` whose image decodes. ``corrupt='fail'`` keeps all (the first unreadable one fails when read);
+    ``'skip'`` decodes each once now, drops the unreadable ones and warns with their count and names."""
+    if corrupt not in ("fail", "skip"):
+        raise ValueError(f"corrupt: expected 'fail' or 'skip', got {corrupt!r}")
+    if corrupt == "fail":
+        return items
+    kept, skipped = [], []
+    for item in items:
+        try:
+            read(item)
+            kept.append(item)
+        except ValueError:
+            skipped.append(item)
+    if skipped:
+        names = ", ".join(name(s) for s in skipped[:3])
+        more = ", …" if len(skipped) > 3 else ""
+        warnings.warn(f"{where}: skipped {len(skipped)} unreadable images ({names}{more})", stacklevel=3)
+    return kept
 
 
 STAMP_WHOLE = 64 << 20  # files up to this size are hashed whole; larger ones at their start, middle and end
@@ -78,9 +114,12 @@ class IndexedDataset(Dataset):
 
 
 class ImageFolderDataset(IndexedDataset):
-    """torchvision's ``ImageFolder`` layout (the ImageNet train/val layout): ``root/<class>/<image>``."""
+    """torchvision's ``ImageFolder`` layout (the ImageNet train/val layout): ``root/<class>/<image>``.
 
-    def __init__(self, root: str, transform: Callable | None = None) -> None:
+    corrupt: ``fail`` (an unreadable image stops the run, naming its file) or ``skip`` (every image is decoded once
+    here; unreadable ones are left out and counted in ``skipped``)."""
+
+    def __init__(self, root: str, transform: Callable | None = None, corrupt: Literal["fail", "skip"] = "fail") -> None:
         from torchvision.datasets import ImageFolder
 
         root_path = _require(root, "an image folder root/<class>/<image>.jpg")
@@ -91,10 +130,15 @@ class ImageFolderDataset(IndexedDataset):
         self.root = root_path
         self.transform = transform
         self.classes = list(self._folder.classes)
-        self.labels = np.asarray(self._folder.targets, dtype=np.int64)
+        samples = self._folder.samples
+        kept = _readable(samples, lambda s: decode_image(s[0], s[0]), lambda s: s[0], str(root_path), corrupt)
+        kept_paths = {path for path, _ in kept}
+        self.skipped = [path for path, _ in samples if path not in kept_paths]
+        self._folder.samples = kept
+        self.labels = np.asarray([label for _, label in kept], dtype=np.int64)
 
     def load(self, i: int):
-        return self._folder.loader(self._folder.samples[i][0])
+        return decode_image(self._folder.samples[i][0], self._folder.samples[i][0])
 
     @property
     def cache_key(self) -> str:
@@ -104,10 +148,18 @@ class ImageFolderDataset(IndexedDataset):
 class TarImageFolder(IndexedDataset):
     """An image folder packed in a ``.tar``: members ``[split/]<class>/<image>`` (e.g. the CIFAR-10 JPEG tars).
 
-    The member list is read once; each worker process opens its own handle on first use.
+    The member list is read once; each worker process opens its own handle on first use. ``corrupt``: ``fail``
+    (an unreadable image stops the run, naming its member) or ``skip`` (every image is decoded once here;
+    unreadable members are left out and counted in ``skipped``).
     """
 
-    def __init__(self, path: str, split: str | None = None, transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        split: str | None = None,
+        transform: Callable | None = None,
+        corrupt: Literal["fail", "skip"] = "fail",
+    ) -> None:
         self.path = _require(path, "a .tar of [split/]<class>/<image> files")
         layout = f"members [{split + '/' if split else ''}]<class>/<image>"
         if not tarfile.is_tarfile(self.path):
@@ -128,20 +180,25 @@ class TarImageFolder(IndexedDataset):
             raise ValueError(f"{self.path}: no images under {prefix or 'the top level'}; expected {layout}")
         entries.sort(key=lambda e: e[1])
         self.classes = sorted({c for c, _, _ in entries})
-        to_label = {c: i for i, c in enumerate(self.classes)}
-        self.labels = np.asarray([to_label[c] for c, _, _ in entries], dtype=np.int64)
-        self._members = [m for _, _, m in entries]
-        self.split = split
-        self.transform = transform
         self._tar: tarfile.TarFile | None = None
         self._pid: int | None = None
+        kept = _readable(entries, lambda e: self._decode(e[2]), lambda e: e[1], str(self.path), corrupt)
+        self.skipped = sorted({name for _, name, _ in entries} - {name for _, name, _ in kept})
+        to_label = {c: i for i, c in enumerate(self.classes)}
+        self.labels = np.asarray([to_label[c] for c, _, _ in kept], dtype=np.int64)
+        self._members = [m for _, _, m in kept]
+        self.split = split
+        self.transform = transform
 
-    def load(self, i: int):
+    def _decode(self, member: tarfile.TarInfo):
         if self._tar is None or self._pid != os.getpid():
             self._tar = tarfile.open(self.path)
             self._pid = os.getpid()
-        data = self._tar.extractfile(self._members[i]).read()
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        data = self._tar.extractfile(member).read()
+        return decode_image(io.BytesIO(data), f"{self.path}: member {member.name!r}")
+
+    def load(self, i: int):
+        return self._decode(self._members[i])
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -269,14 +326,26 @@ class FeaturesFile(IndexedDataset):
 
     def __init__(self, path: str) -> None:
         self.path = _require(path, "an .npz with 'features' (N, D) and optional 'labels' (N,), 'classes'")
-        with np.load(self.path, allow_pickle=False) as npz:
-            if "features" not in npz:
-                raise ValueError(f"{self.path}: missing array 'features'; found {list(npz.keys())}")
-            features = npz["features"]
-            labels = npz["labels"] if "labels" in npz else np.full(len(features), -1)
-            classes = [str(c) for c in npz["classes"]] if "classes" in npz else []
-        if features.ndim != 2:
-            raise ValueError(f"{self.path}: 'features' must be (N, D), got shape {features.shape}")
+        try:
+            npz = np.load(self.path, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise ValueError("it holds a single array, not named arrays")
+            with npz:
+                if "features" not in npz:
+                    raise KeyError(f"missing array 'features'; found {list(npz.keys())}")
+                features = npz["features"]
+                labels = npz["labels"] if "labels" in npz else np.full(len(features), -1)
+                classes = [str(c) for c in npz["classes"]] if "classes" in npz else []
+        except KeyError as err:
+            raise ValueError(f"{self.path}: {err.args[0]}") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            reason = "not a zip archive" if "pickle" in str(err) else f"{type(err).__name__}: {err}"
+            raise ValueError(
+                f"{self.path}: not a readable .npz (truncated or not an np.savez file: {reason}); expected "
+                "'features' (N, D) and optional 'labels' (N,), 'classes'"
+            ) from None
+        if features.ndim != 2 or 0 in features.shape:
+            raise ValueError(f"{self.path}: 'features' must be a non-empty (N, D) array, got shape {features.shape}")
         if labels.shape != (len(features),):
             raise ValueError(f"{self.path}: 'labels' must be ({len(features)},), got shape {labels.shape}")
         if not np.isfinite(features).all():

@@ -18,7 +18,7 @@ class Debiased(Learned):
     def __init__(self, base: Learned, alpha: float = 0.6) -> None:
         super().__init__()
         self.base = base
-        self.alpha = check_alpha("alpha", alpha)
+        self.alpha = check_alpha("q.alpha (learned.Debiased, the learned side's debiasing)", alpha)
 
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
         return self.base.debiased(anchors, candidates, valid, self.alpha)

@@ -17,7 +17,7 @@ class Debiased(Supervisory):
     def __init__(self, base: Supervisory, alpha: float = 0.6) -> None:
         super().__init__()
         self.base = base
-        self.alpha = check_alpha("alpha", alpha)
+        self.alpha = check_alpha("p.alpha (supervisory.Debiased, the target's debiasing)", alpha)
 
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
         return debias(self.base(anchors, candidates, valid), self.alpha, valid)

@@ -180,3 +180,20 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="views"):
         ClusteringDataModule(DigitsDataset(), views="sometimes")
     assert np.isfinite(digits_module(tmp_path).train_features.numpy()).all()
+
+
+@pytest.mark.parametrize("k", [0, 1, 1798])
+def test_num_clusters_must_be_between_2_and_the_number_of_items(k):
+    """0 used to mean "the number of classes" silently, 1 trained a degenerate model, and K > N was accepted."""
+    with pytest.raises(ValueError, match=rf"num_clusters: expected 2 ≤ K ≤ N = 1797 items .* got {k}"):
+        ClusteringDataModule(DigitsDataset(), views="clean", num_clusters=k)
+    assert ClusteringDataModule(DigitsDataset(), views="clean", num_clusters=1797).num_clusters == 1797
+    assert ClusteringDataModule(DigitsDataset(), views="clean").num_clusters == 10
+
+
+def test_a_zero_evaluation_batch_names_its_own_argument():
+    """`val_batch_size 0` used to fail inside the DataLoader with a message about `batch_size`."""
+    with pytest.raises(ValueError, match=r"^val_batch_size: expected at least 1, got 0"):
+        ClusteringDataModule(DigitsDataset(), views="clean", val_batch_size=0)
+    with pytest.raises(ValueError, match=r"^extract_batch_size: expected at least 1, got 0"):
+        ClusteringDataModule(DigitsDataset(), views="clean", extract_batch_size=0)

@@ -153,3 +153,57 @@ def test_shared_mnist_and_cifar10_tar():
     cifar = TarImageFolder(str(SHARED_DATA / "cifar10" / "cifar10_jpeg_test.tar"), split="test")
     assert len(cifar) == 10000 and cifar.num_classes == 10 and np.bincount(cifar.labels).tolist() == [1000] * 10
     assert cifar[0][0].size == (32, 32)
+
+
+def test_unreadable_features_files_are_one_line_naming_the_file(tmp_path):
+    """An empty, truncated or non-zip .npz used to end in a bare or misleading error (one spoke of pickles)."""
+    path = tmp_path / "f.npz"
+    np.savez(path, features=np.zeros((0, 8), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"f\.npz: 'features' must be a non-empty \(N, D\) array, got shape \(0, 8\)"):
+        FeaturesFile(str(path))
+    np.savez(path, features=np.ones((1000, 8), dtype=np.float32))
+    path.write_bytes(path.read_bytes()[:-2000])  # truncated mid-array
+    with pytest.raises(ValueError, match=r"f\.npz: not a readable \.npz \(truncated"):
+        FeaturesFile(str(path))
+    path.write_text("features,labels\n1,2\n")  # not a zip at all
+    with pytest.raises(ValueError, match=r"f\.npz: not a readable \.npz .*not a zip archive"):
+        FeaturesFile(str(path))
+    np.save(tmp_path / "single.npy", np.ones((3, 2)))
+    (tmp_path / "single.npy").rename(path)  # one bare array under an .npz name
+    with pytest.raises(ValueError, match=r"f\.npz: not a readable \.npz"):
+        FeaturesFile(str(path))
+
+
+def test_a_truncated_image_names_its_member_or_is_skipped_and_counted(tmp_path):
+    """One truncated JPEG in a tar used to abort the whole extraction without saying which member it was."""
+    from PIL import Image
+
+    path = tmp_path / "images.tar"
+    good = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(good, format="JPEG")
+    with tarfile.open(path, "w") as tar:
+        for name, data in (
+            ("a/0.jpg", good.getvalue()),
+            ("a/1.jpg", good.getvalue()[:-40]),
+            ("b/0.jpg", good.getvalue()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = TarImageFolder(str(path))
+    assert len(data) == 3 and np.asarray(data.load(0)).shape == (8, 8, 3)
+    with pytest.raises(ValueError, match=r"images\.tar: member 'a/1\.jpg': not a readable image .*corrupt='skip'"):
+        data.load(1)
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images \(a/1\.jpg\)"):
+        skipping = TarImageFolder(str(path), corrupt="skip")
+    assert len(skipping) == 2 and skipping.skipped == ["a/1.jpg"] and skipping.labels.tolist() == [0, 1]
+    assert skipping.cache_key != data.cache_key
+    folder = tmp_path / "folder"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        (folder / cls / "0.jpg").write_bytes(good.getvalue())
+    (folder / "a" / "1.jpg").write_bytes(good.getvalue()[:-40])
+    with pytest.raises(ValueError, match=r"1\.jpg: not a readable image"):
+        ImageFolderDataset(str(folder)).load(1)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable images"):
+        assert len(ImageFolderDataset(str(folder), corrupt="skip")) == 2

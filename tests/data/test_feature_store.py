@@ -72,10 +72,11 @@ def test_interrupted_extraction_is_never_trusted(tmp_path):
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    store = FeatureStore(tmp_path)
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the partial file is there, untrusted
+    store = FeatureStore(tmp_path)  # opening the store removes what the dead process left
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     key = FeatureKey("b", "d", "t")
     assert store.load(key) is None
-    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the partial file is there, untrusted
     done = store.get_or_create(key, (400, 8), lambda out: out.__setitem__(slice(None), 1.0))
     assert done.shape == (400, 8) and np.all(done == 1.0)
 
@@ -131,3 +132,35 @@ def test_two_process_extraction_equals_single_process(tmp_path):
     torch.multiprocessing.spawn(_ddp_extract, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     (array,) = [np.load(p) for p in Path(tmp_path).glob("*.npy")]
     np.testing.assert_allclose(array, 2 * DigitsDataset().data.numpy())
+
+
+def test_a_full_disk_fails_before_extraction_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """A disk that filled during extraction used to kill the process with SIGBUS (the memory map's pages had no
+    blocks) and leave a .tmp the size of the whole array, so every rerun found the disk full again."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    store = FeatureStore(tmp_path)
+    filled = []
+    key = FeatureKey("b", "d", "t")
+    with pytest.raises(OSError, match=rf"{key.digest}\.npy: could not .*no space left on the device"):
+        store.write(key, (1000, 64), filled.append)
+    assert filled == [] and list(tmp_path.iterdir()) == []  # no work done, nothing left
+
+
+def test_temporaries_of_live_processes_and_other_hosts_are_kept(tmp_path):
+    import socket
+
+    from icon_lightning.io import remove_stale_temporaries
+
+    host = socket.gethostname()
+    mine = tmp_path / f"a.npy.{host}.{os.getpid()}.tmp"
+    other_host = tmp_path / "a.npy.elsewhere.1.tmp"
+    dead = tmp_path / f"a.npy.{host}.{2**22 + 12345}.tmp"  # above Linux's pid_max default: never alive
+    for path in (mine, other_host, dead):
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    assert mine.exists() and other_host.exists() and not dead.exists()

@@ -85,5 +85,12 @@ def test_neighbour_table_cache(tmp_path, points):
     changed[:, 0] += 1.0
     rebuilt = NeighbourTable.build_or_load(changed, 5, path)  # other features: rebuilt, not trusted
     np.testing.assert_array_equal(rebuilt.indices, brute_force(changed, 5)[0])
+    many = np.random.default_rng(1).normal(size=(3000, 12)).astype(np.float32)
+    NeighbourTable.build_or_load(many, 5, path)
+    skipped = many.copy()
+    skipped[1] = (
+        0.9 * skipped[1] + 0.4 * skipped[2]
+    )  # a row a strided sample skips: the old key (shape + every N//1024-th row) missed it
+    np.testing.assert_array_equal(NeighbourTable.build_or_load(skipped, 5, path).indices, brute_force(skipped, 5)[0])
     path.write_bytes(b"garbage")  # a corrupt file is rebuilt
     np.testing.assert_array_equal(NeighbourTable.build_or_load(points, 5, path).indices, first.indices)
