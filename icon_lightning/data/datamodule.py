@@ -4,6 +4,7 @@ views and sampled neighbours (I-Con §4: each image with 2 augmentations and 2 n
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
 from icon_lightning.data.datasets import IndexedDataset
-from icon_lightning.data.feature_store import FeatureStore, cached_features
+from icon_lightning.data.feature_store import FeatureStore, cached_features, shared_views
 from icon_lightning.data.neighbours import (
     NeighbourTable,
     centred_unit_rows,
@@ -123,7 +124,7 @@ class FeatureCollate(RowFacts):
             anchor_inputs = self.clean[anchor_index]
             anchor_views = torch.arange(v).repeat_interleave(b)  # clean mode: the view's position 0..V-1
         else:
-            anchor_inputs = self.views[anchor_views, anchor_index]
+            anchor_inputs = self.views[anchor_views, anchor_index].float()  # float16 rows of the shared map
         inputs = torch.cat([anchor_inputs, self.clean[nbrs.T.reshape(-1)]])
         return self.batch(inputs, anchors, anchor_views, nbrs)
 
@@ -211,6 +212,8 @@ class ClusteringDataModule(L.LightningDataModule):
     extract_precision: bf16 autocast (default) or fp32 for extraction on CUDA; the CPU always runs fp32.
     num_clusters: K for the model (linked by the CLI); None → the number of classes (the usual protocol).
     evaluate_train: validation also scores the train split (a second validation dataloader).
+    views_in_memory: keep the prepared cached views as a float32 copy in each process; by default they are one
+        float16 memory map in the cache folder, shared by every process of a node (README "Memory at scale").
     distributed_extraction: extract in ``setup`` on every rank (each its shard) instead of on rank 0 in
         ``prepare_data``.
     """
@@ -240,6 +243,7 @@ class ClusteringDataModule(L.LightningDataModule):
         extract_precision: Literal["bf16", "fp32"] = "bf16",
         num_clusters: int | None = None,
         evaluate_train: bool = True,
+        views_in_memory: bool = False,
     ) -> None:
         super().__init__()
         num_views = (1 if views == "clean" else 2) if num_views is None else num_views
@@ -282,6 +286,7 @@ class ClusteringDataModule(L.LightningDataModule):
         self.extract_precision = extract_precision
         self._num_clusters = num_clusters
         self.evaluate_train = evaluate_train
+        self.views_in_memory = views_in_memory
         self.knn_agreement: float | None = None
 
     # ------------------------------------------------------------------ facts the CLI links into the model
@@ -368,14 +373,7 @@ class ClusteringDataModule(L.LightningDataModule):
         self.degree = torch.from_numpy(symmetric_degree(table.indices))
         self.train_features = torch.from_numpy(clean)
         self.train_labels = labels
-        self.view_features = None
-        if self.views == "cached":
-            self.view_features = torch.stack(
-                [
-                    torch.from_numpy(self._prepared(self._features(self.dataset, f"aug{v}"), mean))
-                    for v in range(self.view_pool)
-                ]
-            )
+        self.view_features = self._view_features(mean) if self.views == "cached" else None
         pool = walks(table.indices, self.walk_steps)
         neighbours = 0 if self.full_batch else self.num_neighbours
         if neighbours != self.num_neighbours:
@@ -397,6 +395,23 @@ class ClusteringDataModule(L.LightningDataModule):
         else:
             self.val_data = EvalDataset(self.train_features, labels, self.table, self.degree)
         self.train_eval_data = EvalDataset(self.train_features, labels, self.table, self.degree)
+
+    def _view_features(self, mean: np.ndarray) -> torch.Tensor:
+        """(P, N, D) prepared cached views: one float16 memory map shared by the node's processes (rank 0 writes
+        it; the others wait, then map it), or with ``views_in_memory`` a float32 copy in each process."""
+        raws = [self._features(self.dataset, f"aug{v}") for v in range(self.view_pool)]
+        if self.views_in_memory:
+            return torch.stack([torch.from_numpy(self._prepared(raw, mean)) for raw in raws])
+        mean = mean if self.normalize else None
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and dist.get_rank() == 0:
+            shared_views(self.store.root, raws, mean)
+        if distributed:
+            dist.barrier()
+        views = shared_views(self.store.root, raws, mean)
+        with warnings.catch_warnings():  # read-only on purpose: batches copy the rows they gather
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(views)
 
     # ------------------------------------------------------------------ batches
     def _world(self) -> tuple[int, int]:

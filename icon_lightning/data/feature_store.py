@@ -298,3 +298,52 @@ def cached_features(
             precision=precision,
         ),
     )
+
+
+VIEWS_SUFFIX = ".views16"
+
+
+def shared_views(root: Path, raws: list[np.ndarray], mean: np.ndarray | None, block_rows: int = 65536) -> np.ndarray:
+    """(P, N, D) float16 memory map of P cached views, centred by ``mean`` and L2-normalised (as they are when
+    ``mean`` is None), written once under ``root`` and read-only afterwards.
+
+    Every process of a node maps the same file, so the page cache holds one copy however many processes train,
+    where each used to hold its own float32 stack (README "Memory at scale"). The name hashes the views' cache
+    files (or contents) and the mean, so other features never reuse it.
+    """
+    from icon_lightning.data.neighbours import centred_unit_rows, content_digest
+
+    digest = hashlib.sha256(repr(mean is None).encode())
+    for raw in raws:
+        name = getattr(raw, "filename", None)
+        digest.update((Path(name).name if name else content_digest(raw)).encode())
+    if mean is not None:
+        digest.update(np.ascontiguousarray(mean, dtype=np.float32).tobytes())
+    path = Path(root) / f"{digest.hexdigest()[:20]}{VIEWS_SUFFIX}"
+    shape = (len(raws), *raws[0].shape)
+    if path.is_file():
+        try:
+            views = np.load(path, mmap_mode="r")
+            if views.shape == shape and views.dtype == np.float16:
+                return views
+        except (ValueError, OSError):
+            pass  # unreadable: rewritten below
+    tmp = temporary_name(path)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        reserve(tmp, tmp.stat().st_size)
+        for v, raw in enumerate(raws):
+            for start in range(0, shape[1], block_rows):
+                block = raw[start : start + block_rows]
+                out[v, start : start + block_rows] = block if mean is None else centred_unit_rows(block, mean)
+        out.flush()
+        del out
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, error) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return np.load(path, mmap_mode="r")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -132,7 +134,7 @@ def test_cached_views_are_extracted_once_and_used(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     anchor_rows = batch.source == ANCHOR
     assert (batch.view[anchor_rows] >= 0).all() and (batch.view[~anchor_rows] == -1).all()
-    expected = dm.view_features[batch.view[anchor_rows], batch.index[anchor_rows]]
+    expected = dm.view_features[batch.view[anchor_rows], batch.index[anchor_rows]].float()
     assert torch.equal(batch.inputs[anchor_rows], expected)
 
 
@@ -197,3 +199,40 @@ def test_a_zero_evaluation_batch_names_its_own_argument():
         ClusteringDataModule(DigitsDataset(), views="clean", val_batch_size=0)
     with pytest.raises(ValueError, match=r"^extract_batch_size: expected at least 1, got 0"):
         ClusteringDataModule(DigitsDataset(), views="clean", extract_batch_size=0)
+
+
+def mapped_file(address: int) -> str | None:
+    """The file whose memory mapping holds ``address`` in this process (Linux /proc/self/maps), or None."""
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if low <= address < high:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_cached_views_are_one_shared_float16_map_equal_to_the_float32_copy(tmp_path):
+    """Each DDP process used to hold its own float32 stack of every cached view (26 GB a process for ViT-L);
+    now the prepared views are one float16 file in the cache that every process maps."""
+    backbone = FrozenBackbone(MeanColour(), 3, "mean-colour", "none")
+    common = dict(backbone=backbone, views="cached", view_pool=3, image_size=8, cache_dir=str(tmp_path / "cache"), k=2)
+    shared = ClusteringDataModule(tiny_images(tmp_path), **common)
+    shared.prepare_data()
+    shared.setup("fit")
+    copy = ClusteringDataModule(tiny_images(tmp_path), views_in_memory=True, **common)
+    copy.setup("fit")
+    assert shared.view_features.dtype == torch.float16 and copy.view_features.dtype == torch.float32
+    (views_file,) = (tmp_path / "cache").glob("*.views16")
+    assert mapped_file(shared.view_features.data_ptr()) == str(views_file)  # pages of the file, not a copy
+    assert mapped_file(copy.view_features.data_ptr()) != str(views_file)
+    raws = np.stack([np.asarray(shared._features(shared.dataset, f"aug{v}"), dtype=np.float64) for v in range(3)])
+    clean = np.asarray(shared._features(shared.dataset, "clean"), dtype=np.float64)
+    reference = raws - clean.mean(0)  # centred by the clean train mean, then L2-normalised, in float64
+    reference /= np.linalg.norm(reference, axis=-1, keepdims=True)
+    np.testing.assert_allclose(shared.view_features.double().numpy(), reference, atol=1e-3)
+    np.testing.assert_allclose(copy.view_features.double().numpy(), reference, atol=1e-4)  # float32 centring
+    stamp = views_file.stat().st_mtime_ns
+    again = ClusteringDataModule(tiny_images(tmp_path), **common)
+    again.setup("fit")  # a second process of the node: maps the same file, writes nothing
+    assert views_file.stat().st_mtime_ns == stamp and torch.equal(again.view_features, shared.view_features)
