@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from icon_lightning import __version__
 from icon_lightning.callbacks import ClusterAssignmentWriter, Convergence
@@ -48,7 +48,28 @@ DEFAULT_LOGGER = {
 
 VALIDATE_EVERY_STEPS = 100
 EVALUATING = ("validate", "test", "predict")
+DEBUG_ENV = "ICON_DEBUG"
 CHECKPOINT_WORDS = ("last", "best", "hpc", "registry")  # Lightning's names; `last` is resolved here
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (Lightning's DDP launcher, torchrun or SLURM); 0 when alone."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+class IConArgumentParser(LightningArgumentParser):
+    """A wrong key, type or config path ends in one line (``icon: error: …``, exit 2), not argparse's usage page."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            return super().error(message, ex)
+        words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
+        prog = " ".join(["icon", *words[1:]])
+        sys.stderr.write(f"icon: error: {' '.join(str(message).split())}  ({prog} --help lists the options)\n")
+        sys.exit(2)
 
 
 class RunConfig(SaveConfigCallback):
@@ -126,8 +147,11 @@ class IConCLI(LightningCLI):
                 f"ckpt_path: `icon {subcommand}` needs trained heads: give a checkpoint file, or 'last' for the "
                 f"newest of this config under {root}; --allow_untrained true evaluates untrained heads on purpose"
             )
-        if int(os.environ.get("LOCAL_RANK", 0)) > 0 and os.environ.get(RUN_DIR_ENV):
+        rank = launched_rank()
+        if rank > 0 and os.environ.get(RUN_DIR_ENV):
             self.run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP process started by rank 0: rank 0's folder
+        elif rank > 0:  # started by torchrun/SLURM beside rank 0: it writes nothing, so it creates no folder
+            self.run_dir = Path(root) / f"{config_name(cfg.get('config'))}-{key}" / f"{subcommand}-rank{rank}"
         elif cfg.get("run_dir"):
             self.run_dir = use_run_dir(cfg.run_dir)
         else:
@@ -233,12 +257,10 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
         ClusteringDataModule,
         args=args,
         run=run,
+        parser_class=IConArgumentParser,
         save_config_callback=RunConfig,
         trainer_defaults={"callbacks": [ClusterAssignmentWriter()]},  # `icon predict` always writes its files
     )
-
-
-DEBUG_ENV = "ICON_DEBUG"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,19 +269,29 @@ def main(argv: list[str] | None = None) -> None:
     words = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in words or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     words = [w for w in words if w != "--debug"]
+    before = os.environ.get(DEBUG_ENV)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # the parser shows its usage page and raises where it would exit
     try:
         if words and words[0] == "sweep":
             from icon_lightning.sweep import main as sweep_main
 
             sweep_main(words[1:])
         else:
-            cli_main(words)
+            if argv is None:  # LightningCLI reads sys.argv (its DDP launcher re-runs it), less `--debug`
+                sys.argv[1:] = words
+            cli_main(None if argv is None else words)
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as error:
         if debug:
             raise
         sys.exit(f"icon: error: {one_line(error)}  (--debug or {DEBUG_ENV}=1 shows the traceback)")
+    finally:
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
 
 
 def one_line(error: BaseException) -> str:

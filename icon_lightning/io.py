@@ -28,7 +28,13 @@ def write_error(path: Path | str, error: OSError, what: str = "write") -> OSErro
     reason = error.strerror or str(error)
     if error.errno == errno.ENOSPC:
         reason = "no space left on the device"
-    return type(error)(error.errno, f"{path}: could not {what}: {reason}")
+    return with_errno(type(error)(f"{path}: could not {what}: {reason}"), error.errno)
+
+
+def with_errno(error: OSError, number: int | None) -> OSError:
+    """``error`` carrying ``number`` as its errno while its message stays one plain line (no "[Errno N]")."""
+    error.errno = number
+    return error
 
 
 @contextlib.contextmanager

@@ -17,6 +17,8 @@ import secrets
 import time
 from pathlib import Path
 
+from icon_lightning.io import with_errno
+
 RUN_DIR_ENV = "ICON_RUN_DIR"  # handed to the processes a DDP launcher starts, so all ranks share one run dir
 LOCATION_KEYS = ("run_dir", "ckpt_path", "trainer.default_root_dir", "trainer.logger")
 
@@ -64,7 +66,8 @@ def new_run_dir(root: str | Path, experiment: str, subcommand: str) -> Path:
         except FileExistsError:
             continue
         except OSError as error:
-            raise OSError(error.errno, f"trainer.default_root_dir: cannot create {run_dir}: {error.strerror}") from None
+            message = f"trainer.default_root_dir: cannot create {run_dir}: {error.strerror}"
+            raise with_errno(OSError(message), error.errno) from None
         return check_writable(run_dir, "trainer.default_root_dir")
     raise FileExistsError(f"trainer.default_root_dir: could not find a free run folder name under {parent}")
 
@@ -78,7 +81,7 @@ def use_run_dir(path: str | Path) -> Path:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise OSError(error.errno, f"run_dir: cannot create {run_dir}: {error.strerror}") from None
+        raise with_errno(OSError(f"run_dir: cannot create {run_dir}: {error.strerror}"), error.errno) from None
     return check_writable(run_dir, "run_dir")
 
 
@@ -90,7 +93,8 @@ def check_writable(folder: Path, argument: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise PermissionError(error.errno, f"{argument}: {folder} is not writable ({error.strerror})") from None
+        message = f"{argument}: {folder} is not writable ({error.strerror})"
+        raise with_errno(PermissionError(message), error.errno) from None
     return folder
 
 

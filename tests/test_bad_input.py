@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from jsonargparse import ArgumentError
@@ -97,3 +99,191 @@ def test_recipe_errors_are_clear(tmp_path):
     )
     with pytest.raises(ArgumentError, match="temprature"):
         load_recipe(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a user typing `icon …` sees: one line on stderr naming the argument or path, no traceback. README's
+# bad-input table is printed from this list: `python -m tests.test_bad_input`.
+
+DIGITS_CONFIG = "experiments/digits/config.yaml"
+
+
+def _npz(folder, name: str, make) -> str:
+    import numpy as np
+
+    path = folder / name
+    make(path, np)
+    return str(path)
+
+
+def _tar_with_a_truncated_jpeg(folder, np) -> str:
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    good = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(good, format="JPEG")
+    path = folder / "images.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a/0.jpg", good.getvalue()), ("b/1.jpg", good.getvalue()[:-40])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _file(path) -> bool:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{}")
+    return True
+
+
+def _features_command(path: str, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        "configs/recipes/icon_clustering.yaml",
+        "--data.dataset",
+        "icon_lightning.data.FeaturesFile",
+        "--data.dataset.path",
+        path,
+        "--data.views",
+        "clean",
+        *extra,
+    ]
+
+
+CLI_CASES = {
+    # case: (argv builder taking the temporary folder, a fragment of the expected line)
+    "option given as a prefix of another (`--model.num_head`)": (
+        lambda d: ["fit", "--config", DIGITS_CONFIG, "--model.num_head=5"],
+        "num_head",
+    ),
+    "config file missing": (lambda d: ["fit", "--config", str(d / "nope.yaml")], "nope.yaml"),
+    "features file missing": (lambda d: _features_command(str(d / "missing.npz")), "missing.npz: not found"),
+    "features file with zero rows": (
+        lambda d: _features_command(_npz(d, "empty.npz", lambda p, np: np.savez(p, features=np.zeros((0, 4))))),
+        "must be a non-empty (N, D) array",
+    ),
+    "truncated .npz": (
+        lambda d: _features_command(
+            _npz(
+                d,
+                "cut.npz",
+                lambda p, np: (np.savez(p, features=np.ones((500, 8))), p.write_bytes(p.read_bytes()[:-900])),
+            )
+        ),
+        "not a readable .npz",
+    ),
+    "a CSV named .npz": (
+        lambda d: _features_command(_npz(d, "csv.npz", lambda p, np: p.write_text("a,b\n1,2\n"))),
+        "not a zip archive",
+    ),
+    "NaN in the features": (
+        lambda d: _features_command(
+            _npz(d, "nan.npz", lambda p, np: np.savez(p, features=np.array([[np.nan, 1.0]] * 4)))
+        ),
+        "contains NaN or inf",
+    ),
+    "labels of the wrong length": (
+        lambda d: _features_command(
+            _npz(d, "lab.npz", lambda p, np: np.savez(p, features=np.ones((4, 2)), labels=np.zeros(5)))
+        ),
+        "'labels' must be (4,)",
+    ),
+    "`num_clusters 0`": (lambda d: ["fit", "--config", DIGITS_CONFIG, "--data.num_clusters=0"], "num_clusters"),
+    "`num_clusters 1`": (lambda d: ["fit", "--config", DIGITS_CONFIG, "--data.num_clusters=1"], "num_clusters"),
+    "`num_clusters` above N": (
+        lambda d: ["fit", "--config", DIGITS_CONFIG, "--data.num_clusters=5000"],
+        "2 ≤ K ≤ N = 1797",
+    ),
+    "`val_batch_size 0`": (lambda d: ["fit", "--config", DIGITS_CONFIG, "--data.val_batch_size=0"], "val_batch_size"),
+    "α of p outside [0, 1)": (
+        lambda d: ["fit", "--config", DIGITS_CONFIG, "--model.loss.init_args.p.init_args.alpha=1.5"],
+        "p.alpha",
+    ),
+    "α of q outside [0, 1)": (
+        lambda d: ["fit", "--config", DIGITS_CONFIG, "--model.loss.init_args.q.init_args.alpha=-0.1"],
+        "q.alpha",
+    ),
+    "`icon validate` without a checkpoint": (
+        lambda d: ["validate", "--config", DIGITS_CONFIG, f"--trainer.default_root_dir={d}"],
+        "needs trained heads",
+    ),
+    "`--ckpt_path last` before any fit": (
+        lambda d: ["predict", "--config", DIGITS_CONFIG, f"--trainer.default_root_dir={d}", "--ckpt_path=last"],
+        "found no checkpoint",
+    ),
+    "`--ckpt_path` that does not exist": (
+        lambda d: ["validate", "--config", DIGITS_CONFIG, f"--ckpt_path={d / 'x.ckpt'}"],
+        "no checkpoint file at",
+    ),
+    "`--trainer.default_root_dir` not creatable": (
+        lambda d: _file(d / "f") and ["fit", "--config", DIGITS_CONFIG, f"--trainer.default_root_dir={d / 'f'}"],
+        "cannot create",
+    ),
+    "`--run_dir` holding another run": (
+        lambda d: (
+            ((d / "r").mkdir(), (d / "r" / "metrics.json").write_text("{}"))
+            and ["fit", "--config", DIGITS_CONFIG, f"--run_dir={d / 'r'}"]
+        ),
+        "already holds another run",
+    ),
+    "an image tar with a truncated JPEG": (
+        lambda d: [
+            "fit",
+            "--config",
+            "configs/recipes/icon_clustering.yaml",
+            "--data.dataset=icon_lightning.data.TarImageFolder",
+            f"--data.dataset.path={_tar_with_a_truncated_jpeg(d, __import__('numpy'))}",
+            "--data.backbone=icon_lightning.models.backbones.FrozenBackbone",
+            "--data.backbone.model=torch.nn.Flatten",
+            "--data.backbone.feature_dim=192",
+            "--data.image_size=8",
+            "--data.views=clean",
+            f"--data.cache_dir={d / 'cache'}",
+        ],
+        "member 'b/1.jpg': not a readable image",
+    ),
+    "sweep file missing": (lambda d: ["sweep", str(d / "sweep.yaml")], "no file at"),
+}
+
+
+def run_case(argv: list[str]) -> str:
+    """What `icon <argv>` prints on stderr as it exits (all of it), or "" when it does not fail."""
+    import contextlib
+    import io
+
+    from icon_lightning.cli import main
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            main(argv)
+    except SystemExit as end:
+        return str(end.code) if isinstance(end.code, str) else err.getvalue().strip()
+    return ""
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_every_bad_cli_input_ends_in_one_line(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the configs' relative paths
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    build, fragment = CLI_CASES[case]
+    out = run_case(build(tmp_path))
+    line = out.splitlines()[-1]  # pytest's argv makes LightningCLI warn first; `icon` itself prints one line
+    assert fragment in line and line.startswith("icon: error: ") and "Traceback" not in out, out
+
+
+if __name__ == "__main__":  # README's table
+    import tempfile
+
+    print("| bad input | what `icon` prints (one line, exit 1 or 2) |\n|---|---|")
+    for case, (build, _) in CLI_CASES.items():
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                line = run_case(build(Path(folder))).splitlines()[-1].replace(folder, "…")
+            except BaseException as error:  # noqa: BLE001 - a case that escapes is reported, not hidden
+                line = f"UNCAUGHT {type(error).__name__}: {error}"
+        print(f"| {case} | `{line.replace('|', '/')}` |")
