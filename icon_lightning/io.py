@@ -107,9 +107,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def reserve(path: Path, size: int) -> None:
-    """Allocate ``size`` bytes of ``path`` on disk now, so that a full disk fails here with a message, not later
-    as SIGBUS inside a memory map. Filesystems without ``posix_fallocate`` are left to fail on write."""
+def reserve(path: Path, size: int, name: Path | None = None) -> None:
+    """Allocate ``size`` bytes of ``path`` on disk now, so that a full disk fails here with a message naming
+    ``name`` (default ``path``), not later as SIGBUS inside a memory map. Filesystems without
+    ``posix_fallocate`` are left to fail on write."""
     if not hasattr(os, "posix_fallocate") or size <= 0:
         return
     fd = os.open(path, os.O_RDWR)
@@ -118,6 +119,6 @@ def reserve(path: Path, size: int) -> None:
     except OSError as error:
         if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):
             return
-        raise write_error(path, error, f"reserve {size / 2**30:.2f} GiB for it") from None
+        raise write_error(name or path, error, f"reserve {size / 2**30:.2f} GiB for it") from None
     finally:
         os.close(fd)

@@ -87,12 +87,13 @@ class FeatureStore:
         tmp = temporary_name(array_path)
         start = time.time()
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            reserve(tmp, tmp.stat().st_size)  # a full disk fails here, with the path, not as SIGBUS mid-write
-        except BaseException as error:
-            tmp.unlink(missing_ok=True)
-            if isinstance(error, OSError):
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            except OSError as error:
                 raise write_error(array_path, error) from None
+            reserve(tmp, tmp.stat().st_size, array_path)  # a full disk fails here, named, not as SIGBUS mid-write
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
         try:
             fill(out)
@@ -331,7 +332,7 @@ def shared_views(root: Path, raws: list[np.ndarray], mean: np.ndarray | None, bl
     tmp = temporary_name(path)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
-        reserve(tmp, tmp.stat().st_size)
+        reserve(tmp, tmp.stat().st_size, path)
         for v, raw in enumerate(raws):
             for start in range(0, shape[1], block_rows):
                 block = raw[start : start + block_rows]
