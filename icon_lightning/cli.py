@@ -240,13 +240,28 @@ class ParseOnlyCLI(IConCLI):
 def check_config(args: list[str]):
     """The parsed config of ``icon fit <args>``; raises SystemExit with the CLI's message when invalid."""
     return ParseOnlyCLI(
-        IConModule, ClusteringDataModule, args=["fit", *args], run=True, save_config_callback=None, trainer_defaults={}
+        IConModule,
+        ClusteringDataModule,
+        args=["fit", *args],
+        run=True,
+        save_config_callback=None,
+        trainer_defaults={},
+        parser_class=IConArgumentParser,
     ).config
 
 
 def parse_config(argv: list[str]):
-    """The parsed config (Namespace) of ``icon <subcommand> …`` for ``argv`` = [subcommand, …]."""
-    cli = ParseOnlyCLI(IConModule, ClusteringDataModule, args=argv, save_config_callback=None, trainer_defaults={})
+    """The parsed config (Namespace) of ``icon <subcommand> …`` for ``argv`` = [subcommand, …]; a config that
+    does not parse raises jsonargparse's ``ArgumentError`` with the CLI's one-line message."""
+    cli = ParseOnlyCLI(
+        IConModule,
+        ClusteringDataModule,
+        args=argv,
+        save_config_callback=None,
+        trainer_defaults={},
+        parser_class=IConArgumentParser,
+        parser_kwargs={"exit_on_error": False},
+    )
     return cli.config[cli.config.subcommand]
 
 

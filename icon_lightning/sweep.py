@@ -181,7 +181,7 @@ def write_summary(rows: list[dict], out: Path, params: list[str]) -> None:
     print_table(rows, params)
     failed = [r["trial"] for r in rows if r["status"] == "failed"]
     if failed:
-        print(f"{len(failed)} of {len(rows)} trials failed: {failed} (their failed-*.json say why)")
+        print(f"{len(failed)} of {len(rows)} trials failed: {failed} (`error` in sweep_summary.json says why)")
     done = [r for r in rows if r["status"] == "done"]
     if done and any("alpha" in key for key in params):
         from icon_lightning.callbacks.plots import plot_alpha_sweep
