@@ -148,7 +148,7 @@ class IConCLI(LightningCLI):
                 f"newest of this config under {root}; --allow_untrained true evaluates untrained heads on purpose"
             )
         rank = launched_rank()
-        if rank > 0 and os.environ.get(RUN_DIR_ENV):
+        if os.environ.get("LOCAL_RANK", "0") not in ("", "0") and os.environ.get(RUN_DIR_ENV):
             self.run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP process started by rank 0: rank 0's folder
         elif rank > 0:  # started by torchrun/SLURM beside rank 0: it writes nothing, so it creates no folder
             self.run_dir = Path(root) / f"{config_name(cfg.get('config'))}-{key}" / f"{subcommand}-rank{rank}"

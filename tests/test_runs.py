@@ -156,3 +156,16 @@ def test_records_get_the_permissions_of_ordinary_files(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and json.loads(path.read_text()) == {"a": 1}
+
+
+def test_ddp_processes_share_rank_zeros_folder_and_other_ranks_create_none(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    first = cli_main(digits("fit", root)[1:], run=False)  # rank 0: creates its folder and exports it
+    assert first.run_dir.is_dir() and os.environ["ICON_RUN_DIR"] == str(first.run_dir)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning's launcher started: rank 0's folder
+    child = cli_main(digits("fit", root)[1:], run=False)
+    assert child.run_dir == first.run_dir
+    monkeypatch.delenv("ICON_RUN_DIR")
+    monkeypatch.setenv("RANK", "3")  # started by torchrun/SLURM beside rank 0: writes nothing, creates nothing
+    other = cli_main(digits("fit", root)[1:], run=False)
+    assert not other.run_dir.exists() and len(list(first.run_dir.parent.iterdir())) == 1
