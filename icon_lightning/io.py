@@ -10,7 +10,6 @@ import errno
 import json
 import os
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +24,8 @@ def default_file_mode() -> int:
 
 def write_error(path: Path | str, error: OSError, what: str = "write") -> OSError:
     """``error`` as one line that names ``path`` (disk full, read-only, no permission, …)."""
+    if str(error).startswith(str(path)):
+        return error  # already one line about this path
     reason = error.strerror or str(error)
     if error.errno == errno.ENOSPC:
         reason = "no space left on the device"
@@ -38,31 +39,38 @@ def with_errno(error: OSError, number: int | None) -> OSError:
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """A file object under a temporary name in ``path``'s folder; renamed to ``path`` when the block ends without
-    error, removed otherwise. OS errors name ``path``."""
+def publishing(path: Path | str, publish: bool = True) -> Iterator[Path]:
+    """A temporary name beside ``path`` (``temporary_name``) for the block to write; renamed to ``path`` with an
+    ordinary file's mode when the block ends without error (and ``publish``), removed otherwise. OS errors name
+    ``path``."""
     path = Path(path)
+    tmp = temporary_name(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile(
-            mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, **kwargs
-        )
-    except OSError as error:
-        raise write_error(path, error) from None
-    tmp = Path(handle.name)
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
+        yield tmp
+        if publish:
+            os.chmod(tmp, default_file_mode())
+            os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise write_error(path, error) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """A file object under a temporary name in ``path``'s folder, flushed to disk and renamed to ``path`` when the
+    block ends without error, removed otherwise (``publishing``)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_error(path, error) from None
+    with publishing(path) as tmp, open(tmp, mode, **kwargs) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write(path: Path | str, write: Callable[[IO], None], binary: bool = False) -> Path:

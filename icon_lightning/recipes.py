@@ -13,11 +13,12 @@ from jsonargparse import ArgumentParser
 
 from icon_lightning.loss import Objective
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel; `configs/` at the top links here
+RECIPE_DIR = CONFIG_DIR / "recipes"
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe name (``infonce``) from configs/recipes/, or a path to a YAML file."""
+    """A recipe name (``infonce``) from the package's configs/recipes/, or a path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = RECIPE_DIR / f"{name_or_path}.yaml"

@@ -4,11 +4,10 @@ published atomically so that a kill mid-write never leaves a half checkpoint und
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from icon_lightning.io import default_file_mode, temporary_name, write_error
+from icon_lightning.io import publishing
 
 CHECKPOINT_EVERY_STEPS = 10
 
@@ -36,17 +35,6 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        target = Path(filepath)
-        tmp = temporary_name(target)
-        try:
+        with publishing(filepath, publish=trainer.is_global_zero) as tmp:  # rank 0 writes; every rank takes part
             super()._save_checkpoint(trainer, str(tmp))
-            if trainer.is_global_zero:
-                os.chmod(tmp, default_file_mode())
-                os.replace(tmp, target)
-        except OSError as error:
-            tmp.unlink(missing_ok=True)
-            raise write_error(target, error) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         self._last_checkpoint_saved = filepath

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,14 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from icon_lightning.data.datasets import IndexedDataset
-from icon_lightning.io import (
-    atomic_write_json,
-    default_file_mode,
-    remove_stale_temporaries,
-    reserve,
-    temporary_name,
-    write_error,
-)
+from icon_lightning.io import atomic_write_json, publishing, remove_stale_temporaries, reserve, write_error
 
 
 @dataclass(frozen=True)
@@ -84,29 +76,15 @@ class FeatureStore:
     ) -> np.ndarray:
         """Create the array under a temporary name, let ``fill`` write every row, then publish it."""
         array_path, meta_path = self.paths(key)
-        tmp = temporary_name(array_path)
         start = time.time()
-        try:
-            try:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-            except OSError as error:
-                raise write_error(array_path, error) from None
+        with publishing(array_path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
             reserve(tmp, tmp.stat().st_size, array_path)  # a full disk fails here, named, not as SIGBUS mid-write
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        try:
             fill(out)
             if not np.isfinite(out).all():
                 raise ValueError(f"features for {key}: extraction produced NaN or inf")
             out.flush()
-        except BaseException:
             del out
-            tmp.unlink(missing_ok=True)
-            raise
-        del out
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, array_path)
         meta = {
             "digest": key.digest,
             "key": asdict(key),
@@ -329,8 +307,7 @@ def shared_views(root: Path, raws: list[np.ndarray], mean: np.ndarray | None, bl
                 return views
         except (ValueError, OSError):
             pass  # unreadable: rewritten below
-    tmp = temporary_name(path)
-    try:
+    with publishing(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         reserve(tmp, tmp.stat().st_size, path)
         for v, raw in enumerate(raws):
@@ -339,12 +316,4 @@ def shared_views(root: Path, raws: list[np.ndarray], mean: np.ndarray | None, bl
                 out[v, start : start + block_rows] = block if mean is None else centred_unit_rows(block, mean)
         out.flush()
         del out
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, error) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return np.load(path, mmap_mode="r")
