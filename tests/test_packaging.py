@@ -4,6 +4,7 @@ source tree."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
