@@ -18,22 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_a_wheel_installed_elsewhere_loads_every_recipe(tmp_path):
     """Recipes were found only next to a source checkout: `pip install .` then `load_recipe("infonce")` failed."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            tmp_path / "dist",
-            ROOT,
-        ],
-        check=True,
-        capture_output=True,
-    )
+    source = tmp_path / "source"  # a copy: the build writes build/ beside it, and must not reuse an earlier one
+    shutil.copytree(ROOT / "icon_lightning", source / "icon_lightning", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    wheel_command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*wheel_command, "-w", tmp_path / "dist", source], check=True, capture_output=True, cwd=source)
     (wheel,) = (tmp_path / "dist").glob("icon_lightning-*.whl")
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("icon_lightning/configs/")}
     expected = {f"icon_lightning/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
