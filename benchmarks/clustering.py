@@ -73,7 +73,7 @@ DATASETS = ("digits", "cifar10_test", "cifar10_train_test", "fashion_mnist_test"
 
 # ---------------------------------------------------------------------------------------------- data
 def _image_features(dataset: IndexedDataset, image_size: int, cache_dir: str, gray: bool = False) -> np.ndarray:
-    from icon_lightning.models.backbones import EfficientNetLite0
+    from icon_lightning.data.backbones import EfficientNetLite0
 
     transform = eval_transform(image_size, grayscale_to_rgb=gray)
     return np.asarray(cached_features(FeatureStore(cache_dir), EfficientNetLite0(), dataset, transform))

@@ -44,9 +44,9 @@ def memory_mb() -> dict:
 
 def synthetic_module(folder: Path, n: int, d: int, views: int, in_memory: bool):
     """A ClusteringDataModule whose cached arrays are the synthetic files in ``folder``."""
+    from icon_lightning.data.backbones import FrozenBackbone
     from icon_lightning.data.datamodule import ClusteringDataModule
     from icon_lightning.data.datasets import FeaturesArray
-    from icon_lightning.models.backbones import FrozenBackbone
 
     class Synthetic(ClusteringDataModule):
         def _features(self, dataset, view: str) -> np.ndarray:

@@ -14,10 +14,10 @@ import time
 import torch
 
 from benchmarks.common import write_result
+from icon_lightning.data.backbones import EfficientNetLite0, TimmBackbone
 from icon_lightning.data.datasets import TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, ViewDataset, cached_features
 from icon_lightning.data.transforms import eval_transform
-from icon_lightning.models.backbones import EfficientNetLite0, TimmBackbone
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""`icon fit|validate|test|predict --config …` (LightningCLI) and `icon sweep SWEEP.yaml` (offline W&B sweeps)."""
+"""`icon fit|validate|test|predict --config …`: the LightningCLI (`icon sweep` is `icon_lightning.sweep`; the
+`icon` command itself, with its one-line errors, is `icon_lightning.entry`)."""
 
 from __future__ import annotations
 
@@ -276,45 +277,3 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
         save_config_callback=RunConfig,
         trainer_defaults={"callbacks": [ClusterAssignmentWriter()]},  # `icon predict` always writes its files
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`icon …`: errors end in one line on stderr (exit 1) naming what was wrong; ``--debug`` or ``ICON_DEBUG=1``
-    shows the traceback instead."""
-    words = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in words or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    words = [w for w in words if w != "--debug"]
-    before = os.environ.get(DEBUG_ENV)
-    if debug:
-        os.environ[DEBUG_ENV] = "1"  # the parser shows its usage page and raises where it would exit
-    try:
-        if words and words[0] == "sweep":
-            from icon_lightning.sweep import main as sweep_main
-
-            sweep_main(words[1:])
-        else:
-            if argv is None:  # LightningCLI reads sys.argv (its DDP launcher re-runs it), less `--debug`
-                sys.argv[1:] = words
-            cli_main(None if argv is None else words)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as error:
-        if debug:
-            raise
-        sys.exit(f"icon: error: {one_line(error)}  (--debug or {DEBUG_ENV}=1 shows the traceback)")
-    finally:
-        if before is None:
-            os.environ.pop(DEBUG_ENV, None)
-        else:
-            os.environ[DEBUG_ENV] = before
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one line: its message with newlines folded, prefixed by its type unless the message is
-    already a sentence about an argument or path."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, (ValueError, OSError, KeyError)) else f"{type(error).__name__}: {text}"
-
-
-if __name__ == "__main__":
-    main()

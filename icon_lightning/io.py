@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")  # what counts as an image file
+
 
 def default_file_mode() -> int:
     """The mode ``open(path, "w")`` would give a new file: 0666 less the process umask."""
@@ -130,3 +132,10 @@ def reserve(path: Path, size: int, name: Path | None = None) -> None:
         raise write_error(name or path, error, f"reserve {size / 2**30:.2f} GiB for it") from None
     finally:
         os.close(fd)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: its message with newlines folded, prefixed by its type unless the message is
+    already a sentence about an argument or path."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, (ValueError, OSError, KeyError)) else f"{type(error).__name__}: {text}"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icon_lightning.divergence import KL
-from icon_lightning.functional import check_shape, sc_infonce, self_pairs_valid
+from icon_lightning.functional import check_positive, check_shape, sc_infonce, self_pairs_valid
 from icon_lightning.functional.sparse import SparseTarget, self_columns
 from icon_lightning.learned import Learned
 from icon_lightning.rows import Rows
@@ -206,11 +206,9 @@ class SCInfoNCE(Objective):
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.0, temperature: float = 0.15) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected a positive number, got {temperature}")
         self.alpha = float(alpha)
         self.beta = float(beta)
-        self.temperature = float(temperature)
+        self.temperature = check_positive("temperature", temperature)
 
     def logits(self, anchors: Rows, candidates: Rows) -> tuple[Tensor, Tensor]:
         """(B, B) s_ij and the bool (B, B) positive mask, one positive per row."""

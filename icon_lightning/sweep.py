@@ -103,8 +103,8 @@ def finished_run(trial_dir: Path, sha: str) -> dict | None:
 
 def run_trial(argv: list[str], trial_dir: Path, sha: str) -> dict:
     """Run one trial in this process; its failure is recorded in ``trial_dir`` and returned, never raised."""
-    from icon_lightning.cli import cli_main, one_line
-    from icon_lightning.io import atomic_write_json
+    from icon_lightning.cli import cli_main
+    from icon_lightning.io import atomic_write_json, one_line
 
     try:
         cli_main([*argv, f"--trainer.default_root_dir={trial_dir}"])
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def trial_result(argv: list[str], out: Path) -> dict:
     """Key the trial by its config hash, then reuse its finished fit or run it."""
-    from icon_lightning.cli import one_line, parse_config
+    from icon_lightning.cli import parse_config
+    from icon_lightning.io import one_line
     from icon_lightning.runs import config_sha256
 
     try:

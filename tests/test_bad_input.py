@@ -237,7 +237,7 @@ CLI_CASES = {
             "configs/recipes/icon_clustering.yaml",
             "--data.dataset=icon_lightning.data.TarImageFolder",
             f"--data.dataset.path={_tar_with_a_truncated_jpeg(d, __import__('numpy'))}",
-            "--data.backbone=icon_lightning.models.backbones.FrozenBackbone",
+            "--data.backbone=icon_lightning.data.backbones.FrozenBackbone",
             "--data.backbone.model=torch.nn.Flatten",
             "--data.backbone.feature_dim=192",
             "--data.image_size=8",
@@ -255,7 +255,7 @@ def run_case(argv: list[str]) -> str:
     import contextlib
     import io
 
-    from icon_lightning.cli import main
+    from icon_lightning.entry import main
 
     err = io.StringIO()
     try:

@@ -300,7 +300,7 @@ def test_a_killed_fit_resumes_to_the_same_metrics(tmp_path):
         [
             sys.executable,
             "-m",
-            "icon_lightning.cli",
+            "icon_lightning",
             "fit",
             "--config",
             DIGITS,

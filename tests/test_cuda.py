@@ -79,10 +79,10 @@ def test_torch_knn_on_cuda_matches_faiss_on_cpu():
 def test_cuda_extraction_matches_fp32_cpu():
     import numpy as np
 
+    from icon_lightning.data.backbones import EfficientNetLite0
     from icon_lightning.data.datasets import TarImageFolder
     from icon_lightning.data.feature_store import extract
     from icon_lightning.data.transforms import eval_transform
-    from icon_lightning.models.backbones import EfficientNetLite0
 
     data = TarImageFolder(str(SHARED_DATA / "cifar10" / "cifar10_jpeg_test.tar"), "test", eval_transform(128))
     pick = np.arange(0, 10000, 50)

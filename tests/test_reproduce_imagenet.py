@@ -40,7 +40,7 @@ def problems_for(argv: list[str]) -> list[str]:
 def offline(monkeypatch):
     """No hub, no cached weights, whatever this machine holds: nothing touches the network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub_reachable() is False at once
-    monkeypatch.setattr("icon_lightning.models.backbones._hub_cached", lambda name: False)
+    monkeypatch.setattr("icon_lightning.data.backbones._hub_cached", lambda name: False)
     monkeypatch.delenv("DINOV2_CHECKPOINT", raising=False)
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from icon_lightning.cli import check_config, cli_main, main
+from icon_lightning.cli import check_config, cli_main
+from icon_lightning.entry import main
 from icon_lightning.runs import config_sha256
 
 ROOT = Path(__file__).resolve().parents[1]

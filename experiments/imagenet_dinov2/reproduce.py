@@ -26,6 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
+from icon_lightning.io import IMAGE_SUFFIXES  # light: no torch or Lightning before the preflight
+
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "config.yaml"
 PREFLIGHT_FAILED = 2
@@ -43,7 +45,6 @@ PAPER_TABLE2 = {
     "l14": {"icon": 0.6801, "kmeans": 0.5336},
 }
 PASSTHROUGH = ("--trainer.", "--model.", "--data.", "--seed_everything")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
 
 def is_rank_zero() -> bool:
@@ -214,7 +215,7 @@ def check_weights(name: str, checkpoint: str | None, random_weights: bool) -> li
         if Path(checkpoint).expanduser().is_file():
             return []
         return [f"--checkpoint {checkpoint}: no such file (expected the {name} state dict, .pth or .safetensors)"]
-    from icon_lightning.models.backbones import _hub_cached, hub_reachable
+    from icon_lightning.data.backbones import _hub_cached, hub_reachable
 
     if _hub_cached(name) or hub_reachable():
         return []

@@ -5,8 +5,8 @@ deep clusterers SCAN and TEMI as objectives of the same Lightning harness (``Hea
 """
 
 from icon_lightning.baselines.heads import HeadClusterer
-from icon_lightning.baselines.kmeans import FaissKMeans
 from icon_lightning.baselines.objectives import SCANLoss, TEMILoss
-from icon_lightning.baselines.spectral import KNNSpectralClustering
+from icon_lightning.classical.kmeans import FaissKMeans
+from icon_lightning.classical.spectral import KNNSpectralClustering
 
 __all__ = ["FaissKMeans", "HeadClusterer", "KNNSpectralClustering", "SCANLoss", "TEMILoss"]

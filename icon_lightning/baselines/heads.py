@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin
 
-from icon_lightning.baselines.kmeans import _as_features
 from icon_lightning.callbacks import Convergence, SelfLabel
+from icon_lightning.classical.kmeans import _as_features
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.data.datasets import FeaturesArray
 from icon_lightning.loss import Objective

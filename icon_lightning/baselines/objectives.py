@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from icon_lightning.functional import beta_pmi, check_alpha, entropy, scan_consistency
+from icon_lightning.functional import beta_pmi, check_alpha, check_positive, entropy, scan_consistency
 from icon_lightning.loss import LossOutput, Objective, anchors_with_positive
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory import Supervisory
@@ -34,8 +34,7 @@ class SCANLoss(Objective):
 
     def __init__(self, p: Supervisory, entropy_weight: float = 5.0, temperature: float = 1.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected a positive number, got {temperature}")
+        check_positive("temperature", temperature)
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight: expected ≥ 0, got {entropy_weight}")
         self.p = p
@@ -88,9 +87,8 @@ class TEMILoss(Objective):
         if not 0 < beta <= 1:
             raise ValueError(f"beta: expected a value in (0, 1], got {beta}")
         check_alpha("prior_momentum", prior_momentum)
-        for name, value in (("student_temperature", student_temperature), ("teacher_temperature", teacher_temperature)):
-            if not value > 0:
-                raise ValueError(f"{name}: expected a positive number, got {value}")
+        check_positive("student_temperature", student_temperature)
+        check_positive("teacher_temperature", teacher_temperature)
         self.p = p
         self.beta = float(beta)
         self.prior_momentum = float(prior_momentum)

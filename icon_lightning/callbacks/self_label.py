@@ -21,6 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from scipy.optimize import linear_sum_assignment
 
+from icon_lightning.functional import check_positive
+
 
 def align_to(reference: np.ndarray, other: np.ndarray, k: int) -> np.ndarray:
     """perm with perm[c] = the reference cluster that ``other``'s cluster c overlaps most (one-to-one)."""
@@ -66,9 +68,12 @@ class SelfLabel(Callback):
     def __init__(self, fraction: float = 0.5, consensus: bool = True, C: float = 1.0, max_iter: int = 1000) -> None:
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction: expected a value in (0, 1], got {fraction}")
-        if not C > 0:
-            raise ValueError(f"C: expected a positive number, got {C}")
-        self.fraction, self.consensus, self.C, self.max_iter = float(fraction), consensus, float(C), max_iter
+        self.fraction, self.consensus, self.C, self.max_iter = (
+            float(fraction),
+            consensus,
+            check_positive("C", C),
+            max_iter,
+        )
         self.summary: dict = {}
 
     @torch.no_grad()

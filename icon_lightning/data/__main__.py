@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
+from icon_lightning.data.backbones import EfficientNetLite0, Identity, TimmBackbone
 from icon_lightning.data.datasets import DigitsDataset, FeaturesFile, IdxDataset, ImageFolderDataset, TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, cached_features
 from icon_lightning.data.neighbours import NeighbourTable, centred_unit_rows, label_agreement
 from icon_lightning.data.transforms import eval_transform
-from icon_lightning.models.backbones import EfficientNetLite0, Identity, TimmBackbone
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from icon_lightning.data.backbones import FrozenBackbone, Identity
 from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore, cached_features, shared_views
@@ -26,7 +27,6 @@ from icon_lightning.data.neighbours import (
     walks,
 )
 from icon_lightning.data.transforms import augment_transform, eval_transform
-from icon_lightning.models.backbones import FrozenBackbone, Identity
 
 FULL_BATCH_MAX = 4096  # the paper's anchors a step; ``batch_size='auto'`` trains full-batch up to this size
 
@@ -135,8 +135,8 @@ class OnlineViews(Dataset):
     The exact recipe of the paper: the backbone runs on augmented images every step (in the LightningModule).
     """
 
-    def __init__(self, dataset: IndexedDataset, transform, anchors: AnchorDataset, table: torch.Tensor) -> None:
-        self.dataset, self.transform, self.anchors, self.table = dataset, transform, anchors, table
+    def __init__(self, dataset: IndexedDataset, transform, anchors: AnchorDataset) -> None:
+        self.dataset, self.transform, self.anchors = dataset, transform, anchors
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -440,7 +440,7 @@ class ClusteringDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.views == "online":
-            data = OnlineViews(self.dataset, self.augment_tf, self.anchors, self.table)
+            data = OnlineViews(self.dataset, self.augment_tf, self.anchors)
             collate = OnlineCollate(self.train_labels, self.table, self.degree)
         else:
             data = self.anchors

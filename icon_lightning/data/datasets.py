@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+from icon_lightning.io import IMAGE_SUFFIXES
 
 
 def _require(path: str | Path, what: str) -> Path:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from icon_lightning.data.datasets import IndexedDataset
+from icon_lightning.distributed import world as distributed_world
 from icon_lightning.io import atomic_write_json, publishing, remove_stale_temporaries, reserve, write_error
 
 
@@ -100,12 +101,6 @@ class FeatureStore:
             raise
         return self.load(key)
 
-    def get_or_create(self, key: FeatureKey, shape: tuple[int, int], fill: Callable[[np.ndarray], None]) -> np.ndarray:
-        cached = self.load(key)
-        if cached is not None and tuple(cached.shape) == tuple(shape):
-            return cached
-        return self.write(key, shape, fill)
-
 
 class ViewDataset(Dataset):
     """A dataset seen through ``transform`` with randomness fixed by (seed, view, index): view v of item i is
@@ -126,12 +121,6 @@ class ViewDataset(Dataset):
                 torch.manual_seed(hash((self.seed, self.view, int(i))) & 0x7FFFFFFF)
                 x = self.transform(x)
         return x, int(self.dataset.labels[i]), int(i)
-
-
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 @torch.inference_mode()
@@ -155,7 +144,7 @@ def extract(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = backbone.to(device).eval()
-    rank, world = _distributed()
+    rank, world = distributed_world()
     n = len(dataset)
     todo = np.arange(n) if indices is None else np.asarray(indices)
     shard = todo[rank::world]
@@ -247,7 +236,7 @@ def cached_features(
         return cached
     view_id = int(view[3:]) if view.startswith("aug") else -1
     source = ViewDataset(dataset, transform, view=view_id, seed=seed)
-    rank, world = _distributed()
+    rank, world = distributed_world()
     if world > 1:
         feats = extract(
             backbone,

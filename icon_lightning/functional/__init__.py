@@ -3,7 +3,7 @@
 Shape letters: B anchors, M candidates, D dim, K clusters, k neighbours.
 """
 
-from icon_lightning.functional.checks import check_alpha, check_finite, check_rows, check_shape
+from icon_lightning.functional.checks import check_alpha, check_finite, check_positive, check_shape
 from icon_lightning.functional.cluster import log_cluster_affinity, log_debiased_cluster_affinity, log_matmul_exp
 from icon_lightning.functional.contrastive import beta_pmi, entropy, sc_infonce, scan_consistency
 from icon_lightning.functional.debias import debias, log_debias
@@ -21,7 +21,7 @@ __all__ = [
     "confusion_matrix",
     "hungarian_accuracy",
     "check_finite",
-    "check_rows",
+    "check_positive",
     "check_shape",
     "cosine_similarity",
     "debias",

@@ -32,11 +32,8 @@ def check_alpha(name: str, alpha: float) -> float:
     return alpha
 
 
-def check_rows(name: str, p: Tensor, atol: float = 1e-5) -> None:
-    """Raise unless every row of ``p`` is a probability vector or all zero (an anchor with no positive)."""
-    if bool((p < 0).any()):
-        raise ValueError(f"{name}: expected non-negative probabilities")
-    sums = p.sum(-1)
-    ok = torch.isclose(sums, torch.ones_like(sums), atol=atol) | (sums == 0)
-    if not bool(ok.all()):
-        raise ValueError(f"{name}: expected rows summing to 1, got sums {sums[~ok][:5].tolist()}")
+def check_positive(name: str, value: float) -> float:
+    """Raise unless ``value`` > 0 (temperatures, bandwidths, regularisation strengths); returns it as a float."""
+    if not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value}")
+    return float(value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from icon_lightning.functional import log_cluster_affinity, log_debiased_cluster_affinity
+from icon_lightning.functional import check_positive, log_cluster_affinity, log_debiased_cluster_affinity
 from icon_lightning.functional.cluster_kl import sparse_cluster_kl
 from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.learned.base import Learned
@@ -23,9 +23,7 @@ class UniformCluster(Learned):
 
     def __init__(self, temperature: float = 1.0, degree_weighted: bool = False) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected a positive number, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive("temperature", temperature)
         self.degree_weighted = degree_weighted
 
     def _log_phi(self, anchors: Rows, candidates: Rows) -> tuple[Tensor, Tensor, Tensor | None]:

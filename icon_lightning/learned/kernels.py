@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from icon_lightning.functional import (
+    check_positive,
     cosine_similarity,
     log_exponential_kernel,
     log_student_t_kernel,
@@ -15,12 +16,6 @@ from icon_lightning.functional import (
 )
 from icon_lightning.learned.base import Learned
 from icon_lightning.rows import Rows
-
-
-def _positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value}")
-    return float(value)
 
 
 class Gaussian(Learned):
@@ -37,7 +32,7 @@ class Gaussian(Learned):
         if metric not in ("sqeuclidean", "cosine", "dot"):
             raise ValueError(f"metric: expected 'sqeuclidean', 'cosine' or 'dot', got {metric!r}")
         self.metric = metric
-        self.temperature = _positive("temperature", temperature)
+        self.temperature = check_positive("temperature", temperature)
 
     def log_kernel(self, anchors: Rows, candidates: Rows) -> Tensor:
         x, y = anchors.z, candidates.z
@@ -55,7 +50,7 @@ class StudentT(Learned):
 
     def __init__(self, dof: float = 1.0) -> None:
         super().__init__()
-        self.dof = _positive("dof", dof)
+        self.dof = check_positive("dof", dof)
 
     def log_kernel(self, anchors: Rows, candidates: Rows) -> Tensor:
         return log_student_t_kernel(anchors.z, candidates.z, self.dof)
@@ -83,7 +78,7 @@ class ExponentialKernel(Learned):
         if part not in ("all", "first_half", "second_half"):
             raise ValueError(f"part: expected 'all', 'first_half' or 'second_half', got {part!r}")
         self.gamma = float(gamma)
-        self.temperature = _positive("temperature", temperature)
+        self.temperature = check_positive("temperature", temperature)
         self.eps = float(eps)
         self.normalize = normalize
         self.part = part

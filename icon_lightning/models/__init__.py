@@ -1,6 +1,6 @@
 """Lightning layer: frozen backbones, cluster heads, the LightningModule."""
 
-from icon_lightning.models.backbones import (
+from icon_lightning.data.backbones import (
     DINO_MODELS,
     EfficientNetLite0,
     FrozenBackbone,

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from icon_lightning.functional import check_positive
+
 
 class ClusterHeads(nn.Module):
     """features (B, D) → logits (B, H, K) = head_h(x) / temperature for each of H heads.
@@ -31,8 +33,7 @@ class ClusterHeads(nn.Module):
             raise ValueError(f"feature_dim: expected ≥ 1, got {feature_dim}")
         if num_heads < 1:
             raise ValueError(f"num_heads: expected ≥ 1, got {num_heads}")
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected a positive number, got {temperature}")
+        check_positive("temperature", temperature)
         if num_clusters < 1 and projection_dim is None:
             raise ValueError("num_clusters: expected ≥ 1 (or a projection_dim for representation learning)")
         if hidden_dim is not None and hidden_dim < 1:

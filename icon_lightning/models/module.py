@@ -11,12 +11,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from icon_lightning.data.backbones import FrozenBackbone
 from icon_lightning.data.batch import ClusteringBatch
+from icon_lightning.distributed import gather, world
 from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.loss import Objective
 from icon_lightning.metrics import ClusteringMetrics
-from icon_lightning.models.backbones import FrozenBackbone
-from icon_lightning.models.distributed import gather, world
 from icon_lightning.models.heads import ClusterHeads
 
 SPLITS = ("val", "train")  # validation dataloader 0 scores the val split, 1 (when present) the train split
@@ -290,13 +290,13 @@ class IConModule(L.LightningModule):
 
 
 def _kmeans(x, k: int, seed: int):
-    from icon_lightning.baselines import FaissKMeans
+    from icon_lightning.classical import FaissKMeans
 
     return FaissKMeans(k, n_init=10, random_state=seed).fit(x).labels_
 
 
 def _spectral(x, k: int, seed: int):
-    from icon_lightning.baselines import KNNSpectralClustering
+    from icon_lightning.classical import KNNSpectralClustering
 
     return (
         KNNSpectralClustering(k, 10, eigen_solver="lobpcg" if len(x) > 20_000 else None, random_state=seed)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from icon_lightning.data import ANCHOR, NEIGHBOUR, ClusteringDataModule, DigitsDataset, TarImageFolder
+from icon_lightning.data.backbones import FrozenBackbone
 from icon_lightning.data.datamodule import AnchorSampler
 from icon_lightning.data.neighbours import walks
-from icon_lightning.models.backbones import FrozenBackbone
 from icon_lightning.recipes import load_recipe
 from tests.data.test_datasets import make_tar
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from icon_lightning.data.backbones import FrozenBackbone, Identity
 from icon_lightning.data.datasets import DigitsDataset
 from icon_lightning.data.feature_store import FeatureKey, FeatureStore, ViewDataset, cached_features, extract
-from icon_lightning.models.backbones import FrozenBackbone, Identity
 
 
 def test_hit_miss_and_invalidation(tmp_path):
@@ -28,13 +28,13 @@ def test_hit_miss_and_invalidation(tmp_path):
         out[:] = np.arange(12, dtype=np.float32).reshape(4, 3)
 
     assert store.load(key) is None  # miss
-    first = store.get_or_create(key, (4, 3), fill)
-    second = store.get_or_create(key, (4, 3), fill)  # hit: not extracted again
+    first = store.write(key, (4, 3), fill)
+    second = store.load(key)  # hit: not extracted again
     assert len(calls) == 1 and np.array_equal(first, second)
     assert isinstance(second, np.memmap)
     other = FeatureKey("b", "d", "another transform")
     assert other.digest != key.digest and store.load(other) is None
-    store.get_or_create(other, (4, 3), fill)
+    store.write(other, (4, 3), fill)
     assert len(calls) == 2
     _, meta = store.paths(key)
     meta.write_text(meta.read_text().replace('"b"', '"edited"'))  # metadata no longer matches its key
@@ -77,7 +77,7 @@ def test_interrupted_extraction_is_never_trusted(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     key = FeatureKey("b", "d", "t")
     assert store.load(key) is None
-    done = store.get_or_create(key, (400, 8), lambda out: out.__setitem__(slice(None), 1.0))
+    done = store.write(key, (400, 8), lambda out: out.__setitem__(slice(None), 1.0))
     assert done.shape == (400, 8) and np.all(done == 1.0)
 
 

@@ -22,7 +22,8 @@ class FaissKMeans(ClusterMixin, BaseEstimator):
 
     FAISS subsamples to 256 points per centroid by default; here every point is used, as in scikit-learn.
     Runs on the GPUs when faiss reports any (``use_gpu=None``).
-    Attributes: cluster_centers_ (K, D), labels_ (N,), inertia_ (sum of squared distances), n_iter_.
+    Attributes: cluster_centers_ (K, D), labels_ (N,), inertia_ (sum of squared distances), n_iter_ (= ``max_iter``:
+    FAISS has no early stop, so every restart runs them all).
     """
 
     def __init__(
@@ -59,7 +60,7 @@ class FaissKMeans(ClusterMixin, BaseEstimator):
         distances, labels = kmeans.index.search(x, 1)
         self.labels_ = labels[:, 0].astype(np.int64)
         self.inertia_ = float(distances.sum())
-        self.n_iter_ = self.max_iter
+        self.n_iter_ = self.max_iter  # FAISS has no convergence test: every restart runs all max_iter iterations
         return self
 
     def predict(self, X) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.cluster import SpectralClustering
 
-from icon_lightning.baselines.kmeans import _as_features
+from icon_lightning.classical.kmeans import _as_features
 from icon_lightning.data.neighbours import knn
 
 

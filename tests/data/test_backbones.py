@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from icon_lightning.models.backbones import (
+from icon_lightning.data.backbones import (
     EfficientNetLite0,
     FrozenBackbone,
     TimmBackbone,

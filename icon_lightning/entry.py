@@ -1,0 +1,41 @@
+"""The `icon` command: `icon fit|validate|test|predict …` (`icon_lightning.cli`) or `icon sweep SWEEP.yaml`
+(`icon_lightning.sweep`). Every error ends in one line on stderr; ``--debug`` or ``ICON_DEBUG=1`` shows the
+traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from icon_lightning.cli import DEBUG_ENV, cli_main
+from icon_lightning.io import one_line
+from icon_lightning.sweep import main as sweep_main
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`icon …`: errors end in one line on stderr (exit 1) naming what was wrong; ``--debug`` or ``ICON_DEBUG=1``
+    shows the traceback instead."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in words or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    words = [w for w in words if w != "--debug"]
+    before = os.environ.get(DEBUG_ENV)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # the parser shows its usage page and raises where it would exit
+    try:
+        if words and words[0] == "sweep":
+            sweep_main(words[1:])
+        else:
+            if argv is None:  # LightningCLI reads sys.argv (its DDP launcher re-runs it), less `--debug`
+                sys.argv[1:] = words
+            cli_main(None if argv is None else words)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as error:
+        if debug:
+            raise
+        sys.exit(f"icon: error: {one_line(error)}  (--debug or {DEBUG_ENV}=1 shows the traceback)")
+    finally:
+        if before is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = before
