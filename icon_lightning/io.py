@@ -18,9 +18,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".ti
 
 
 def default_file_mode() -> int:
-    """The mode ``open(path, "w")`` would give a new file: 0666 less the process umask."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """The mode ``open(path, "w")`` would give a new file: 0666 less the process umask (read from /proc on Linux;
+    elsewhere set and restored, which another thread could see for an instant)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
