@@ -11,7 +11,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from icon_lightning import __version__
-from icon_lightning.callbacks import ClusterAssignmentWriter, Convergence
+from icon_lightning.callbacks import ClusterAssignmentWriter, ClusteringPlots, Convergence
 from icon_lightning.callbacks.checkpoint import RunCheckpoint
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.io import atomic_write, atomic_write_json
@@ -171,6 +171,9 @@ class IConCLI(LightningCLI):
 
     def _start(self) -> None:
         self._started = time.time()
+        for callback in self.trainer.callbacks:  # pictures and predictions go to the run's folder, whatever the logger
+            if isinstance(callback, (ClusteringPlots, ClusterAssignmentWriter)) and callback.output_dir is None:
+                callback.output_dir = str(self.run_dir)
 
     before_fit = before_validate = before_test = before_predict = _start
 

@@ -24,6 +24,7 @@ def test_demo_fits_validates_and_tabulates_beside_kmeans_and_spectral(capsys, tm
     names = {Path(p).name for p in results["plots"]}
     assert {"confusion_epoch60.png", "cluster_sizes_epoch60.png", "embedding_epoch60.png"} <= names
     assert all(Path(p).stat().st_size > 0 for p in results["plots"])
+    assert all(Path(p).resolve().is_relative_to(tmp_path.resolve()) for p in results["plots"])  # not the cwd
     out = capsys.readouterr().out
     assert results["steps"] == 60 and not results["converged"]  # the cap ended it, and the demo says so
     for text in ("I-Con (icon_clustering)", "k-means", "spectral", "selected head", "plots: ", "NOT CONVERGED"):

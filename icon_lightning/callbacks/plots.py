@@ -110,12 +110,14 @@ def plot_alpha_sweep(rows: list[dict], path: Path, metric: str = "val/hungarian_
 class ClusteringPlots(Callback):
     """After each validation: confusion matrix, cluster sizes, a 2-D embedding and p-vs-q neighbourhoods.
 
-    PNGs go to ``<run dir>/plots/<name>_epoch<E>.png`` (``trainer.default_root_dir``) and, with a W&B logger, to
-    the run as images.
+    PNGs go to ``<output_dir>/plots/<name>_epoch<E>.png`` (`icon` sets the run's folder; otherwise the logger's
+    folder) and, with a W&B logger, to the run as images.
     """
 
-    def __init__(self, max_points: int = 2000, anchors: int = 4, strict: bool = False) -> None:
-        self.max_points, self.anchors, self.strict = max_points, anchors, strict
+    def __init__(
+        self, max_points: int = 2000, anchors: int = 4, strict: bool = False, output_dir: str | None = None
+    ) -> None:
+        self.max_points, self.anchors, self.strict, self.output_dir = max_points, anchors, strict, output_dir
         self.written: list[Path] = []
 
     def _guard(self, name: str, fn) -> Path | None:
@@ -130,7 +132,7 @@ class ClusteringPlots(Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        out = Path(trainer.default_root_dir) / "plots"  # the run directory under `icon`
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir) / "plots"  # log_dir: every rank
         if not trainer.is_global_zero:
             return
         out.mkdir(parents=True, exist_ok=True)

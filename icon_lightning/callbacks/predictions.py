@@ -14,8 +14,8 @@ from icon_lightning.io import atomic_write
 
 class ClusterAssignmentWriter(BasePredictionWriter):
     """``predictions.csv`` (index, cluster, confidence) and ``predictions.npy`` ((N,) cluster per dataset
-    index, -1 for items not predicted), written atomically to ``output_dir`` or the run directory
-    (``trainer.default_root_dir``, which `icon` sets to each run's own folder)."""
+    index, -1 for items not predicted), written atomically to ``output_dir`` (`icon` sets the run's folder) or the
+    logger's folder."""
 
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="epoch")
@@ -28,7 +28,7 @@ class ClusterAssignmentWriter(BasePredictionWriter):
         index = torch.cat([b["index"] for b in batches]).cpu().numpy()
         cluster = torch.cat([b["cluster"] for b in batches]).cpu().numpy()
         confidence = torch.cat([b["probs"].max(-1).values for b in batches]).float().cpu().numpy()
-        out = Path(self.output_dir or trainer.default_root_dir)  # the run directory under `icon`
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)  # log_dir: asked on every rank
         if trainer.world_size > 1:
             # Each process predicted its shard: gather them, drop the sampler's padding, and write once.
             parts = [None] * trainer.world_size

@@ -35,7 +35,7 @@ def test_shards_are_gathered_deduplicated_and_written_by_rank_zero(tmp_path, mon
     monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
     for rank in (1, 0):  # rank 1 writes nothing
         out = tmp_path / f"rank{rank}"
-        trainer = SimpleNamespace(world_size=2, is_global_zero=rank == 0, default_root_dir=str(out))
+        trainer = SimpleNamespace(world_size=2, is_global_zero=rank == 0, log_dir=None, default_root_dir=str(out))
         ClusterAssignmentWriter().write_on_epoch_end(trainer, None, shards[rank], None)
     assert not (tmp_path / "rank1").exists()
     assert np.load(tmp_path / "rank0" / "predictions.npy").tolist() == [2, 0, 1, 2, 0]
@@ -51,7 +51,7 @@ def test_a_full_disk_names_the_predictions_file_and_leaves_no_partial_file(tmp_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    trainer = SimpleNamespace(world_size=1, is_global_zero=True, default_root_dir=str(tmp_path))
+    trainer = SimpleNamespace(world_size=1, is_global_zero=True, log_dir=None, default_root_dir=str(tmp_path))
     with pytest.raises(OSError, match=r"predictions\.npy: could not write: no space left on the device"):
         ClusterAssignmentWriter().write_on_epoch_end(trainer, None, shard([0, 1], [1, 2]), None)
     assert list(tmp_path.iterdir()) == []
