@@ -34,11 +34,10 @@ from icon_lightning.data.transforms import eval_transform
 from icon_lightning.learned import Debiased as DebiasedQ
 from icon_lightning.learned import UniformCluster
 from icon_lightning.loss import IConLoss
-from icon_lightning.metrics import ClusteringMetrics
+from icon_lightning.metrics import METRICS, score_assignments
 from icon_lightning.supervisory import Debiased as DebiasedP
 from icon_lightning.supervisory import KNNGraph, Propagated
 
-METRICS = ("hungarian_acc", "nmi", "ari")  # hungarian_acc is over-clustering accuracy when clusters > classes
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -196,16 +195,6 @@ def methods(k: int, num_fit: int = 0) -> dict[str, tuple[str, Callable[[int], ob
     }
 
 
-def score(pred: np.ndarray, label: np.ndarray, k: int, num_classes: int) -> dict[str, float]:
-    metric = ClusteringMetrics(k, num_classes)
-    metric.update(torch.as_tensor(pred), torch.as_tensor(label))
-    values = metric.compute()
-    out = {name: float(values[name]) for name in METRICS}
-    if k > num_classes:  # each cluster maps to its majority class
-        out["hungarian_acc"] = float(values["over_clustering_acc"])
-    return out
-
-
 def run_method(split: Split, make: Callable[[int], object], seed: int, clusters: int) -> dict[str, float]:
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -213,7 +202,7 @@ def run_method(split: Split, make: Callable[[int], object], seed: int, clusters:
     estimator.fit(split.fit_x)
     pred = estimator.labels_ if split.score_x is split.fit_x else estimator.predict(split.score_x)
     elapsed = time.perf_counter() - start
-    result = {"seed": seed, **score(pred, split.score_y, clusters, split.num_classes), "wall_s": elapsed}
+    result = {"seed": seed, **score_assignments(pred, split.score_y, clusters, split.num_classes), "wall_s": elapsed}
     if hasattr(estimator, "head_losses_"):
         result["selected_head"] = estimator.selected_head_
         result["head_losses"] = [float(v) for v in estimator.head_losses_]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from icon_lightning.data.feature_store import atomic_write_json
+from icon_lightning.io import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

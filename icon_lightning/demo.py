@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.cluster import KMeans
@@ -34,18 +33,9 @@ from icon_lightning.baselines import KNNSpectralClustering
 from icon_lightning.callbacks import ClusteringPlots, Convergence
 from icon_lightning.data import ClusteringDataModule, DigitsDataset, ImageFolderDataset, TarImageFolder
 from icon_lightning.data.datasets import TorchvisionDataset
-from icon_lightning.metrics import ClusteringMetrics
+from icon_lightning.metrics import METRICS, score_assignments
 from icon_lightning.models import IConModule
 from icon_lightning.recipes import load_recipe
-
-METRICS = ("hungarian_acc", "nmi", "ari")
-
-
-def score(pred: np.ndarray, label: np.ndarray, k: int) -> dict[str, float]:
-    metric = ClusteringMetrics(k, k)
-    metric.update(torch.as_tensor(pred), torch.as_tensor(label))
-    values = metric.compute()
-    return {name: float(values[name]) for name in METRICS}
 
 
 def cifar10_test_split(path: str):
@@ -140,8 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
             for name in METRICS
         }
     }
-    results["kmeans"] = score(KMeans(k, n_init=10, random_state=args.seed).fit(x).labels_, y, k)
-    results["spectral"] = score(KNNSpectralClustering(k, n_neighbors=10, random_state=args.seed).fit(x).labels_, y, k)
+    results["kmeans"] = score_assignments(KMeans(k, n_init=10, random_state=args.seed).fit(x).labels_, y, k)
+    spectral = KNNSpectralClustering(k, n_neighbors=10, random_state=args.seed).fit(x).labels_
+    results["spectral"] = score_assignments(spectral, y, k)
     elapsed = time.perf_counter() - start
 
     losses = ", ".join(f"{v:.4f}" for v in model.head_losses.tolist())

@@ -46,13 +46,6 @@ def test_unknown_method_is_named(tmp_path, monkeypatch):
         bc.main(["--dataset", "digits", "--methods", "nope", "--cache-dir", str(tmp_path)])
 
 
-def test_over_clustering_rows_are_scored_by_majority_mapping():
-    label = np.array([0, 0, 1, 1, 2, 2])
-    pred = np.array([0, 1, 2, 3, 4, 4])  # 5 clusters, each pure
-    assert bc.score(pred, label, 5, 3)["hungarian_acc"] == 1.0  # over-clustering accuracy
-    assert bc.score(np.array([0, 0, 1, 1, 1, 2]), label, 3, 3)["hungarian_acc"] == pytest.approx(5 / 6)
-
-
 def test_rows_of_an_earlier_protocol_keep_their_label_and_are_rerun_by_resume(tmp_path, monkeypatch, capsys):
     # A file from before per-method protocols: one schedule at the top level for every row.
     monkeypatch.setattr(common, "RESULTS", tmp_path)

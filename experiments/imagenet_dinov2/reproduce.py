@@ -307,19 +307,6 @@ def icon_fit_args(args: argparse.Namespace, run: dict, passthrough: list[str]) -
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def score(clusters, labels, num_clusters: int, num_classes: int) -> dict[str, float]:
-    """Hungarian accuracy, NMI, ARI of (N,) cluster ids against (N,) labels, with the project's metric,
-    in this process only (rank 0 runs this after the other ranks have finished)."""
-    import torch
-
-    from icon_lightning.metrics import ClusteringMetrics
-
-    metric = ClusteringMetrics(num_clusters, num_classes, sync_on_compute=False)
-    metric.update(torch.as_tensor(clusters).long().cpu(), torch.as_tensor(labels).long().cpu())
-    values = metric.compute()
-    return {k: float(values[k]) for k in ("hungarian_acc", "nmi", "ari") if k in values}
-
-
 def icon_clusters(model, features, device, chunk: int = 65536):
     """(N,) argmax cluster of the label-free selected head on (N, D) cached features."""
     import torch
@@ -372,8 +359,9 @@ def table_text(result: dict) -> str:
 def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> dict | None:
     """Fit in this process, then (rank 0) score I-Con and k-means; returns the result (None on other ranks)."""
     from icon_lightning.cli import cli_main
-    from icon_lightning.data.feature_store import atomic_write_json
     from icon_lightning.data.neighbours import faiss_gpus
+    from icon_lightning.io import atomic_write_json
+    from icon_lightning.metrics import score_assignments
 
     run = plan(args, n_gpus)
     started = time.time()
@@ -391,7 +379,9 @@ def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> 
     device = torch.device("cuda", torch.cuda.current_device()) if run["accelerator"] == "gpu" else torch.device("cpu")
     val_features, val_labels = data.val_data.features, data.val_data.labels
     started = time.time()
-    icon = score(icon_clusters(model, val_features, device), val_labels, model.hparams.num_clusters, data.num_classes)
+    icon = score_assignments(
+        icon_clusters(model, val_features, device), val_labels, model.hparams.num_clusters, data.num_classes
+    )
     icon["selected_head"] = int(model.selected_head)
     icon["head_losses"] = [float(x) for x in model.head_losses]
     last_val = trainer.callback_metrics.get("val/hungarian_acc/best")
@@ -404,7 +394,7 @@ def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> 
     clusters, fitted_on, per_centroid = kmeans_clusters(
         fit_features.numpy(), val_features.numpy(), data.num_classes, args, use_gpu
     )
-    kmeans = score(clusters, val_labels, data.num_classes, data.num_classes)
+    kmeans = score_assignments(clusters, val_labels, data.num_classes, data.num_classes)
     kmeans.update(
         {
             "fit_on": args.kmeans_fit,

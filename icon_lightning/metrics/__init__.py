@@ -1,5 +1,5 @@
 """torchmetrics metrics for clustering: Hungarian accuracy with a confusion-matrix state; NMI, ARI, AMI."""
 
-from icon_lightning.metrics.clustering import ClusteringMetrics, HungarianAccuracy
+from icon_lightning.metrics.clustering import METRICS, ClusteringMetrics, HungarianAccuracy, score_assignments
 
-__all__ = ["ClusteringMetrics", "HungarianAccuracy"]
+__all__ = ["METRICS", "ClusteringMetrics", "HungarianAccuracy", "score_assignments"]

@@ -65,3 +65,24 @@ def test_two_process_reduction_equals_one_process():
     single.update(torch.from_numpy(pred), torch.from_numpy(target))
     for key, value in single.compute().items():
         assert distributed[key] == pytest.approx(float(value), abs=1e-6)
+
+
+def test_score_assignments_is_the_one_scorer_and_matches_scikit_learn():
+    """demo.py, benchmarks/clustering.py and reproduce.py each had their own copy of this."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn import metrics as skm
+
+    from icon_lightning.metrics import score_assignments
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 300)
+    clusters = np.where(rng.random(300) < 0.7, (labels + 1) % 4, rng.integers(0, 4, 300))
+    counts = np.zeros((4, 4))
+    np.add.at(counts, (clusters, labels), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    got = score_assignments(clusters, labels, 4)
+    assert got["hungarian_acc"] == pytest.approx(counts[rows, cols].sum() / 300)
+    assert got["nmi"] == pytest.approx(skm.normalized_mutual_info_score(labels, clusters))
+    assert got["ari"] == pytest.approx(skm.adjusted_rand_score(labels, clusters))
+    over = np.where(rng.random(300) < 0.5, labels, labels + 4)  # 8 clusters, each inside one class
+    assert score_assignments(over, labels, 8, 4)["hungarian_acc"] == pytest.approx(1.0)  # majority mapping
