@@ -31,12 +31,10 @@ from icon_lightning.data.datasets import DigitsDataset, IdxDataset, IndexedDatas
 from icon_lightning.data.feature_store import FeatureStore, cached_features
 from icon_lightning.data.neighbours import centred_unit_rows
 from icon_lightning.data.transforms import eval_transform
-from icon_lightning.learned import Debiased as DebiasedQ
-from icon_lightning.learned import UniformCluster
-from icon_lightning.loss import IConLoss
+from icon_lightning.loss import Objective
 from icon_lightning.metrics import METRICS, score_assignments
-from icon_lightning.supervisory import Debiased as DebiasedP
-from icon_lightning.supervisory import KNNGraph, Propagated
+from icon_lightning.recipes import build_objective, recipe_config
+from icon_lightning.supervisory import KNNGraph
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -115,13 +113,21 @@ def load_split(name: str, args: argparse.Namespace) -> Split:
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def icon_loss(alpha_p: float, alpha_q: float, walks: int) -> IConLoss:
-    """The paper's clusterer and its ablations: k-NN (k = 3) + ``walks``-step propagation, debiased by α."""
-    p = KNNGraph(k=3)
-    p = Propagated(p, walks=walks) if walks else p
-    p = DebiasedP(p, alpha=alpha_p) if alpha_p else p
-    q = DebiasedQ(UniformCluster(), alpha=alpha_q) if alpha_q else UniformCluster()
-    return IConLoss(p, q)
+def icon_loss(alpha_p: float, alpha_q: float, walks: int) -> Objective:
+    """configs/recipes/icon_clustering.yaml (k-NN, k = 3, + walks, debiased by α), read as a config, and its
+    ablations edited into that config: α of p or q (0 drops the debiasing), ``walks`` (0 drops propagation)."""
+    config = recipe_config("icon_clustering")
+    propagated = config["init_args"]["p"]["init_args"]["base"]
+    if walks:
+        propagated["init_args"]["walks"] = walks
+    else:
+        config["init_args"]["p"]["init_args"]["base"] = propagated["init_args"]["base"]
+    for side, alpha in (("p", alpha_p), ("q", alpha_q)):
+        if alpha:
+            config["init_args"][side]["init_args"]["alpha"] = alpha
+        else:
+            config["init_args"][side] = config["init_args"][side]["init_args"]["base"]
+    return build_objective(config)
 
 
 SPECTRAL_ARPACK_MAX = 20_000

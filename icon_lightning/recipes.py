@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from jsonargparse import ArgumentParser
 
 from icon_lightning.loss import Objective
@@ -30,6 +31,18 @@ def recipe_path(name_or_path: str | Path) -> Path:
 
 def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def recipe_config(name_or_path: str | Path) -> dict:
+    """A recipe's ``model.loss`` as plain data (``class_path`` / ``init_args``), to edit and ``build_objective``."""
+    return yaml.safe_load(recipe_path(name_or_path).read_text())["model"]["loss"]
+
+
+def build_objective(config: dict) -> Objective:
+    """Instantiate a ``model.loss`` config (as in a recipe), checked by jsonargparse like a recipe file."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model.loss", type=Objective, required=True)
+    return parser.instantiate(parser.parse_object({"model": {"loss": config}})).model.loss
 
 
 def load_recipe(name_or_path: str | Path) -> Objective:
