@@ -129,9 +129,13 @@ class IConCLI(LightningCLI):
         ):
             parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
 
+    def _run_config(self):
+        """This run's config: the subcommand's section (the whole config with ``run=False``: no subcommand)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def before_instantiate_classes(self) -> None:
         """Hash the config, resolve the checkpoint, and point every output of the run at its own folder."""
-        cfg = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
+        cfg = self._run_config()
         subcommand = self.subcommand or "fit"
         plain = cfg.as_dict()
         self.config_sha256 = config_sha256(plain)
@@ -183,7 +187,7 @@ class IConCLI(LightningCLI):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        cfg = self._run_config()
         watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
         convergence = watcher.report() if watcher is not None and self.subcommand == "fit" else None
         saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))

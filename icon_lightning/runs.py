@@ -49,10 +49,9 @@ def experiment_key(config: dict) -> str:
 
 def config_name(config_files) -> str:
     """A readable name from the first ``--config`` file: its stem, or its folder's name for ``config.yaml``."""
-    files = [Path(str(getattr(f, "absolute", f) or f)) for f in (config_files or [])]
-    if not files:
+    if not config_files:
         return "run"
-    first = files[0]
+    first = Path(str(config_files[0]))
     return first.parent.name if first.stem == "config" and first.parent.name else first.stem
 
 

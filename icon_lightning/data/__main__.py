@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     extract_s = time.perf_counter() - start
     x = centred_unit_rows(features)
     start = time.perf_counter()
-    table = NeighbourTable.build_or_load(
-        x, args.k, store.root / f"{NeighbourTable.fingerprint(x)}.knn{args.k}.npz", args.knn_backend
-    )
+    table = NeighbourTable.in_folder(x, args.k, store.root, args.knn_backend)
     knn_s = time.perf_counter() - start
     result = {"n": len(x), "dim": x.shape[1], "extract_s": extract_s, "knn_s": knn_s}
     print(f"features: {x.shape[0]} x {x.shape[1]} in {store.root} ({extract_s:.1f} s, cached after the first run)")

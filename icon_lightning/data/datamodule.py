@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -336,14 +335,11 @@ class ClusteringDataModule(L.LightningDataModule):
         if self.val_dataset is not None:
             self._features(self.val_dataset, "clean")
 
-    def _table_path(self, clean: np.ndarray) -> Path:
-        return self.store.root / f"{NeighbourTable.fingerprint(clean)}.knn{self.k}.npz"
-
     def prepare_data(self) -> None:
         if not self.distributed_extraction:
             self._extract_all()
             clean = self._prepared(self._features(self.dataset, "clean"))
-            NeighbourTable.build_or_load(clean, self.k, self._table_path(clean), self.knn_backend)
+            NeighbourTable.in_folder(clean, self.k, self.store.root, self.knn_backend)
 
     def _prepared(self, features: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
         if not self.normalize:
@@ -356,12 +352,14 @@ class ClusteringDataModule(L.LightningDataModule):
         raw = np.asarray(self._features(self.dataset, "clean"), dtype=np.float32)
         mean = raw.mean(0, keepdims=True)
         clean = self._prepared(raw, mean)
-        path = self._table_path(clean)
+        fingerprint = NeighbourTable.fingerprint(clean)  # a hash of every byte: once for both calls below
+        table = None
         if self.distributed_extraction and dist.is_available() and dist.is_initialized():
             if dist.get_rank() == 0:  # one process builds the k-NN table; the others load the file it wrote
-                NeighbourTable.build_or_load(clean, self.k, path, self.knn_backend)
+                table = NeighbourTable.in_folder(clean, self.k, self.store.root, self.knn_backend, fingerprint)
             dist.barrier()
-        table = NeighbourTable.build_or_load(clean, self.k, path, self.knn_backend)
+        if table is None:
+            table = NeighbourTable.in_folder(clean, self.k, self.store.root, self.knn_backend, fingerprint)
         labels = torch.as_tensor(self.dataset.labels, dtype=torch.long)
         if (labels >= 0).all():
             self.knn_agreement = label_agreement(table.indices, self.dataset.labels)  # diagnostic only
@@ -404,11 +402,10 @@ class ClusteringDataModule(L.LightningDataModule):
             return torch.stack([torch.from_numpy(self._prepared(raw, mean)) for raw in raws])
         mean = mean if self.normalize else None
         distributed = dist.is_available() and dist.is_initialized()
-        if distributed and dist.get_rank() == 0:
-            shared_views(self.store.root, raws, mean)
+        views = shared_views(self.store.root, raws, mean) if not distributed or dist.get_rank() == 0 else None
         if distributed:
-            dist.barrier()
-        views = shared_views(self.store.root, raws, mean)
+            dist.barrier()  # rank 0 has written the map; the others now only open it
+        views = views if views is not None else shared_views(self.store.root, raws, mean)
         with warnings.catch_warnings():  # read-only on purpose: batches copy the rows they gather
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(views)

@@ -150,9 +150,13 @@ class NeighbourTable:
         return content_digest(features)
 
     @classmethod
-    def build_or_load(cls, features: np.ndarray, k: int, path: str | Path, backend: str = "auto") -> NeighbourTable:
+    def build_or_load(
+        cls, features: np.ndarray, k: int, path: str | Path, backend: str = "auto", fingerprint: str | None = None
+    ) -> NeighbourTable:
+        """The table saved at ``path`` if it was built from these features (``fingerprint``, hashed here when not
+        given), else built and saved there."""
         path = Path(path)
-        fingerprint = cls.fingerprint(features)
+        fingerprint = fingerprint or cls.fingerprint(features)
         if path.is_file():
             try:
                 with np.load(path) as npz:
@@ -167,3 +171,11 @@ class NeighbourTable:
             binary=True,
         )
         return cls(indices, sims)
+
+    @classmethod
+    def in_folder(
+        cls, features: np.ndarray, k: int, folder: str | Path, backend: str = "auto", fingerprint: str | None = None
+    ) -> NeighbourTable:
+        """``build_or_load`` at ``<folder>/<fingerprint>.knn<k>.npz``, hashing the features once for both."""
+        fingerprint = fingerprint or cls.fingerprint(features)
+        return cls.build_or_load(features, k, Path(folder) / f"{fingerprint}.knn{k}.npz", backend, fingerprint)
