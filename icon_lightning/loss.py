@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,26 @@ def anchors_with_positive(p: Tensor) -> Tensor:
     return has_positive
 
 
+@dataclass(frozen=True)
+class Pairs:
+    """One head's (B, M) pair matrix as an objective sees it.
+
+    anchors: B rows. candidates: M rows, the anchors themselves when ``square`` (no candidates were given).
+    valid: (B, M) bool, False at self pairs, or None (rectangular, no self pairs).
+    self_offset: row of the candidates where the anchors start (0 when square), or None.
+    p: the shared target of these pairs (dense or sparse), or None for objectives without a supervisory p.
+    head: which of the model's heads the rows come from (for objectives that keep state per head).
+    """
+
+    anchors: Rows
+    candidates: Rows
+    valid: Tensor | None
+    self_offset: int | None
+    p: Tensor | SparseTarget | None
+    head: int
+    square: bool
+
+
 class Objective(nn.Module):
     """Anything the LightningModule can minimise: ``forward(anchors, candidates=None) -> LossOutput``.
 
@@ -40,9 +61,14 @@ class Objective(nn.Module):
     otherwise the pair matrix is rectangular (cross-view, image-text, class prototypes) and unmasked, unless
     ``self_offset`` says the anchors sit among the candidates from that row on (the local rows of one DDP
     process inside the gathered global batch, or a teacher's outputs of the same rows): then the pairs
-    (i, self_offset + i) are masked. ``head`` says which of the model's H heads the rows come from, for
-    objectives that keep state per head (TEMI's cluster prior); stateless objectives ignore it.
+    (i, self_offset + i) are masked. ``head`` says which of the model's H heads the rows come from.
+
+    A subclass implements ``compute(pairs)``. One whose p is a supervisory ``self.p`` sets ``shares_target``:
+    its p is then built by ``target(...)``, once for all heads, and ``target_reads_output`` says whether that
+    p reads the rows' z (then it must be rebuilt from the current output every step, never cached).
     """
+
+    shares_target: ClassVar[bool] = False
 
     @staticmethod
     def pairs(anchors: Rows, candidates: Rows | None, self_offset: int | None = None) -> tuple[Rows, Tensor | None]:
@@ -56,10 +82,9 @@ class Objective(nn.Module):
         return candidates, self_pairs_valid(len(anchors), len(candidates), self_offset, device=anchors.z.device)
 
     @property
-    def shares_target(self) -> bool:
-        """Built on a supervisory ``self.p`` (I-Con, SCAN, TEMI): p depends on the rows, not on z, so one
-        ``target(...)`` can be passed to ``forward(p=...)`` for every head."""
-        return isinstance(self._modules.get("p"), Supervisory)
+    def target_reads_output(self) -> bool:
+        """p depends on the model's output (``Supervisory.reads_output``), not only on the rows' dataset facts."""
+        return self.shares_target and self.p.reads_output
 
     def target(self, anchors: Rows, candidates: Rows | None = None, self_offset: int | None = None) -> Tensor:
         """(B, M) p for these rows; pass it back to ``forward`` to share it across heads."""
@@ -70,19 +95,43 @@ class Objective(nn.Module):
         with torch.autocast(anchors.z.device.type, enabled=False):
             return self.p(anchors, candidates, valid).detach()
 
+    def compute(self, pairs: Pairs) -> LossOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(
+        self,
+        anchors: Rows,
+        candidates: Rows | None = None,
+        p: Tensor | SparseTarget | None = None,
+        self_offset: int | None = None,
+        head: int = 0,
+    ) -> LossOutput:
+        """p: optional precomputed ``target(...)`` of these pairs; q always comes from the rows' z."""
+        return self.forward_heads([anchors], None if candidates is None else [candidates], p, self_offset, head)[0]
+
     def forward_heads(
         self,
         anchors: list[Rows],
         candidates: list[Rows] | None = None,
         p: Tensor | SparseTarget | None = None,
         self_offset: int | None = None,
+        first_head: int = 0,
     ) -> list[LossOutput]:
         """One ``LossOutput`` per head h for rows ``anchors[h]`` (and ``candidates[h]``), sharing one p.
-        Objectives that can take all heads at once override it; the default calls ``forward`` per head."""
+        Objectives that can take all heads at once override it; the default computes head by head."""
+        if p is None and self.shares_target:
+            p = self.target(anchors[0], None if candidates is None else candidates[0], self_offset)
         return [
-            self(a, None if candidates is None else candidates[h], p=p, self_offset=self_offset, head=h)
+            self.compute(self.pair_up(a, None if candidates is None else candidates[h], p, self_offset, first_head + h))
             for h, a in enumerate(anchors)
         ]
+
+    def pair_up(
+        self, anchors: Rows, candidates: Rows | None, p: Tensor | SparseTarget | None, self_offset: int | None, head=0
+    ) -> Pairs:
+        others, valid = self.pairs(anchors, candidates, self_offset)
+        offset = 0 if candidates is None else self_offset
+        return Pairs(anchors, others, valid, offset, p, head, candidates is None)
 
 
 class IConLoss(Objective):
@@ -93,6 +142,8 @@ class IConLoss(Objective):
     (``functional.sparse_cluster_kl``), never holding a (B, M) matrix: the same value and gradients as the
     dense path to rounding. False always takes the dense path, the reference.
     """
+
+    shares_target = True
 
     def __init__(self, p: Supervisory, q: Learned, divergence: nn.Module | None = None, sparse: bool = True) -> None:
         super().__init__()
@@ -116,23 +167,13 @@ class IConLoss(Objective):
                 return p.detach()
         return super().target(anchors, candidates, self_offset)
 
-    def forward(
-        self,
-        anchors: Rows,
-        candidates: Rows | None = None,
-        p: Tensor | SparseTarget | None = None,
-        self_offset: int | None = None,
-        head: int = 0,
-    ) -> LossOutput:
-        """p: optional precomputed ``target(...)`` of these pairs; q always comes from the rows' z."""
-        return self.forward_heads([anchors], None if candidates is None else [candidates], p, self_offset)[0]
-
     def forward_heads(
         self,
         anchors: list[Rows],
         candidates: list[Rows] | None = None,
         p: Tensor | SparseTarget | None = None,
         self_offset: int | None = None,
+        first_head: int = 0,
     ) -> list[LossOutput]:
         if p is None:
             p = self.target(anchors[0], None if candidates is None else candidates[0], self_offset)
@@ -147,16 +188,23 @@ class IConLoss(Objective):
             if out is not None:
                 return [LossOutput(loss=kl, kl=kl, cross_entropy=ce) for kl, ce in zip(*out)]
             p = p.to_dense()
-        return [
-            self._dense(a, None if candidates is None else candidates[h], p, self_offset) for h, a in enumerate(anchors)
-        ]
+        return super().forward_heads(anchors, candidates, p, self_offset, first_head)
 
-    def _dense(self, anchors: Rows, candidates: Rows | None, p: Tensor, self_offset: int | None) -> LossOutput:
-        candidates, valid = self.pairs(anchors, candidates, self_offset)
-        check_shape("p", p, 2, {0: len(anchors), 1: len(candidates)})
-        log_q = self.q(anchors, candidates, valid)
-        per_anchor = self.divergence(p, log_q)
-        has_positive = anchors_with_positive(p)
+    @torch.no_grad()
+    def neighbourhoods(self, rows: Rows, n: int) -> tuple[Tensor, Tensor]:
+        """Dense p(.|i) and q(.|i) of the first ``n`` anchors of a square batch of ``rows`` (self pairs masked):
+        two (n, B) matrices, for plots."""
+        p = self.target(rows)
+        p = p.row_slice(0, n).to_dense() if isinstance(p, SparseTarget) else p[:n]
+        candidates, valid = self.pairs(rows, None)
+        return p, self.q(rows.first(n), candidates, valid[:n]).exp()
+
+    def compute(self, pairs: Pairs) -> LossOutput:
+        """The dense reference: log q over the valid pairs, the divergence per anchor, the mean over anchors."""
+        check_shape("p", pairs.p, 2, {0: len(pairs.anchors), 1: len(pairs.candidates)})
+        log_q = self.q(pairs.anchors, pairs.candidates, pairs.valid)
+        per_anchor = self.divergence(pairs.p, log_q)
+        has_positive = anchors_with_positive(pairs.p)
         kl = per_anchor.divergence[has_positive].mean()
         return LossOutput(loss=kl, kl=kl, cross_entropy=per_anchor.cross_entropy[has_positive].mean())
 
@@ -174,15 +222,9 @@ class WeightedSum(Objective):
         self.terms = nn.ModuleList(terms)
         self.weights = list(weights)
 
-    def forward(
-        self,
-        anchors: Rows,
-        candidates: Rows | None = None,
-        p: Tensor | None = None,
-        self_offset: int | None = None,
-        head: int = 0,
-    ) -> LossOutput:
-        outs = [t(anchors, candidates, self_offset=self_offset) for t in self.terms]  # each term its own p
+    def compute(self, pairs: Pairs) -> LossOutput:
+        given = None if pairs.square else pairs.candidates
+        outs = [t(pairs.anchors, given, self_offset=None if pairs.square else pairs.self_offset) for t in self.terms]
 
         def total(name: str) -> Tensor | None:
             values = [getattr(o, name) for o in outs]
@@ -218,16 +260,8 @@ class SCInfoNCE(Objective):
         s = F.normalize(anchors.z, dim=-1) @ F.normalize(candidates.z, dim=-1).T / self.temperature
         return s, positive
 
-    def forward(
-        self,
-        anchors: Rows,
-        candidates: Rows | None = None,
-        p: Tensor | None = None,
-        self_offset: int | None = None,
-        head: int = 0,
-    ) -> LossOutput:
-        if candidates is None:
+    def compute(self, pairs: Pairs) -> LossOutput:
+        if pairs.square:
             raise ValueError("candidates: SC-InfoNCE compares view 1 (anchors) with view 2 (candidates)")
-        check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})
-        s, positive = self.logits(anchors, candidates)
+        s, positive = self.logits(pairs.anchors, pairs.candidates)
         return LossOutput(loss=sc_infonce(s, positive, self.alpha, self.beta).mean())

@@ -59,6 +59,12 @@ class Rows:
         object.__setattr__(rows, "z", z)
         return rows
 
+    def first(self, n: int) -> Rows:
+        """The first ``n`` rows (every field cut alike)."""
+        return Rows(
+            **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[:n] for f in fields(self)}
+        )
+
     @staticmethod
     def cat(parts: list[Rows]) -> Rows:
         """Stack rows (e.g. the two views of SimCLR into 2B rows); optional fields must be all or none."""

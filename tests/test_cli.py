@@ -118,7 +118,7 @@ def trained(tmp_path_factory):
             "--trainer.max_epochs=21",
             "--trainer.check_val_every_n_epoch=21",
             "--model.optimizer.init_args.lr=0.001",
-            "--model.lr_step_size=10",
+            "--model.scheduler.init_args.step_size=10",
             *csv_logger(tmp),
         ]
     )

@@ -11,11 +11,13 @@ import copy
 import functools
 import logging
 import warnings
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin
+from torch.optim.lr_scheduler import StepLR
 
 from icon_lightning.callbacks import Convergence, SelfLabel
 from icon_lightning.classical.kmeans import _as_features
@@ -25,6 +27,7 @@ from icon_lightning.loss import Objective
 from icon_lightning.models.module import IConModule
 
 
+@dataclass(repr=False, eq=False)
 class HeadClusterer(ClusterMixin, BaseEstimator):
     """Train ``num_heads`` cluster heads on (N, D) features with ``loss``; keep the lowest-loss head.
 
@@ -40,88 +43,37 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     Attributes: labels_ (N,), selected_head_, head_losses_ (H,), converged_, steps_, module_ (the ``IConModule``).
     """
 
-    def __init__(
-        self,
-        loss: Objective,
-        n_clusters: int = 10,
-        num_heads: int = 10,
-        head_init: list[str] | None = None,
-        head_hidden_dim: int | None = None,
-        self_label: str | None = None,
-        k: int = 3,
-        walk_steps: int = 1,
-        num_neighbours: int = 1,
-        batch_size: int | str = "auto",
-        lr: float = 1e-2,
-        max_steps: int | str | None = "auto",
-        max_epochs: int = -1,
-        lr_step_size: int | None = None,
-        lr_gamma: float = 0.5,
-        ema_momentum: float | None = None,
-        teacher_candidates: bool = False,
-        random_state: int = 0,
-        accelerator: str = "auto",
-        cache_dir: str = ".cache/icon_lightning",
-    ) -> None:
-        self.loss = loss
-        self.n_clusters = n_clusters
-        self.num_heads = num_heads
-        self.head_init = head_init
-        self.head_hidden_dim = head_hidden_dim
-        self.self_label = self_label
-        self.k = k
-        self.walk_steps = walk_steps
-        self.num_neighbours = num_neighbours
-        self.batch_size = batch_size
-        self.lr = lr
-        self.max_steps = max_steps
-        self.max_epochs = max_epochs
-        self.lr_step_size = lr_step_size
-        self.lr_gamma = lr_gamma
-        self.ema_momentum = ema_momentum
-        self.teacher_candidates = teacher_candidates
-        self.random_state = random_state
-        self.accelerator = accelerator
-        self.cache_dir = cache_dir
+    loss: Objective
+    n_clusters: int = 10
+    num_heads: int = 10
+    head_init: list[str] | None = None
+    head_hidden_dim: int | None = None
+    self_label: str | None = None
+    k: int = 3
+    walk_steps: int = 1
+    num_neighbours: int = 1
+    batch_size: int | str = "auto"
+    lr: float = 1e-2
+    max_steps: int | str | None = "auto"
+    max_epochs: int = -1
+    lr_step_size: int | None = None
+    lr_gamma: float = 0.5
+    ema_momentum: float | None = None
+    teacher_candidates: bool = False
+    random_state: int = 0
+    accelerator: str = "auto"
+    cache_dir: str = ".cache/icon_lightning"
 
     def fit(self, X, y=None) -> HeadClusterer:
         x = _as_features(X)
+        if self.self_label not in (None, "selected", "consensus"):
+            raise ValueError(f"self_label: expected None, 'selected' or 'consensus', got {self.self_label!r}")
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
         L.seed_everything(self.random_state, verbose=False)
-        data = ClusteringDataModule(
-            FeaturesArray(x),
-            views="clean",
-            num_views=1,
-            num_neighbours=self.num_neighbours,
-            k=self.k,
-            walk_steps=self.walk_steps,
-            normalize=False,
-            batch_size=self.batch_size,
-            cache_dir=self.cache_dir,
-            seed=self.random_state,
-            evaluate_train=False,
-        )
-        module = IConModule(
-            loss=copy.deepcopy(self.loss),
-            feature_dim=x.shape[1],
-            num_clusters=self.n_clusters,
-            num_samples=len(x),
-            num_heads=self.num_heads,
-            head_init=self.head_init,
-            head_hidden_dim=self.head_hidden_dim,
-            optimizer=functools.partial(torch.optim.Adam, lr=self.lr),
-            lr_step_size=self.lr_step_size,
-            lr_gamma=self.lr_gamma,
-            ema_momentum=self.ema_momentum,
-            teacher_candidates=self.teacher_candidates,
-        )
+        module = self._module(x)
         # a fixed LR schedule is the caller's; without one, Convergence halves the LR on plateaus
         convergence = Convergence(max_steps=self.max_steps, lr_drops=2 if self.lr_step_size is None else 0)
-        callbacks = [convergence]
-        if self.self_label is not None:
-            if self.self_label not in ("selected", "consensus"):
-                raise ValueError(f"self_label: expected None, 'selected' or 'consensus', got {self.self_label!r}")
-            callbacks.append(SelfLabel(consensus=self.self_label == "consensus"))
+        callbacks = [convergence] + ([SelfLabel(consensus=self.self_label == "consensus")] if self.self_label else [])
         trainer = L.Trainer(
             accelerator=self.accelerator,
             devices=1,
@@ -136,14 +88,44 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "The run did not converge")  # recorded in converged_ instead
-            trainer.fit(module, datamodule=data)
+            trainer.fit(module, datamodule=self._data(x))
         self.module_ = module.cpu().eval()
         self.selected_head_ = int(module.selected_head)
         self.head_losses_ = module.head_losses.cpu().numpy()
-        self.converged_ = convergence.converged
-        self.steps_ = trainer.global_step
+        self.converged_, self.steps_ = convergence.converged, trainer.global_step
         self.labels_ = self.predict(x)
         return self
+
+    def _data(self, x: np.ndarray) -> ClusteringDataModule:
+        return ClusteringDataModule(
+            FeaturesArray(x),
+            views="clean",
+            num_views=1,
+            num_neighbours=self.num_neighbours,
+            k=self.k,
+            walk_steps=self.walk_steps,
+            normalize=False,
+            batch_size=self.batch_size,
+            cache_dir=self.cache_dir,
+            seed=self.random_state,
+            evaluate_train=False,
+        )
+
+    def _module(self, x: np.ndarray) -> IConModule:
+        step = self.lr_step_size
+        return IConModule(
+            loss=copy.deepcopy(self.loss),
+            feature_dim=x.shape[1],
+            num_clusters=self.n_clusters,
+            num_samples=len(x),
+            num_heads=self.num_heads,
+            head_init=self.head_init,
+            head_hidden_dim=self.head_hidden_dim,
+            optimizer=functools.partial(torch.optim.Adam, lr=self.lr),
+            scheduler=None if step is None else functools.partial(StepLR, step_size=step, gamma=self.lr_gamma),
+            ema_momentum=self.ema_momentum,
+            teacher_candidates=self.teacher_candidates,
+        )
 
     @torch.no_grad()
     def predict_proba(self, X) -> np.ndarray:

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from icon_lightning.functional import beta_pmi, check_alpha, check_positive, entropy, scan_consistency
-from icon_lightning.loss import LossOutput, Objective, anchors_with_positive
-from icon_lightning.rows import Rows
+from icon_lightning.loss import LossOutput, Objective, Pairs, anchors_with_positive
 from icon_lightning.supervisory import Supervisory
 from icon_lightning.supervisory.base import target_dtype
 
@@ -32,6 +31,8 @@ class SCANLoss(Objective):
     cluster affinity ⟨φ_i, φ_j⟩; the entropy term stands in for the normalisation that q would add.
     """
 
+    shares_target = True
+
     def __init__(self, p: Supervisory, entropy_weight: float = 5.0, temperature: float = 1.0) -> None:
         super().__init__()
         check_positive("temperature", temperature)
@@ -41,16 +42,8 @@ class SCANLoss(Objective):
         self.entropy_weight = float(entropy_weight)
         self.temperature = float(temperature)
 
-    def forward(
-        self,
-        anchors: Rows,
-        candidates: Rows | None = None,
-        p: Tensor | None = None,
-        self_offset: int | None = None,
-        head: int = 0,
-    ) -> LossOutput:
-        p = self.target(anchors, candidates, self_offset) if p is None else p
-        candidates, _ = self.pairs(anchors, candidates, self_offset)
+    def compute(self, pairs: Pairs) -> LossOutput:
+        anchors, candidates, p = pairs.anchors, pairs.candidates, pairs.p
         dtype = target_dtype(anchors)  # float32 or wider, also under autocast
         with torch.autocast(anchors.z.device.type, enabled=False):
             log_a = torch.log_softmax(anchors.z.to(dtype) / self.temperature, -1)
@@ -73,6 +66,8 @@ class TEMILoss(Objective):
     linear heads as every other method in the harness. Both temperatures default to 0.1: a sharper teacher
     (0.04, DINO's) merged clusters of well-separated blobs in ``tests/baselines``.
     """
+
+    shares_target = True
 
     def __init__(
         self,
@@ -112,29 +107,21 @@ class TEMILoss(Objective):
             self.prior = grown
         return self.prior[head]
 
-    def forward(
-        self,
-        anchors: Rows,
-        candidates: Rows | None = None,
-        p: Tensor | None = None,
-        self_offset: int | None = None,
-        head: int = 0,
-    ) -> LossOutput:
-        if candidates is None:
+    def compute(self, pairs: Pairs) -> LossOutput:
+        if pairs.square:
             raise ValueError("candidates: TEMI needs the teacher's outputs as candidates (teacher_candidates=True)")
-        p = self.target(anchors, candidates, self_offset) if p is None else p
-        candidates, _ = self.pairs(anchors, candidates, self_offset)
+        anchors, candidates, p = pairs.anchors, pairs.candidates, pairs.p
         dtype = target_dtype(anchors)  # float32 or wider, also under autocast
         with torch.autocast(anchors.z.device.type, enabled=False):
             log_s = torch.log_softmax(anchors.z.to(dtype) / self.student_temperature, -1)
             with torch.no_grad():
                 log_t = torch.log_softmax(candidates.z.to(dtype) / self.teacher_temperature, -1)
-                prior = self._prior(head, log_t)
+                prior = self._prior(pairs.head, log_t)
                 if self.training:
                     prior.mul_(self.prior_momentum).add_((1 - self.prior_momentum) * log_t.exp().mean(0))
                 weight = torch.ones_like(p)
                 if self.weighted:
-                    start = self_offset or 0
+                    start = pairs.self_offset or 0
                     weight = log_t[start : start + len(anchors)].exp() @ log_t.exp().T
             pmi = beta_pmi(log_s, log_t, prior.log(), self.beta)
             pairs = p * weight

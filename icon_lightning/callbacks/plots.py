@@ -138,18 +138,18 @@ class ClusteringPlots(Callback):
         out.mkdir(parents=True, exist_ok=True)
         epoch = trainer.current_epoch
         paths = []
-        if "val" in pl_module.last_confusion:
+        if "val" in pl_module.scores.last_confusion:
             paths.append(
                 self._guard(
                     "confusion",
-                    lambda: plot_confusion(pl_module.last_confusion["val"], out / f"confusion_epoch{epoch}.png"),
+                    lambda: plot_confusion(pl_module.scores.last_confusion["val"], out / f"confusion_epoch{epoch}.png"),
                 )
             )
             paths.append(
                 self._guard(
                     "cluster_sizes",
                     lambda: plot_cluster_sizes(
-                        pl_module.last_cluster_sizes["val"], out / f"cluster_sizes_epoch{epoch}.png"
+                        pl_module.scores.last_cluster_sizes["val"], out / f"cluster_sizes_epoch{epoch}.png"
                     ),
                 )
             )
@@ -172,33 +172,13 @@ class ClusteringPlots(Callback):
     @torch.no_grad()
     def _embedding(self, pl_module, datamodule, out: Path, epoch: int) -> Path:
         feats = datamodule.val_data.features[: self.max_points].to(pl_module.device)
-        clusters = pl_module(feats)[:, int(pl_module.selected_head)].argmax(-1).cpu().numpy()
+        clusters = pl_module.assign(feats).cpu().numpy()
         return plot_embedding(feats.float().cpu().numpy(), clusters, out / f"embedding_epoch{epoch}.png")
 
-    @torch.no_grad()
     def _neighbourhoods(self, pl_module, datamodule, out: Path, epoch: int) -> Path | None:
-        from icon_lightning.functional.sparse import SparseTarget
-        from icon_lightning.loss import IConLoss
-
-        if not isinstance(pl_module.loss, IConLoss):
-            return None
         batch = next(iter(datamodule.train_dataloader())).to(pl_module.device)
-        z = pl_module(pl_module.features(batch))[:, int(pl_module.selected_head)]
-        rows = batch.rows(z, pl_module.hparams.with_labels)
-        p = pl_module.loss.target(rows)
-        p = p.row_slice(0, self.anchors).to_dense() if isinstance(p, SparseTarget) else p[: self.anchors]
-        valid = ~torch.eye(len(rows), dtype=torch.bool, device=z.device)[: self.anchors]
-        q = pl_module.loss.q(_take(rows, self.anchors), rows, valid).exp()
-        return plot_neighbourhoods(
-            p.float().cpu().numpy(), q.float().cpu().numpy(), out / f"neighbourhoods_epoch{epoch}.png"
-        )
-
-
-def _take(rows, n: int):
-    from dataclasses import fields
-
-    from icon_lightning.rows import Rows
-
-    return Rows(
-        **{f.name: (None if getattr(rows, f.name) is None else getattr(rows, f.name)[:n]) for f in fields(rows)}
-    )
+        pq = pl_module.neighbourhoods(batch, self.anchors)
+        if pq is None:
+            return None
+        p, q = (x.float().cpu().numpy() for x in pq)
+        return plot_neighbourhoods(p, q, out / f"neighbourhoods_epoch{epoch}.png")

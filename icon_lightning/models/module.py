@@ -7,19 +7,26 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
-from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
 
 from icon_lightning.data.backbones import FrozenBackbone
 from icon_lightning.data.batch import ClusteringBatch
-from icon_lightning.distributed import gather, world
-from icon_lightning.functional.sparse import SparseTarget
+from icon_lightning.distributed import world
 from icon_lightning.loss import Objective
-from icon_lightning.metrics import ClusteringMetrics
 from icon_lightning.models.heads import ClusterHeads
+from icon_lightning.models.parts import (
+    HeadSelection,
+    SplitScores,
+    TargetCache,
+    check_head_init,
+    ema_teacher,
+    local_rows,
+    start_heads,
+)
 
 SPLITS = ("val", "train")  # validation dataloader 0 scores the val split, 1 (when present) the train split
+DEFAULT_LR = 1e-2
 
 
 class IConModule(L.LightningModule):
@@ -30,15 +37,17 @@ class IConModule(L.LightningModule):
     feature_dim, num_clusters, num_classes, num_samples: linked from the DataModule by the CLI.
     num_heads, head_temperature, projection_dim, head_hidden_dim: see ``ClusterHeads`` (hidden: MLP heads).
     head_init: None → ``["kmeans"]`` for linear cluster heads, none otherwise. How the first heads start, one
-        entry a head: ``kmeans`` (k-means of the clean train features,
-        a different seed each) or ``spectral`` (spectral clustering of their 10-NN graph), as the
-        nearest-centroid rule of that partition; the other heads start at random. The training loss picks the
-        head (label-free), so a started head is kept only when the objective prefers it. Linear heads only.
-    optimizer: None → Adam at lr 1e-2. lr_step_size: None → no fixed schedule (the ``Convergence`` callback
-        halves the LR on plateaus); an integer multiplies the LR by ``lr_gamma`` every ``lr_step_size``
-        optimizer steps, or epochs with ``lr_interval='epoch'`` (the paper: halved every 10 of 30 epochs).
-    ema_momentum: keep an EMA teacher of the heads (a registered module: it moves devices and is
-        checkpointed); teacher_candidates: the teacher's outputs form the candidate side of q.
+        entry a head: ``kmeans`` (k-means of the clean train features, a different seed each) or ``spectral``
+        (spectral clustering of their 10-NN graph), as the nearest-centroid rule of that partition; the other
+        heads start at random. The training loss picks the head (label-free), so a started head is kept only
+        when the objective prefers it. Linear heads only.
+    optimizer: None → Adam at lr 1e-2. scheduler: None → no fixed schedule (the ``Convergence`` callback halves
+        the LR on plateaus); any ``LRSchedulerCallable``, stepped every optimizer step or, with
+        ``scheduler_interval: epoch``, every epoch (the ImageNet preset: the paper's StepLR, halved every 10 of
+        30 epochs).
+    ema_momentum: keep an EMA teacher of the heads; teacher_candidates: the teacher's outputs form the
+        candidate side of q. A p that reads the model's output (``Supervisory.reads_output``) reads the
+        teacher's when there is one, else the student's (detached), head by head, rebuilt every step.
     with_labels: hand labels to p (SupCon, cross-entropy). Unsupervised recipes never see them.
     Head selection is label-free: the head with the lowest mean training loss over the last epoch.
     """
@@ -57,61 +66,32 @@ class IConModule(L.LightningModule):
         head_init: list[Literal["kmeans", "spectral"]] | None = None,
         backbone: FrozenBackbone | None = None,
         optimizer: OptimizerCallable | None = None,
-        lr_step_size: int | None = None,
-        lr_gamma: float = 0.5,
-        lr_interval: Literal["step", "epoch"] = "step",
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
         ema_momentum: float | None = None,
         teacher_candidates: bool = False,
         with_labels: bool = False,
     ) -> None:
         super().__init__()
-        if num_clusters < 1:  # a projection for representation learning is one output, whatever num_heads says
-            num_heads = 1
-        linear = head_hidden_dim is None and projection_dim is None and num_clusters >= 1
-        head_init = (["kmeans"] if linear else []) if head_init is None else list(head_init)
-        # Under `icon` the CLI stores the resolved config here, so load_from_checkpoint rebuilds every part.
-        self.save_hyperparameters()
+        num_heads = num_heads if num_clusters >= 1 else 1  # a projection for representations is one output
+        self.save_hyperparameters()  # under `icon` the CLI stores the resolved config, so checkpoints rebuild it
         if teacher_candidates and ema_momentum is None:
             raise ValueError("teacher_candidates: needs an EMA teacher (set ema_momentum, e.g. 0.996)")
-        if ema_momentum is not None and not 0.0 < ema_momentum < 1.0:
-            raise ValueError(f"ema_momentum: expected a value in (0, 1), got {ema_momentum}")
-        self.loss = loss
-        self.backbone = backbone
-        self.optimizer = optimizer
-        if len(head_init) > num_heads:
-            raise ValueError(f"head_init: {len(head_init)} started heads but num_heads is {num_heads}")
-        unknown = sorted(set(head_init) - set(HEAD_INITS))
-        if unknown:
-            raise ValueError(f"head_init: unknown {unknown}; expected entries of {list(HEAD_INITS)}")
-        if lr_step_size is not None and lr_step_size < 1:
-            raise ValueError(f"lr_step_size: expected None or ≥ 1, got {lr_step_size}")
-        if lr_interval not in ("step", "epoch"):
-            raise ValueError(f"lr_interval: expected 'step' or 'epoch', got {lr_interval!r}")
-        self.head_init = head_init
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler_interval: expected 'step' or 'epoch', got {scheduler_interval!r}")
+        self.loss, self.backbone, self.optimizer, self.scheduler = loss, backbone, optimizer, scheduler
         self.heads = ClusterHeads(
-            feature_dim, num_clusters, num_heads, head_temperature, projection_dim, hidden_dim=head_hidden_dim
+            feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim
         )
-        if head_init and not self.heads.is_linear or head_init and projection_dim is not None:
-            raise ValueError("head_init: heads started from a clustering must be linear heads on the features")
-        self.teacher = None
-        if ema_momentum is not None:
-            self.teacher = AveragedModel(self.heads, multi_avg_fn=get_ema_multi_avg_fn(ema_momentum), use_buffers=True)
+        linear = self.heads.is_linear and projection_dim is None
+        self.head_init = check_head_init((["kmeans"] if linear else []) if head_init is None else head_init, self.heads)
+        self.teacher = ema_teacher(self.heads, ema_momentum)
         self.register_buffer("head_losses", torch.zeros(num_heads))
         self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
         self.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))  # head_init ran (checkpointed)
-        self._loss_sum = torch.zeros(num_heads)
-        self._cached_target: tuple[tuple[Tensor, ...], Tensor] | None = None
-        self._loss_count = 0
-        self.metrics = nn.ModuleDict()
-        if num_classes > 0 and num_clusters > 0:
-            for split in (*SPLITS, "test"):
-                self.metrics[f"{split}_split"] = nn.ModuleList(
-                    ClusteringMetrics(num_clusters, num_classes) for _ in range(num_heads)
-                )
-        self.last_cluster_sizes: dict[str, Tensor] = {}
-        self.last_confusion: dict[str, Tensor] = {}
+        self.selection, self.targets = HeadSelection(num_heads), TargetCache()
+        self.scores = SplitScores((*SPLITS, "test"), num_heads, num_clusters, num_classes)
 
-    # ------------------------------------------------------------------ heads started from clusterings
     def setup(self, stage: str) -> None:
         """Start the ``head_init`` heads from clusterings of the DataModule's clean train features, once (a
         resumed run restores the trained weights afterwards; a second fit keeps them)."""
@@ -119,30 +99,19 @@ class IConModule(L.LightningModule):
             return
         features = getattr(getattr(self.trainer, "datamodule", None), "train_features", None)
         if features is None:
-            raise ValueError(
-                "head_init: needs a DataModule with train_features (ClusteringDataModule); set head_init: []"
-            )
+            raise ValueError("head_init: needs a DataModule with train_features (ClusteringDataModule); set []")
         self.start_heads(features)
 
-    @torch.no_grad()
     def start_heads(self, features: Tensor) -> None:
-        x = features.detach().float().cpu()
-        base = int(torch.randint(0, 2**31 - 1, ()).item())  # follows seed_everything
-        for head, method in enumerate(self.head_init):
-            assignment = HEAD_INITS[method](x.numpy(), self.hparams.num_clusters, base + head)
-            self.heads.init_from_partition(head, x, torch.as_tensor(assignment))
+        start_heads(self.heads, features, self.head_init)
         if self.teacher is not None:  # the EMA teacher starts where the heads start
             self.teacher.module.load_state_dict(self.heads.state_dict())
         self.heads_started.fill_(True)
 
-    # ------------------------------------------------------------------ forward
     def features(self, batch: ClusteringBatch) -> Tensor:
-        x = batch.inputs
-        if x.ndim > 2:
-            if self.backbone is None:
-                raise ValueError("batch.inputs: images need a backbone; pass model.backbone or use cached features")
-            x = self.backbone(x)
-        return x.float()
+        if batch.inputs.ndim > 2 and self.backbone is None:
+            raise ValueError("batch.inputs: images need a backbone; pass model.backbone or use cached features")
+        return (self.backbone(batch.inputs) if batch.inputs.ndim > 2 else batch.inputs).float()
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, D) features → (B, H, K) logits (or (B, 1, D') embeddings)."""
@@ -151,63 +120,57 @@ class IConModule(L.LightningModule):
     # ------------------------------------------------------------------ the objective over the global batch
     def objective(self, batch: ClusteringBatch, z: Tensor, teacher_z: Tensor | None = None) -> Tensor:
         """(H,) loss of each head. Under DDP the candidates are the global batch (gathered with gradients)
-        and p is built on the global rows, so cluster sizes, softmax denominators and debiasing use it."""
+        and p is built on the global rows, so cluster sizes, softmax denominators and debiasing use it.
+        teacher_z: the EMA teacher's output of these rows: the candidates' z with ``teacher_candidates``, and
+        what a p that reads the model's output reads."""
         rank, size = world()
-        local = len(batch)
-        offset = rank * local
-        if size > 1:
-            meta = ClusteringBatch(
-                **{
-                    f.name: (
-                        gather(getattr(batch, f.name))
-                        if f.name != "inputs" or batch.inputs.ndim == 2
-                        else batch.inputs[:0].new_zeros((local * size, 0))
-                    )
-                    for f in fields(batch)
-                }
-            )
-            candidates_z = gather(z, with_grad=True)
+        meta, gathered = self._global(batch, z, size), self._gather(z, size, sync_grads=True)
+        teacher = None if teacher_z is None else self._gather(teacher_z.detach(), size)
+        candidates_z = teacher if self.hparams.teacher_candidates and teacher is not None else gathered
+        labels, local, heads = self.hparams.with_labels, slice(rank * len(batch), (rank + 1) * len(batch)), z.unbind(1)
+        anchors = batch.rows(z[:, 0], labels)
+        candidates = anchors if candidates_z is z else meta.rows(candidates_z[:, 0], labels)
+        given = heads if candidates_z is z else candidates_z.unbind(1)  # unbind: one stack in backward
+        pairs = [([anchors.with_z(a)], [candidates.with_z(c)]) for a, c in zip(heads, given)]
+        if self.loss.target_reads_output:
+            targets = TargetCache.per_head(self.loss, meta, gathered if teacher is None else teacher, labels)
+            outs = [
+                self.loss.forward_heads(*ac, local_rows(p, local.start, local.stop), local.start, h)[0]
+                for h, (ac, p) in enumerate(zip(pairs, targets))
+            ]
         else:
-            meta, candidates_z = batch, z
-        if teacher_z is not None:
-            candidates_z = gather(teacher_z.detach())
-        with_labels = self.hparams.with_labels
-        p = None
-        if getattr(self.loss, "shares_target", False):  # one p for all heads (I-Con, SCAN, TEMI): rows only, not z
-            p = self._target(meta, candidates_z[:, 0], with_labels)
-            p = p.row_slice(offset, offset + local) if isinstance(p, SparseTarget) else p[offset : offset + local]
-        anchors = batch.rows(z[:, 0], with_labels)
-        candidates = anchors if meta is batch and candidates_z is z else meta.rows(candidates_z[:, 0], with_labels)
-        # unbind, not z[:, h]: its backward is one stack, where H selects would each build a zero (B, H, K) grad
-        heads = z.unbind(1)
-        outs = self.loss.forward_heads(
-            [anchors.with_z(zh) for zh in heads],
-            [candidates.with_z(zh) for zh in (heads if candidates_z is z else candidates_z.unbind(1))],
-            p=p,
-            self_offset=offset,
-        )
+            p = self._shared_target(meta, candidates_z[:, 0], labels)
+            outs = self.loss.forward_heads(
+                [a[0] for a, _ in pairs],
+                [c[0] for _, c in pairs],
+                None if p is None else local_rows(p, local.start, local.stop),
+                local.start,
+            )
         return torch.stack([out.loss for out in outs])
 
-    def _target(self, meta: ClusteringBatch, z: Tensor, with_labels: bool) -> Tensor:
-        """p of the global batch. p depends on the rows (indices, views, input features), never on z, so in
-        full-batch training on cached features (every step sees the whole dataset) a batch identical to the
-        previous one reuses its p. Mini-batches keep nothing."""
-        full = 0 < self.hparams.num_samples <= len(meta) and meta.inputs.ndim == 2
-        key = (meta.index, meta.view, meta.inputs) if full else None
-        cached = self._cached_target
-        if key is not None and cached is not None and all(_same(a, b) for a, b in zip(key, cached[0])):
-            return cached[1]
-        p = self.loss.target(meta.rows(z, with_labels))
-        self._cached_target = None if key is None else (key, p)
-        return p
+    def _shared_target(self, meta: ClusteringBatch, z: Tensor, labels: bool):
+        if not self.loss.shares_target:
+            return None
+        reuse = 0 < self.hparams.num_samples <= len(meta) and meta.inputs.ndim == 2  # full batch of cached features
+        return self.targets.shared(self.loss, meta.rows(z, labels), reuse, (meta.index, meta.view, meta.inputs))
+
+    def _gather(self, x: Tensor, size: int, sync_grads: bool = False) -> Tensor:
+        return x if size == 1 else self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
+
+    def _global(self, batch: ClusteringBatch, z: Tensor, size: int) -> ClusteringBatch:
+        """The rows of every process (image inputs stay local: p never reads pixels)."""
+        if size == 1:
+            return batch
+        inputs = batch.inputs if batch.inputs.ndim == 2 else batch.inputs[:0].new_zeros((len(batch), 0))
+        parts = {f.name: getattr(batch, f.name) for f in fields(batch)} | {"inputs": inputs}
+        return ClusteringBatch(**{name: self._gather(value, size) for name, value in parts.items()})
 
     def training_step(self, batch: ClusteringBatch, batch_idx: int) -> Tensor:
         feats = self.features(batch)
         z = self(feats)
-        teacher_z = self.teacher(feats) if self.hparams.teacher_candidates else None
-        losses = self.objective(batch, z, teacher_z)
-        self._loss_sum = self._loss_sum.to(losses.device) + losses.detach()
-        self._loss_count += 1
+        wants_teacher = self.hparams.teacher_candidates or self.loss.target_reads_output
+        losses = self.objective(batch, z, self.teacher(feats) if self.teacher is not None and wants_teacher else None)
+        self.selection.add(losses)
         self.log("train/loss", losses.mean(), prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch))
         for h, value in enumerate(losses):
             self.log(f"train/loss/head_{h}", value, on_step=False, on_epoch=True, batch_size=len(batch))
@@ -218,53 +181,27 @@ class IConModule(L.LightningModule):
             self.teacher.update_parameters(self.heads)
 
     def on_train_epoch_end(self) -> None:
-        if self._loss_count:
-            mean = self._loss_sum / self._loss_count
-            mean = self.all_gather(mean).reshape(-1, len(mean)).mean(0) if self.trainer.world_size > 1 else mean
+        mean = self.selection.epoch_mean(self.all_gather if self.trainer.world_size > 1 else None)
+        if mean is not None:
             self.head_losses.copy_(mean)
             self.selected_head.fill_(int(mean.argmin()))
-        self._loss_sum = torch.zeros_like(self._loss_sum)
-        self._loss_count = 0
 
     # ------------------------------------------------------------------ evaluation
-    def split_metrics(self, split: str) -> nn.ModuleList | None:
-        """One ClusteringMetrics per head for ``split`` (None when the data have no labels)."""
-        key = f"{split}_split"  # ModuleDict keys may not shadow nn.Module attributes such as `train`
-        return self.metrics[key] if key in self.metrics else None
-
-    def _evaluate(self, split: str, batch: ClusteringBatch) -> None:
-        metrics = self.split_metrics(split)
-        if metrics is None:
-            return
-        z = self(self.features(batch))
-        for h, metric in enumerate(metrics):
-            metric.update(z[:, h].argmax(-1), batch.label)
-
     def validation_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate(SPLITS[dataloader_idx], batch)
+        if self.scores.split(SPLITS[dataloader_idx]) is not None:
+            self.scores.update(SPLITS[dataloader_idx], self(self.features(batch)), batch.label)
 
     def test_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch)
+        if self.scores.split("test") is not None:
+            self.scores.update("test", self(self.features(batch)), batch.label)
 
     def _log_split(self, split: str) -> None:
-        metrics = self.split_metrics(split)
-        if metrics is None or not metrics[0].update_called:
-            return
-        best = int(self.selected_head)
-        for h, metric in enumerate(metrics):
-            values = metric.compute()  # counts are already summed over processes
-            for name in ("hungarian_acc", "nmi", "ari", "ami"):
-                self.log(f"{split}/{name}/head_{h}", values[name])
-            if h == best:
-                self.log(f"{split}/hungarian_acc/best", values["hungarian_acc"], prog_bar=split == "val")
-                for name in ("nmi", "ari", "ami"):
-                    self.log(f"{split}/{name}", values[name])
-                if self.hparams.num_clusters > self.hparams.num_classes:
-                    self.log(f"{split}/over_clustering_acc", values["over_clustering_acc"])
-                self.last_cluster_sizes[split] = metric.cluster_sizes().detach().cpu()
-                self.last_confusion[split] = metric.confusion.detach().cpu().clone()
-            metric.reset()
-        self.log(f"{split}/selected_head", float(best))
+        hp = self.hparams
+        values = self.scores.summary(split, int(self.selected_head), hp.num_clusters > hp.num_classes)
+        best = values.pop(f"{split}/hungarian_acc/best", None)
+        self.log_dict(values)
+        if best is not None:
+            self.log(f"{split}/hungarian_acc/best", best, prog_bar=split == "val")
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -275,41 +212,28 @@ class IConModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_split("test")
 
+    @torch.no_grad()
+    def assign(self, features: Tensor) -> Tensor:
+        """(N,) cluster of each feature row under the selected head."""
+        return self(features)[:, int(self.selected_head)].argmax(-1)
+
+    @torch.no_grad()
+    def neighbourhoods(self, batch: ClusteringBatch, n: int) -> tuple[Tensor, Tensor] | None:
+        """p and q of the first ``n`` anchors of ``batch`` under the selected head; None for objectives that are
+        not one KL (``IConLoss.neighbourhoods``)."""
+        if not hasattr(self.loss, "neighbourhoods"):
+            return None
+        z = self(self.features(batch))[:, int(self.selected_head)]
+        return self.loss.neighbourhoods(batch.rows(z, self.hparams.with_labels), n)
+
     def predict_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         z = self(self.features(batch))[:, int(self.selected_head)]
         return {"index": batch.index, "cluster": z.argmax(-1), "probs": z.softmax(-1)}
 
-    # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         params = self.heads.parameters()
         optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.Adam(params, lr=DEFAULT_LR)
-        if self.hparams.lr_step_size is None:
+        if self.scheduler is None:
             return {"optimizer": optimizer}
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, self.hparams.lr_step_size, self.hparams.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.lr_interval}}
-
-
-def _kmeans(x, k: int, seed: int):
-    from icon_lightning.classical import FaissKMeans
-
-    return FaissKMeans(k, n_init=10, random_state=seed).fit(x).labels_
-
-
-def _spectral(x, k: int, seed: int):
-    from icon_lightning.classical import KNNSpectralClustering
-
-    return (
-        KNNSpectralClustering(k, 10, eigen_solver="lobpcg" if len(x) > 20_000 else None, random_state=seed)
-        .fit(x)
-        .labels_
-    )
-
-
-HEAD_INITS = {"kmeans": _kmeans, "spectral": _spectral}
-DEFAULT_LR = 1e-2
-
-
-def _same(a: Tensor | None, b: Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+        interval = self.hparams.scheduler_interval
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": interval}}

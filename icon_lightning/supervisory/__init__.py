@@ -8,7 +8,7 @@ from icon_lightning.supervisory.base import Supervisory
 from icon_lightning.supervisory.combinators import Debiased, Mixture, Propagated
 from icon_lightning.supervisory.gaussian import Gaussian
 from icon_lightning.supervisory.graph import KNNGraph
-from icon_lightning.supervisory.identity import Augmentation, CrossView, SameLabel
+from icon_lightning.supervisory.identity import Augmentation, CrossView, SameCluster, SameLabel
 
 __all__ = [
     "Augmentation",
@@ -18,6 +18,7 @@ __all__ = [
     "KNNGraph",
     "Mixture",
     "Propagated",
+    "SameCluster",
     "SameLabel",
     "Supervisory",
 ]

@@ -1,4 +1,4 @@
-"""Neighbourhoods defined by identity: same image (augmentations), other modality, same class."""
+"""Neighbourhoods defined by identity: same image (augmentations), other modality, same class, same cluster."""
 
 from __future__ import annotations
 
@@ -65,18 +65,42 @@ class CrossView(Supervisory):
         )
 
 
-class SameLabel(Supervisory):
+class SameKey(Supervisory):
+    """Uniform over the valid candidates whose ``key`` equals the anchor's; subclasses say what the key is."""
+
+    def key(self, rows: Rows, side: str) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
+        same = self.key(anchors, "anchors").unsqueeze(1) == self.key(candidates, "candidates").unsqueeze(0)
+        return normalize_rows(same.to(target_dtype(anchors)), valid)
+
+    def sparse(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> SparseTarget:
+        return same_key_target(
+            self.key(anchors, "anchors"), self.key(candidates, "candidates"), self_col, target_dtype(anchors)
+        )
+
+
+class SameLabel(SameKey):
     """Uniform over candidates of the anchor's class → SupCon.
 
     With class prototypes as candidates (candidates.label = arange(C)) this is the one-hot target of
     cross-entropy.
     """
 
-    def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
-        label_a, label_c = _require("label", anchors, "anchors"), _require("label", candidates, "candidates")
-        same = label_a.unsqueeze(1) == label_c.unsqueeze(0)
-        return normalize_rows(same.to(target_dtype(anchors)), valid)
+    def key(self, rows: Rows, side: str) -> Tensor:
+        return _require("label", rows, side)
 
-    def sparse(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> SparseTarget:
-        label_a, label_c = _require("label", anchors, "anchors"), _require("label", candidates, "candidates")
-        return same_key_target(label_a, label_c, self_col, target_dtype(anchors))
+
+class SameCluster(SameKey):
+    """Uniform over the valid candidates the rows' z puts in the anchor's cluster (argmax): pseudo-labels.
+
+    The rows' z is the model's output, or its EMA teacher's when the module has one
+    (``IConModule(ema_momentum=…)``): p = "same cluster as the teacher says". It reads z (``reads_z``), so the
+    module rebuilds it from the current output every step and for every head.
+    """
+
+    reads_z = True
+
+    def key(self, rows: Rows, side: str) -> Tensor:
+        return rows.z.argmax(-1)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import socket
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.models import IConModule
@@ -54,7 +56,12 @@ def _rank(rank: int, world: int, port: int, recipe: str, queue) -> None:
     local = slice(rank * B // world, (rank + 1) * B // world)
     # p needs the k-NN of every row, not only the local ones: the table rows travel with the local rows.
     batch = ClusteringBatch(**{f: getattr(full, f)[local] for f in full.__dataclass_fields__})
-    losses, grad = loss_and_grads(module(recipe), batch)
+    model = module(recipe)
+    # the module gathers through its Trainer's strategy (LightningModule.all_gather); the group is already up
+    model.trainer = L.Trainer(
+        accelerator="cpu", strategy=DDPStrategy(process_group_backend="gloo"), devices=world, logger=False
+    )
+    losses, grad = loss_and_grads(model, batch)
     torch.distributed.all_reduce(grad)  # what DDP does to parameter gradients (then divides by world)
     losses_all = [torch.empty_like(losses) for _ in range(world)]
     torch.distributed.all_gather(losses_all, losses)

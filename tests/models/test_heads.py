@@ -89,5 +89,5 @@ def test_bad_head_arguments():
     with pytest.raises(ValueError, match="head_init"):
         IConModule(recipe, feature_dim=4, num_heads=2, head_hidden_dim=8, head_init=["kmeans"])
     assert IConModule(recipe, feature_dim=4, head_hidden_dim=8).head_init == []  # MLP heads start at random
-    with pytest.raises(ValueError, match="lr_step_size"):
-        IConModule(recipe, feature_dim=4, lr_step_size=0)
+    with pytest.raises(ValueError, match="scheduler_interval"):
+        IConModule(recipe, feature_dim=4, scheduler_interval="batch")

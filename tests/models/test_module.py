@@ -66,7 +66,7 @@ def test_full_batch_training_reuses_p_and_only_while_the_rows_are_the_same(monke
 
     mini = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, num_samples=10 * len(batch))
     mini.objective(batch, mini(batch.inputs))
-    assert mini._cached_target is None  # mini-batches keep nothing
+    assert mini.targets.p is None  # mini-batches keep nothing
 
 
 @pytest.mark.parametrize("name", ["icon", "scan"])

@@ -1,0 +1,164 @@
+"""The parts `IConModule` delegates to, each small and tested on its own: heads started from clusterings, the
+EMA teacher, the shared target p of the global batch, label-free head selection and per-split scores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from icon_lightning.data.batch import ClusteringBatch
+from icon_lightning.functional.sparse import SparseTarget
+from icon_lightning.loss import Objective
+from icon_lightning.metrics import ClusteringMetrics
+from icon_lightning.models.heads import ClusterHeads
+
+
+# ---------------------------------------------------------------------- heads started from clusterings
+def _kmeans(x, k: int, seed: int):
+    from icon_lightning.classical import FaissKMeans
+
+    return FaissKMeans(k, n_init=10, random_state=seed).fit(x).labels_
+
+
+def _spectral(x, k: int, seed: int):
+    from icon_lightning.classical import KNNSpectralClustering
+
+    solver = "lobpcg" if len(x) > 20_000 else None
+    return KNNSpectralClustering(k, 10, eigen_solver=solver, random_state=seed).fit(x).labels_
+
+
+HEAD_INITS: dict[str, Callable] = {"kmeans": _kmeans, "spectral": _spectral}
+
+
+def check_head_init(head_init: Sequence[str], heads: ClusterHeads) -> list[str]:
+    """The ``head_init`` list, checked against the heads it starts."""
+    head_init = list(head_init)
+    if len(head_init) > heads.num_heads:
+        raise ValueError(f"head_init: {len(head_init)} started heads but num_heads is {heads.num_heads}")
+    unknown = sorted(set(head_init) - set(HEAD_INITS))
+    if unknown:
+        raise ValueError(f"head_init: unknown {unknown}; expected entries of {list(HEAD_INITS)}")
+    if head_init and (not heads.is_linear or not isinstance(heads.projection, nn.Identity)):
+        raise ValueError("head_init: heads started from a clustering must be linear heads on the features")
+    return head_init
+
+
+@torch.no_grad()
+def start_heads(heads: ClusterHeads, features: Tensor, head_init: Sequence[str]) -> None:
+    """Head h starts at the nearest-centroid rule of the ``head_init[h]`` clustering of ``features`` (N, D), each
+    with its own seed drawn from torch's generator (so it follows ``seed_everything``)."""
+    x = features.detach().float().cpu()
+    base = int(torch.randint(0, 2**31 - 1, ()).item())
+    for head, method in enumerate(head_init):
+        assignment = HEAD_INITS[method](x.numpy(), heads.num_clusters, base + head)
+        heads.init_from_partition(head, x, torch.as_tensor(assignment))
+
+
+# ---------------------------------------------------------------------- the EMA teacher
+def ema_teacher(heads: nn.Module, momentum: float | None) -> AveragedModel | None:
+    """An exponential moving average of ``heads`` (a module: it moves devices and is checkpointed), or None."""
+    if momentum is None:
+        return None
+    if not 0.0 < momentum < 1.0:
+        raise ValueError(f"ema_momentum: expected a value in (0, 1), got {momentum}")
+    return AveragedModel(heads, multi_avg_fn=get_ema_multi_avg_fn(momentum), use_buffers=True)
+
+
+# ---------------------------------------------------------------------- the shared target p
+class TargetCache:
+    """p of the global batch for an objective whose p is shared by its heads.
+
+    A p that reads only the rows' dataset facts is built once a step from head 0's rows, and in full-batch
+    training on cached features (``reuse``: every step sees the same rows) kept while the rows stay the same.
+    A p that reads the model's output (``Objective.target_reads_output``) is built every step for every head,
+    from that head's output (``source`` z, (R, H, K): the EMA teacher's, or the detached student's)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Tensor, ...] | None = None
+        self.p: Tensor | SparseTarget | None = None
+
+    def shared(self, loss: Objective, rows, reuse: bool, key: tuple[Tensor, ...]) -> Tensor | SparseTarget:
+        if reuse and self.key is not None and all(_same(a, b) for a, b in zip(key, self.key)):
+            return self.p
+        p = loss.target(rows)
+        self.key, self.p = (key, p) if reuse else (None, None)
+        return p
+
+    @staticmethod
+    def per_head(loss: Objective, meta: ClusteringBatch, source: Tensor, with_labels: bool) -> list:
+        return [loss.target(meta.rows(zh.detach(), with_labels)) for zh in source.unbind(1)]
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+
+
+def local_rows(p: Tensor | SparseTarget, start: int, stop: int) -> Tensor | SparseTarget:
+    """Anchor rows [start, stop) of a global-batch p."""
+    return p.row_slice(start, stop) if isinstance(p, SparseTarget) else p[start:stop]
+
+
+# ---------------------------------------------------------------------- label-free head selection
+class HeadSelection:
+    """Running mean of each head's training loss over an epoch; the selected head has the lowest."""
+
+    def __init__(self, num_heads: int) -> None:
+        self.total, self.count = torch.zeros(num_heads), 0
+
+    def add(self, losses: Tensor) -> None:
+        self.total = self.total.to(losses.device) + losses.detach()
+        self.count += 1
+
+    def epoch_mean(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+        """(H,) mean since the last call (averaged over processes through ``gather``), or None; then resets."""
+        mean = self.total / self.count if self.count else None
+        if mean is not None and gather is not None:
+            mean = gather(mean).reshape(-1, len(mean)).mean(0)
+        self.total, self.count = torch.zeros_like(self.total), 0
+        return mean
+
+
+# ---------------------------------------------------------------------- scores per split and head
+class SplitScores(nn.ModuleDict):
+    """One ``ClusteringMetrics`` per head for each split (none without labels); ``summary`` turns a split's
+    counts into the values to log, reporting the selected head's also without the head suffix."""
+
+    def __init__(self, splits: Sequence[str], num_heads: int, num_clusters: int, num_classes: int) -> None:
+        super().__init__()
+        if num_classes > 0 and num_clusters > 0:
+            for split in splits:  # keys may not shadow nn.Module attributes such as `train`
+                self[f"{split}_split"] = nn.ModuleList(
+                    ClusteringMetrics(num_clusters, num_classes) for _ in range(num_heads)
+                )
+        self.last_cluster_sizes: dict[str, Tensor] = {}
+        self.last_confusion: dict[str, Tensor] = {}
+
+    def split(self, split: str) -> nn.ModuleList | None:
+        return self[f"{split}_split"] if f"{split}_split" in self else None
+
+    def update(self, split: str, z: Tensor, label: Tensor) -> None:
+        for h, metric in enumerate(self.split(split) or []):
+            metric.update(z[:, h].argmax(-1), label)
+
+    def summary(self, split: str, best: int, over_clustering: bool) -> dict[str, Tensor]:
+        metrics = self.split(split)
+        if metrics is None or not metrics[0].update_called:
+            return {}
+        out = {f"{split}/selected_head": torch.tensor(float(best))}
+        for h, metric in enumerate(metrics):
+            values = metric.compute()  # counts are already summed over processes
+            out.update({f"{split}/{name}/head_{h}": values[name] for name in ("hungarian_acc", "nmi", "ari", "ami")})
+            if h == best:
+                out.update({f"{split}/{name}": values[name] for name in ("nmi", "ari", "ami")})
+                out[f"{split}/hungarian_acc/best"] = values["hungarian_acc"]
+                if over_clustering:
+                    out[f"{split}/over_clustering_acc"] = values["over_clustering_acc"]
+                self.last_cluster_sizes[split] = metric.cluster_sizes().detach().cpu()
+                self.last_confusion[split] = metric.confusion.detach().cpu().clone()
+            metric.reset()
+        return out
