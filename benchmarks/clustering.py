@@ -115,11 +115,12 @@ def load_split(name: str, args: argparse.Namespace) -> Split:
 # ---------------------------------------------------------------------------------------------- methods
 def icon_loss(alpha_p: float, alpha_q: float, walks: int) -> Objective:
     """configs/recipes/icon_clustering.yaml (k-NN, k = 3, + walks, debiased by α), read as a config, and its
-    ablations edited into that config: α of p or q (0 drops the debiasing), ``walks`` (0 drops propagation)."""
+    ablations edited into that config: α of p or q (0 drops the debiasing), ``walks``: extra walk steps beyond the
+    neighbours (``Propagated(steps=1 + walks)``; 0 drops propagation)."""
     config = recipe_config("icon_clustering")
     propagated = config["init_args"]["p"]["init_args"]["base"]
     if walks:
-        propagated["init_args"]["walks"] = walks
+        propagated["init_args"]["steps"] = 1 + walks
     else:
         config["init_args"]["p"]["init_args"]["base"] = propagated["init_args"]["base"]
     for side, alpha in (("p", alpha_p), ("q", alpha_q)):

@@ -77,8 +77,9 @@ def make_batch(rows: int, dim: int, seed: int = 0):
     no self loops) drawn inside groups of 8 items, so the graph has the reciprocity of a real one: anchors
     and most sampled neighbours have in-batch positives. The rows are what the training loop would see.
     """
-    from icon_lightning.data.datamodule import AnchorDataset, FeatureCollate
+    from icon_lightning.data.collate import FeatureCollate
     from icon_lightning.data.neighbours import centred_unit_rows, symmetric_degree, walks
+    from icon_lightning.data.sampling import AnchorDataset
 
     per_anchor = VIEWS + NEIGHBOURS
     if rows % per_anchor:

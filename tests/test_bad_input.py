@@ -72,8 +72,8 @@ def test_other_hyper_parameters_are_checked():
         learned.ExponentialKernel(gamma=3.0)
     with pytest.raises(ValueError, match="perplexity"):
         IConLoss(supervisory.Gaussian(perplexity=30.0), learned.StudentT())(rows(n=10, features=torch.randn(10, 3)))
-    with pytest.raises(ValueError, match="walks"):
-        supervisory.Propagated(supervisory.KNNGraph(), walks=-1)
+    with pytest.raises(ValueError, match="steps"):
+        supervisory.Propagated(supervisory.KNNGraph(), steps=0)
     with pytest.raises(ValueError, match="features"):
         IConLoss(supervisory.Gaussian(), learned.Gaussian())(rows())
     with pytest.raises(ValueError, match="degree"):

@@ -78,10 +78,10 @@ def test_the_icon_rows_are_the_recipe_and_its_edits():
     from icon_lightning.recipes import load_recipe
 
     recipe, default = load_recipe("icon_clustering"), bc.icon_loss(bc.ALPHA, bc.ALPHA, 1)
-    chain = lambda loss: (type(loss.p), type(loss.p.base), loss.p.base.walks, loss.p.base.base.k, loss.p.alpha)  # noqa: E731
+    chain = lambda loss: (type(loss.p), type(loss.p.base), loss.p.base.steps, loss.p.base.base.k, loss.p.alpha)  # noqa: E731
     assert chain(default) == chain(recipe) and (type(default.q), default.q.alpha) == (type(recipe.q), recipe.q.alpha)
     ablated = bc.icon_loss(0.0, 0.6, 0)  # no debiasing of p, no walks
     assert isinstance(ablated.p, supervisory.KNNGraph) and ablated.p.k == 3 and isinstance(ablated.q, learned.Debiased)
-    assert bc.icon_loss(0.6, 0.0, 2).p.base.walks == 2 and isinstance(
+    assert bc.icon_loss(0.6, 0.0, 2).p.base.steps == 3 and isinstance(
         bc.icon_loss(0.6, 0.0, 2).q, learned.UniformCluster
     )

@@ -14,7 +14,9 @@ import torch
 import yaml
 
 from icon_lightning.cli import check_config, cli_main
+from icon_lightning.entry import main
 from icon_lightning.recipes import recipe_names
+from icon_lightning.supervisory import KNNGraph
 from icon_lightning.sweep import load_sweep, trial_args, trials
 from tests.conftest import SHARED_DATA
 
@@ -71,9 +73,7 @@ def test_fast_dev_run_of_each_digits_recipe(recipe, tmp_path):
     extra = ["--model.with_labels=true"] if recipe == "supcon" else []
     if recipe in ("infonce", "cmc_clip") or recipe.startswith("kernel_infonce"):
         extra.append("--data.num_views=2")  # positives are the other view of the same image
-    if recipe == "normalized_cuts":
-        extra.append("--data.k=10")  # the recipe's KNNGraph uses 10 neighbours of the table
-    cli_main(
+    cli = cli_main(
         [
             "fit",
             "--config",
@@ -85,6 +85,27 @@ def test_fast_dev_run_of_each_digits_recipe(recipe, tmp_path):
             *extra,
         ]
     )
+    # k is set once, in the recipe: the table is as wide as its widest KNNGraph (normalized cuts: 10), else 3
+    graphs = [m.k for m in cli.model.loss.modules() if isinstance(m, KNNGraph)]
+    assert cli.datamodule.table.shape[1] == max(graphs + [3])
+
+
+def test_a_table_narrower_than_the_recipes_knn_graph_is_one_line(tmp_path):
+    recipe = str(ROOT / "configs" / "recipes" / "normalized_cuts.yaml")
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "fit",
+                "--config",
+                DIGITS,
+                "--config",
+                recipe,
+                "--data.k=3",
+                "--trainer.fast_dev_run=true",
+                *csv_logger(tmp_path),
+            ]
+        )
+    assert "k: the objective's KNNGraph reads 10 neighbours" in str(exit_.value.code)  # what `icon` prints
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "features").is_dir(), reason="shared CIFAR-10 features are absent")

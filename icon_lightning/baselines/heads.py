@@ -34,7 +34,8 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     The defaults are ``icon fit``'s: full batch up to 4,096 anchors (else 4,096 anchors a step, each with
     ``num_neighbours`` sampled neighbours), Adam at ``lr``, and the ``Convergence`` callback: the LR halves on
     training-loss plateaus and the run stops at the third, within a step budget that scales with N (``max_steps``
-    'auto'). k / walk_steps: the DataModule's k-NN table width and walk length of the neighbour pool.
+    'auto'). k / walk_steps: the DataModule's k-NN table width (None: the objective's widest KNNGraph) and walk
+    length of the neighbour pool.
     head_init / head_hidden_dim: see ``IConModule`` (heads started from k-means; MLP heads).
     self_label: None, or ``"selected"`` / ``"consensus"``: the ``SelfLabel`` stage after the fit (confident,
     class-balanced pseudo-labels of the selected head, or of a consensus of heads, train the selected head).
@@ -49,7 +50,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     head_init: list[str] | None = None
     head_hidden_dim: int | None = None
     self_label: str | None = None
-    k: int = 3
+    k: int | None = None
     walk_steps: int = 1
     num_neighbours: int = 1
     batch_size: int | str = "auto"

@@ -1,6 +1,6 @@
 """Data layer: datasets with indices, transforms, the feature store, the neighbour index, the DataModule."""
 
-from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
+from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.data.datasets import (
     DigitsDataset,
@@ -16,8 +16,6 @@ from icon_lightning.data.feature_store import FeatureKey, FeatureStore, cached_f
 from icon_lightning.data.neighbours import NeighbourTable, knn, knn_faiss, knn_torch, label_agreement, walks
 
 __all__ = [
-    "ANCHOR",
-    "NEIGHBOUR",
     "ClusteringBatch",
     "ClusteringDataModule",
     "DigitsDataset",

@@ -8,8 +8,6 @@ from torch import Tensor
 
 from icon_lightning.rows import Rows
 
-ANCHOR, NEIGHBOUR = 0, 1  # values of `source`
-
 
 @dataclass
 class ClusteringBatch:
@@ -17,9 +15,8 @@ class ClusteringBatch:
 
     inputs: (R, D) cached features, or (R, 3, H, W) images when views are augmented online.
     index: (R,) dataset index of each row.
-    view: (R,) view of anchor rows (cached: the augmentation's id; clean / online: 0..V-1); -1 on neighbour rows.
-    source: (R,) ANCHOR (a view of a batch anchor) or NEIGHBOUR (sampled from an anchor's k-NN / walks).
-    anchor: (R,) position 0..B-1 of the anchor the row was drawn for.
+    view: (R,) view of anchor rows (cached: the augmentation's id; clean / online: 0..V-1); -1 on evaluation rows
+        and on neighbour rows, sampled from the anchors' k-NN table rows or walks (row V·B + s·B + b: anchor b's s-th).
     label: (R,) class labels, -1 when unknown (only scored, never used by unsupervised recipes).
     neighbours: (R, k) the dataset-level k-NN table row of each row's item.
     degree: (R,) degree of each row's item in the symmetrised k-NN graph (normalized cuts).
@@ -28,8 +25,6 @@ class ClusteringBatch:
     inputs: Tensor
     index: Tensor
     view: Tensor
-    source: Tensor
-    anchor: Tensor
     label: Tensor
     neighbours: Tensor
     degree: Tensor

@@ -1,195 +1,50 @@
 """`ClusteringDataModule`: cached frozen features, a k-NN table, and batches of anchors with their augmented
-views and sampled neighbours (I-Con §4: each image with 2 augmentations and 2 nearest neighbours)."""
+views and sampled neighbours (I-Con §4: each image with 2 augmentations and 2 nearest neighbours).
+
+It composes small parts: ``FeaturePrep`` (extraction, cache, normalisation), ``NeighbourIndex`` (k-NN table,
+degrees, walk pool), ``AnchorDataset``/``AnchorSampler``/``OnlineViews`` (which rows a step draws) and the
+collators (``FeatureCollate``, ``OnlineCollate``, ``EvalDataset``)."""
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
 from icon_lightning.data.backbones import FrozenBackbone, Identity
-from icon_lightning.data.batch import ANCHOR, NEIGHBOUR, ClusteringBatch
+from icon_lightning.data.collate import EvalDataset, FeatureCollate, OnlineCollate
 from icon_lightning.data.datasets import IndexedDataset
-from icon_lightning.data.feature_store import FeatureStore, cached_features, shared_views
-from icon_lightning.data.neighbours import (
-    NeighbourTable,
-    centred_unit_rows,
-    label_agreement,
-    symmetric_degree,
-    walks,
-)
-from icon_lightning.data.transforms import augment_transform, eval_transform
+from icon_lightning.data.feature_store import FeatureStore
+from icon_lightning.data.neighbours import NeighbourIndex, NeighbourTable, label_agreement
+from icon_lightning.data.prepare import FeaturePrep
+from icon_lightning.data.sampling import AnchorDataset, AnchorSampler, OnlineViews
+from icon_lightning.supervisory.graph import table_width
 
 FULL_BATCH_MAX = 4096  # the paper's anchors a step; ``batch_size='auto'`` trains full-batch up to this size
+DEFAULT_K = 3  # the paper's k-NN
 
 
-class AnchorSampler(DistributedSampler):
-    """A DistributedSampler (so Lightning does not wrap it) yielding ``(epoch, index)``: sampling that
-    depends on the epoch is then reproducible in any worker. One replica when not distributed."""
-
-    def __iter__(self):
-        for i in super().__iter__():
-            yield self.epoch, i
-
-
-def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, index])
-
-
-class AnchorDataset(Dataset):
-    """Item (epoch, i) → which rows anchor i contributes: its V view ids and S sampled neighbours."""
-
-    def __init__(
-        self, num_items: int, pool: np.ndarray, num_views: int, view_pool: int, num_neighbours: int, seed: int
-    ) -> None:
-        self.num_items, self.pool = num_items, pool
-        self.num_views, self.view_pool, self.num_neighbours, self.seed = num_views, view_pool, num_neighbours, seed
-
-    def __len__(self) -> int:
-        return self.num_items
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, i = key
-        if self.view_pool <= 0 and self.num_neighbours == 0:  # nothing to draw (full-batch, clean features)
-            return i, np.full(self.num_views, -1), self.pool[i][:0]
-        rng = item_rng(self.seed, epoch, i)
-        if self.view_pool > 0:
-            views = rng.choice(self.view_pool, self.num_views, replace=self.num_views > self.view_pool)
-        else:
-            views = np.full(self.num_views, -1)
-        candidates = self.pool[i]
-        picked = rng.choice(len(candidates), self.num_neighbours, replace=self.num_neighbours > len(candidates))
-        return i, views, candidates[picked]
-
-
-class RowFacts:
-    """Dataset-level facts gathered for every row of a batch: labels, k-NN table rows, graph degrees."""
-
-    def __init__(self, labels: torch.Tensor, table: torch.Tensor, degree: torch.Tensor) -> None:
-        self.labels, self.table, self.degree = labels, table, degree
-
-    def batch(
-        self, inputs: torch.Tensor, anchors: torch.Tensor, anchor_views: torch.Tensor, nbrs: torch.Tensor
-    ) -> ClusteringBatch:
-        """Rows [V views of the B anchors (view-major), then their B × S neighbours (neighbour-major)].
-
-        anchors: (B,) dataset indices; anchor_views: (V·B,) view ids; nbrs: (B, S) dataset indices.
-        """
-        b, s = nbrs.shape
-        v = len(anchor_views) // b
-        position = torch.arange(b)
-        index = torch.cat([anchors.repeat(v), nbrs.T.reshape(-1)])
-        return ClusteringBatch(
-            inputs=inputs,
-            index=index,
-            view=torch.cat([anchor_views, torch.full((b * s,), -1, dtype=torch.long)]),
-            source=torch.cat([torch.full((b * v,), ANCHOR), torch.full((b * s,), NEIGHBOUR)]).long(),
-            anchor=torch.cat([position.repeat(v), position.repeat(s)]),
-            label=self.labels[index],
-            neighbours=self.table[index],
-            degree=self.degree[index],
+def check_settings(dataset: IndexedDataset, backbone, views: str, view_pool: int, num_clusters, **counts) -> None:
+    """One-line errors for the DataModule's settings; ``counts`` maps name → (value, least allowed)."""
+    for name, (value, low) in counts.items():
+        if value is not None and value < low:
+            raise ValueError(f"{name}: expected at least {low}, got {value}")
+    if num_clusters is not None and not 2 <= num_clusters <= len(dataset):
+        raise ValueError(
+            f"num_clusters: expected 2 ≤ K ≤ N = {len(dataset)} items (or null for the number of classes), "
+            f"got {num_clusters}"
         )
-
-
-class FeatureCollate(RowFacts):
-    """Gathers cached features for a list of AnchorDataset items into one ClusteringBatch."""
-
-    def __init__(
-        self,
-        clean: torch.Tensor,
-        views: torch.Tensor | None,
-        labels: torch.Tensor,
-        table: torch.Tensor,
-        degree: torch.Tensor,
-    ) -> None:
-        super().__init__(labels, table, degree)
-        self.clean, self.views = clean, views
-
-    def __call__(self, items) -> ClusteringBatch:
-        anchors = torch.as_tensor(np.array([i for i, _, _ in items]), dtype=torch.long)
-        view_ids = torch.as_tensor(np.stack([v for _, v, _ in items]), dtype=torch.long)  # (B, V)
-        nbrs = torch.as_tensor(np.stack([n for _, _, n in items]), dtype=torch.long)  # (B, S)
-        b, v = view_ids.shape
-        anchor_index = anchors.repeat(v)  # view-major: rows [view 0 of all anchors, view 1 of all, ...]
-        anchor_views = view_ids.T.reshape(-1)
-        if self.views is None or (anchor_views < 0).all():
-            anchor_inputs = self.clean[anchor_index]
-            anchor_views = torch.arange(v).repeat_interleave(b)  # clean mode: the view's position 0..V-1
-        else:
-            anchor_inputs = self.views[anchor_views, anchor_index].float()  # float16 rows of the shared map
-        inputs = torch.cat([anchor_inputs, self.clean[nbrs.T.reshape(-1)]])
-        return self.batch(inputs, anchors, anchor_views, nbrs)
-
-
-class OnlineViews(Dataset):
-    """Item (epoch, i) → images: V fresh augmentations of anchor i and one of each of its S sampled neighbours.
-
-    The exact recipe of the paper: the backbone runs on augmented images every step (in the LightningModule).
-    """
-
-    def __init__(self, dataset: IndexedDataset, transform, anchors: AnchorDataset) -> None:
-        self.dataset, self.transform, self.anchors = dataset, transform, anchors
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]):
-        epoch, i = key
-        _, _, nbrs = self.anchors[key]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(item_rng(self.anchors.seed, epoch, i).integers(2**31)))
-            views = [self.transform(self.dataset.load(i)) for _ in range(self.anchors.num_views)]
-            nbr_images = [self.transform(self.dataset.load(int(j))) for j in nbrs]
-        return i, torch.stack(views), torch.as_tensor(nbrs), torch.stack(nbr_images)
-
-
-class OnlineCollate(RowFacts):
-    """Stacks OnlineViews items (images) into one ClusteringBatch."""
-
-    def __call__(self, items) -> ClusteringBatch:
-        anchors = torch.as_tensor([i for i, _, _, _ in items], dtype=torch.long)
-        views = torch.stack([v for _, v, _, _ in items])  # (B, V, 3, H, W)
-        nbrs = torch.stack([n for _, _, n, _ in items])  # (B, S)
-        nbr_images = torch.stack([x for _, _, _, x in items])  # (B, S, 3, H, W)
-        b, v = views.shape[:2]
-        inputs = torch.cat([views.transpose(0, 1).flatten(0, 1), nbr_images.transpose(0, 1).flatten(0, 1)])
-        return self.batch(inputs, anchors, torch.arange(v).repeat_interleave(b), nbrs)
-
-
-class EvalDataset(Dataset):
-    def __init__(
-        self, features: torch.Tensor, labels: torch.Tensor, table: torch.Tensor | None, degree: torch.Tensor | None
-    ) -> None:
-        self.features, self.labels, self.table, self.degree = features, labels, table, degree
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-    def collate(self, items: list[int]) -> ClusteringBatch:
-        index = torch.as_tensor(items, dtype=torch.long)
-        n = len(index)
-        table = self.table[index] if self.table is not None else torch.zeros(n, 0, dtype=torch.long)
-        degree = self.degree[index] if self.degree is not None else torch.ones(n)
-        return ClusteringBatch(
-            inputs=self.features[index],
-            index=index,
-            view=torch.full((n,), -1),
-            source=torch.zeros(n, dtype=torch.long),
-            anchor=torch.arange(n),
-            label=self.labels[index],
-            neighbours=table,
-            degree=degree,
-        )
+    if views not in ("cached", "online", "clean"):
+        raise ValueError(f"views: expected 'cached', 'online' or 'clean', got {views!r}")
+    if views == "cached" and view_pool < 1:
+        raise ValueError(f"view_pool: expected at least 1 cached view, got {view_pool}")
+    if views != "clean" and backbone is None:
+        raise ValueError(f"views: {views!r} augments images and needs a backbone; use views='clean' for features")
 
 
 class ClusteringDataModule(L.LightningDataModule):
@@ -206,7 +61,9 @@ class ClusteringDataModule(L.LightningDataModule):
         is a candidate.
     batch_size: anchors per step and process; ``auto``: the whole dataset when it fits the paper's 4,096
         anchors (full batch: p and the loss are exact), else 4,096 anchors, split evenly between processes.
-    k: width of the k-NN table. walk_steps: sample neighbours among endpoints of 1..s-step walks.
+    k: width of the k-NN table; None → the widest ``KNNGraph`` of the model's objective (at least 3, the paper's),
+        so k is set once, in the recipe. walk_steps: sample neighbours among endpoints of 1..walk_steps-step walks
+        on the table (the count ``Propagated(steps=…)`` uses).
     normalize: centre by the train mean, then L2-normalise the cached features.
     extract_precision: bf16 autocast (default) or fp32 for extraction on CUDA; the CPU always runs fp32.
     num_clusters: K for the model (linked by the CLI); None → the number of classes (the usual protocol).
@@ -229,7 +86,7 @@ class ClusteringDataModule(L.LightningDataModule):
         view_pool: int = 4,
         num_views: int | None = None,
         num_neighbours: int = 2,
-        k: int = 3,
+        k: int | None = None,
         walk_steps: int = 1,
         knn_backend: Literal["auto", "faiss", "torch"] = "auto",
         normalize: bool = True,
@@ -246,46 +103,23 @@ class ClusteringDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         num_views = (1 if views == "clean" else 2) if num_views is None else num_views
-        for name, value, low in (
-            ("num_views", num_views, 1),
-            ("num_neighbours", num_neighbours, 0),
-            ("k", k, 1),
-            ("walk_steps", walk_steps, 1),
-            ("batch_size", 1 if batch_size == "auto" else batch_size, 1),
-            ("val_batch_size", val_batch_size, 1),
-            ("extract_batch_size", extract_batch_size, 1),
-        ):
-            if value < low:
-                raise ValueError(f"{name}: expected at least {low}, got {value}")
-        if num_clusters is not None and not 2 <= num_clusters <= len(dataset):
-            raise ValueError(
-                f"num_clusters: expected 2 ≤ K ≤ N = {len(dataset)} items (or null for the number of classes), "
-                f"got {num_clusters}"
-            )
-        if views not in ("cached", "online", "clean"):
-            raise ValueError(f"views: expected 'cached', 'online' or 'clean', got {views!r}")
-        if views == "cached" and view_pool < 1:
-            raise ValueError(f"view_pool: expected at least 1 cached view, got {view_pool}")
-        if views != "clean" and backbone is None:
-            raise ValueError(f"views: {views!r} augments images and needs a backbone; use views='clean' for features")
-        self.dataset, self.val_dataset = dataset, val_dataset
+        check_settings(
+            dataset, backbone, views, view_pool, num_clusters, num_views=(num_views, 1),
+            num_neighbours=(num_neighbours, 0), k=(k, 1), walk_steps=(walk_steps, 1),
+            batch_size=(1 if batch_size == "auto" else batch_size, 1), val_batch_size=(val_batch_size, 1),
+            extract_batch_size=(extract_batch_size, 1),
+        )  # fmt: skip
+        self.dataset, self.val_dataset, self.views, self.view_pool = dataset, val_dataset, views, view_pool
         self.backbone = backbone if backbone is not None else Identity()
         self.store = FeatureStore(cache_dir)
-        self.views, self.view_pool, self.num_views, self.num_neighbours = views, view_pool, num_views, num_neighbours
-        self.k, self.walk_steps, self.knn_backend, self.normalize = k, walk_steps, knn_backend, normalize
-        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
-        self.extract_batch_size, self.seed, self.distributed_extraction = (
-            extract_batch_size,
-            seed,
-            distributed_extraction,
-        )
-        kind = backbone is not None
-        self.eval_tf = eval_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if kind else None
-        self.augment_tf = augment_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if kind else None
-        self.extract_precision = extract_precision
-        self._num_clusters = num_clusters
-        self.evaluate_train = evaluate_train
-        self.views_in_memory = views_in_memory
+        self.prep = FeaturePrep(
+            self.store, self.backbone, backbone is not None, image_size, grayscale_to_rgb, normalize, seed=seed,
+            batch_size=extract_batch_size, num_workers=num_workers, precision=extract_precision,
+        )  # fmt: skip
+        self.num_views, self.num_neighbours, self.k, self.walk_steps = num_views, num_neighbours, k, walk_steps
+        self.knn_backend, self.batch_size, self.val_batch_size = knn_backend, batch_size, val_batch_size
+        self.num_workers, self.seed, self.distributed_extraction = num_workers, seed, distributed_extraction
+        self._num_clusters, self.evaluate_train, self.views_in_memory = num_clusters, evaluate_train, views_in_memory
         self.knn_agreement: float | None = None
 
     # ------------------------------------------------------------------ facts the CLI links into the model
@@ -308,107 +142,64 @@ class ClusteringDataModule(L.LightningDataModule):
 
     @property
     def feature_dim(self) -> int:
-        if self.backbone.feature_dim:
-            return self.backbone.feature_dim
-        return int(np.prod(self.dataset[0][0].shape))
+        return self.backbone.feature_dim or int(np.prod(self.dataset[0][0].shape))
 
-    # ------------------------------------------------------------------ extraction and caching
-    def _features(self, dataset: IndexedDataset, view: str) -> np.ndarray:
-        transform = self.eval_tf if view == "clean" else self.augment_tf
-        return cached_features(
-            self.store,
-            self.backbone,
-            dataset,
-            transform,
-            view=view,
-            seed=self.seed,
-            batch_size=self.extract_batch_size,
-            num_workers=self.num_workers,
-            precision=self.extract_precision,
-        )
+    @property
+    def table_width(self) -> int:
+        """k of the k-NN table: ``k``, or the widest ``KNNGraph`` of the attached model's objective (≥ 3)."""
+        model = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        needed = table_width(getattr(model, "loss", None))
+        if self.k is not None and self.k < needed:
+            raise ValueError(
+                f"k: the objective's KNNGraph reads {needed} neighbours of each k-NN table row, but data.k is "
+                f"{self.k}; leave k unset (null) to size the table from the objective"
+            )
+        return self.k if self.k is not None else max(DEFAULT_K, needed)
 
-    def _extract_all(self) -> None:
-        self._features(self.dataset, "clean")
-        if self.views == "cached":
-            for v in range(self.view_pool):
-                self._features(self.dataset, f"aug{v}")
-        if self.val_dataset is not None:
-            self._features(self.val_dataset, "clean")
-
+    # ------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
         if not self.distributed_extraction:
-            self._extract_all()
-            clean = self._prepared(self._features(self.dataset, "clean"))
-            NeighbourTable.in_folder(clean, self.k, self.store.root, self.knn_backend)
-
-    def _prepared(self, features: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
-        if not self.normalize:
-            return np.array(features, dtype=np.float32)  # a writable copy of the read-only cache
-        return centred_unit_rows(features, mean)
+            self.prep.extract_all(self.dataset, self.view_pool if self.views == "cached" else 0, self.val_dataset)
+            clean = self.prep.prepared(self.prep.raw(self.dataset, "clean"))
+            NeighbourTable.in_folder(clean, self.table_width, self.store.root, self.knn_backend)
 
     def setup(self, stage: str | None = None) -> None:
         if self.distributed_extraction:
-            self._extract_all()
-        raw = np.asarray(self._features(self.dataset, "clean"), dtype=np.float32)
+            self.prep.extract_all(self.dataset, self.view_pool if self.views == "cached" else 0, self.val_dataset)
+        raw = np.asarray(self.prep.raw(self.dataset, "clean"), dtype=np.float32)
         mean = raw.mean(0, keepdims=True)
-        clean = self._prepared(raw, mean)
-        fingerprint = NeighbourTable.fingerprint(clean)  # a hash of every byte: once for both calls below
-        table = None
-        if self.distributed_extraction and dist.is_available() and dist.is_initialized():
-            if dist.get_rank() == 0:  # one process builds the k-NN table; the others load the file it wrote
-                table = NeighbourTable.in_folder(clean, self.k, self.store.root, self.knn_backend, fingerprint)
-            dist.barrier()
-        if table is None:
-            table = NeighbourTable.in_folder(clean, self.k, self.store.root, self.knn_backend, fingerprint)
+        clean = self.prep.prepared(raw, mean)
+        index = NeighbourIndex.build(clean, self.table_width, self.walk_steps, self.store.root, self.knn_backend)
+        self.table, self.degree = index.table, index.degree
         labels = torch.as_tensor(self.dataset.labels, dtype=torch.long)
         if (labels >= 0).all():
-            self.knn_agreement = label_agreement(table.indices, self.dataset.labels)  # diagnostic only
+            self.knn_agreement = label_agreement(index.table.numpy(), self.dataset.labels)  # diagnostic only
             rank_zero_info(
-                f"{self.k}-NN label agreement of the train features: {self.knn_agreement:.3f} "
+                f"{self.table_width}-NN label agreement of the train features: {self.knn_agreement:.3f} "
                 "(diagnostic; labels never train)"
             )
-        self.table = torch.as_tensor(table.indices)
-        self.degree = torch.from_numpy(symmetric_degree(table.indices))
-        self.train_features = torch.from_numpy(clean)
-        self.train_labels = labels
-        self.view_features = self._view_features(mean) if self.views == "cached" else None
-        pool = walks(table.indices, self.walk_steps)
-        neighbours = 0 if self.full_batch else self.num_neighbours
-        if neighbours != self.num_neighbours:
+        self.train_features, self.train_labels = torch.from_numpy(clean), labels
+        cached = self.views == "cached"
+        self.view_features = (
+            self.prep.views(self.dataset, self.view_pool, mean, self.views_in_memory) if cached else None
+        )
+        self.anchors = AnchorDataset(
+            len(clean), index.pool, self.num_views, self.view_pool if cached else 0, self._neighbours(), self.seed
+        )
+        self.train_eval_data = EvalDataset(self.train_features, labels, self.table, self.degree)
+        self.val_data = self.train_eval_data
+        if self.val_dataset is not None:
+            val = self.prep.prepared(self.prep.raw(self.val_dataset, "clean"), mean)
+            self.val_data = EvalDataset(torch.from_numpy(val), torch.as_tensor(self.val_dataset.labels), None, None)
+
+    def _neighbours(self) -> int:
+        """Sampled neighbours per anchor: none in full-batch training, where every neighbour is a candidate."""
+        if self.full_batch and self.num_neighbours:
             rank_zero_info(
                 f"full batch ({self.num_samples} anchors a step): every neighbour is a candidate already, so no "
                 f"sampled neighbours (num_neighbours {self.num_neighbours} → 0)"
             )
-        self.anchors = AnchorDataset(
-            len(clean),
-            pool,
-            self.num_views,
-            self.view_pool if self.views == "cached" else 0,
-            neighbours,
-            self.seed,
-        )
-        if self.val_dataset is not None:
-            val = self._prepared(self._features(self.val_dataset, "clean"), mean)
-            self.val_data = EvalDataset(torch.from_numpy(val), torch.as_tensor(self.val_dataset.labels), None, None)
-        else:
-            self.val_data = EvalDataset(self.train_features, labels, self.table, self.degree)
-        self.train_eval_data = EvalDataset(self.train_features, labels, self.table, self.degree)
-
-    def _view_features(self, mean: np.ndarray) -> torch.Tensor:
-        """(P, N, D) prepared cached views: one float16 memory map shared by the node's processes (rank 0 writes
-        it; the others wait, then map it), or with ``views_in_memory`` a float32 copy in each process."""
-        raws = [self._features(self.dataset, f"aug{v}") for v in range(self.view_pool)]
-        if self.views_in_memory:
-            return torch.stack([torch.from_numpy(self._prepared(raw, mean)) for raw in raws])
-        mean = mean if self.normalize else None
-        distributed = dist.is_available() and dist.is_initialized()
-        views = shared_views(self.store.root, raws, mean) if not distributed or dist.get_rank() == 0 else None
-        if distributed:
-            dist.barrier()  # rank 0 has written the map; the others now only open it
-        views = views if views is not None else shared_views(self.store.root, raws, mean)
-        with warnings.catch_warnings():  # read-only on purpose: batches copy the rows they gather
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(views)
+        return 0 if self.full_batch else self.num_neighbours
 
     # ------------------------------------------------------------------ batches
     def _world(self) -> tuple[int, int]:
@@ -427,27 +218,24 @@ class ClusteringDataModule(L.LightningDataModule):
         """Every item is an anchor of every step (one step an epoch)."""
         return self.anchors_per_step * self._world()[0] >= self.num_samples
 
-    # ------------------------------------------------------------------ loaders
-    def _sampler(self, shuffle: bool) -> AnchorSampler:
-        world, rank = self._world()
-        # One batch per epoch (full-batch training): the order of its rows changes nothing, so keep it fixed
-        # and the batch is the same every step (IConModule then reuses p).
-        shuffle = shuffle and not self.full_batch
-        return AnchorSampler(range(self.num_samples), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
-
     def train_dataloader(self) -> DataLoader:
         if self.views == "online":
-            data = OnlineViews(self.dataset, self.augment_tf, self.anchors)
+            data = OnlineViews(self.dataset, self.prep.augment_tf, self.anchors)
             collate = OnlineCollate(self.train_labels, self.table, self.degree)
         else:
             data = self.anchors
             collate = FeatureCollate(
                 self.train_features, self.view_features, self.train_labels, self.table, self.degree
             )
+        world, rank = self._world()
+        # One batch per epoch (full-batch training): the order of its rows changes nothing, so keep it fixed
+        # and the batch is the same every step (IConModule then reuses p).
+        shuffle = not self.full_batch
+        sampler = AnchorSampler(range(self.num_samples), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
         return DataLoader(
             data,
             batch_size=self.anchors_per_step,
-            sampler=self._sampler(shuffle=True),
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
             drop_last=not self.full_batch,

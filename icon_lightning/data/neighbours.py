@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from icon_lightning.io import atomic_write
@@ -179,3 +180,29 @@ class NeighbourTable:
         """``build_or_load`` at ``<folder>/<fingerprint>.knn<k>.npz``, hashing the features once for both."""
         fingerprint = fingerprint or cls.fingerprint(features)
         return cls.build_or_load(features, k, Path(folder) / f"{fingerprint}.knn{k}.npz", backend, fingerprint)
+
+
+@dataclass(frozen=True)
+class NeighbourIndex:
+    """The dataset-level neighbourhood a DataModule serves: the k-NN table, the degrees of its symmetrised graph
+    (normalized cuts) and the pool of sampled neighbours (endpoints of 1..walk_steps-step walks)."""
+
+    table: torch.Tensor  # (N, k) int64
+    degree: torch.Tensor  # (N,)
+    pool: np.ndarray  # (N, k + … + k^walk_steps)
+
+    @classmethod
+    def build(
+        cls, features: np.ndarray, k: int, walk_steps: int, folder: str | Path, backend: str = "auto"
+    ) -> NeighbourIndex:
+        """From the cached table under ``folder`` (built there if missing). Under torch.distributed, rank 0 builds
+        or loads it first and the other processes then load the file it wrote."""
+        fingerprint = NeighbourTable.fingerprint(features)  # a hash of every byte: once for both calls below
+        distributed, table = dist.is_available() and dist.is_initialized(), None
+        if not distributed or dist.get_rank() == 0:
+            table = NeighbourTable.in_folder(features, k, folder, backend, fingerprint)
+        if distributed:
+            dist.barrier()
+        table = table if table is not None else NeighbourTable.in_folder(features, k, folder, backend, fingerprint)
+        indices = torch.as_tensor(table.indices)
+        return cls(indices, torch.from_numpy(symmetric_degree(table.indices)), walks(table.indices, walk_steps))

@@ -177,7 +177,7 @@ def sparse_propagate(p: SparseTarget, steps: int, uniform: bool = False) -> Spar
         return None
     b = len(p)
     if p.num_candidates != b:
-        raise ValueError(f"walks: propagation needs candidates == anchors, got p of shape {(b, p.num_candidates)}")
+        raise ValueError(f"steps: propagation needs candidates == anchors, got p of shape {(b, p.num_candidates)}")
     matrix = (p.rows, p.cols, p.values)
     power, parts = matrix, [matrix]
     for _ in range(steps - 1):

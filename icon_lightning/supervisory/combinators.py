@@ -28,30 +28,31 @@ class Debiased(Supervisory):
 
 
 class Propagated(Supervisory):
-    """Neighbour propagation: P̃ ∝ P + P² + … + P^(1+walks), or uniform over its support.
+    """Neighbour propagation: P̃ ∝ P + P² + … + P^steps, or uniform over its support.
 
-    walks: number of extra walk steps on the in-batch graph (0 = no propagation, 1 = neighbours of
-        neighbours). Needs candidates == anchors (a square batch).
-    uniform: p uniform over every item reachable in ≤ 1+walks steps instead of walk-weighted.
+    steps: the longest walk on the in-batch graph, in steps (1 = the neighbours only, no propagation; 2 =
+        neighbours and neighbours of neighbours: the paper's "1-step walks"). The same count as the DataModule's
+        ``walk_steps``. Needs candidates == anchors (a square batch).
+    uniform: p uniform over every item reachable in ≤ steps steps instead of walk-weighted.
     """
 
-    def __init__(self, base: Supervisory, walks: int = 1, uniform: bool = False) -> None:
+    def __init__(self, base: Supervisory, steps: int = 2, uniform: bool = False) -> None:
         super().__init__()
-        if walks < 0:
-            raise ValueError(f"walks: expected a non-negative number of steps, got {walks}")
+        if steps < 1:
+            raise ValueError(f"steps: expected a walk of at least 1 step, got {steps}")
         self.base = base
-        self.walks = walks
+        self.steps = steps
         self.uniform = uniform
 
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:
         p = self.base(anchors, candidates, valid)
         if p.shape[0] != p.shape[1]:
-            raise ValueError(f"walks: propagation needs candidates == anchors, got p of shape {tuple(p.shape)}")
-        return propagate(p, self.walks + 1, self.uniform, valid)
+            raise ValueError(f"steps: propagation needs candidates == anchors, got p of shape {tuple(p.shape)}")
+        return propagate(p, self.steps, self.uniform, valid)
 
     def sparse(self, anchors: Rows, candidates: Rows, self_col: Tensor) -> SparseTarget | None:
         p = self.base.sparse(anchors, candidates, self_col)
-        return None if p is None else sparse_propagate(p, self.walks + 1, self.uniform)
+        return None if p is None else sparse_propagate(p, self.steps, self.uniform)
 
 
 class Mixture(Supervisory):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from icon_lightning.functional import cosine_similarity, normalize_rows
 from icon_lightning.functional.sparse import SparseTarget, match_pairs, normalized_target, unique_valid_pairs
@@ -105,3 +105,10 @@ class KNNGraph(Supervisory):
             tops.append(sim.topk(self.k, dim=1).indices)
         top = torch.cat(tops)
         return torch.arange(len(anchors), device=top.device).repeat_interleave(self.k), top.reshape(-1)
+
+
+def table_width(module: nn.Module | None) -> int:
+    """The widest k that any ``KNNGraph`` inside ``module`` (an objective) reads from the k-NN table; 0 for none.
+    The DataModule sizes its table by it, so k is set once, where p is defined."""
+    graphs = [] if module is None else [m.k for m in module.modules() if isinstance(m, KNNGraph)]
+    return max(graphs, default=0)

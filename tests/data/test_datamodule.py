@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from icon_lightning.data import ANCHOR, NEIGHBOUR, ClusteringDataModule, DigitsDataset, TarImageFolder
+from icon_lightning.data import ClusteringDataModule, DigitsDataset, TarImageFolder
 from icon_lightning.data.backbones import FrozenBackbone
-from icon_lightning.data.datamodule import AnchorSampler
 from icon_lightning.data.neighbours import walks
+from icon_lightning.data.sampling import AnchorSampler
 from icon_lightning.recipes import load_recipe
 from tests.data.test_datasets import make_tar
 
@@ -30,12 +30,12 @@ def test_batch_layout_and_neighbour_membership(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     b, v, s = 32, 2, 2
     assert len(batch) == b * (v + s) and batch.inputs.shape == (b * (v + s), 64)
-    assert (batch.source[: b * v] == ANCHOR).all() and (batch.source[b * v :] == NEIGHBOUR).all()
+    assert (batch.view[: b * v] >= 0).all() and (batch.view[b * v :] == -1).all()  # anchor views, then neighbours
     anchors = batch.index[:b]
     assert torch.equal(batch.index[b : 2 * b], anchors)  # view 1 of the same anchors
     pool = walks(dm.table.numpy(), 2)  # neighbours come from 1- and 2-step walks
     for row in range(b * v, len(batch)):
-        anchor = int(anchors[batch.anchor[row]])
+        anchor = int(anchors[(row - b * v) % b])  # row V·B + s·B + j is anchor j's s-th neighbour
         assert int(batch.index[row]) in pool[anchor]
     assert torch.equal(batch.neighbours, dm.table[batch.index])
     assert torch.equal(batch.label, torch.as_tensor(dm.dataset.labels)[batch.index])
@@ -74,7 +74,7 @@ def test_auto_batch_is_the_whole_dataset_up_to_4096_anchors_without_sampled_neig
     dm = digits_module(tmp_path, batch_size="auto", num_views=1, num_neighbours=2)
     (only,) = list(dm.train_dataloader())  # one step an epoch
     assert dm.full_batch and dm.anchors_per_step == 1797
-    assert torch.equal(only.index, torch.arange(1797)) and (only.source == ANCHOR).all()  # no neighbour rows
+    assert torch.equal(only.index, torch.arange(1797)) and (only.view >= 0).all()  # no neighbour rows
 
 
 def test_auto_batch_above_4096_items_is_4096_anchors_with_their_neighbours(tmp_path):
@@ -89,7 +89,7 @@ def test_auto_batch_above_4096_items_is_4096_anchors_with_their_neighbours(tmp_p
     batches = list(dm.train_dataloader())
     assert not dm.full_batch and dm.anchors_per_step == 4096
     assert len(batches) == 1 and len(batches[0]) == 2 * 4096  # drop_last: 5000 // 4096 steps an epoch
-    assert (batches[0].source == NEIGHBOUR).sum() == 4096
+    assert (batches[0].view == -1).sum() == 4096
 
 
 def test_anchor_sampler_shards_disjointly():
@@ -132,7 +132,7 @@ def test_cached_views_are_extracted_once_and_used(tmp_path):
     dm.setup("fit")
     assert dm.view_features.shape == (3, 24, 3) and len(list((tmp_path / "cache").glob("*.npy"))) == 4
     batch = next(iter(dm.train_dataloader()))
-    anchor_rows = batch.source == ANCHOR
+    anchor_rows = torch.arange(len(batch)) < 8 * 2  # B anchors × V views first, then the neighbours
     assert (batch.view[anchor_rows] >= 0).all() and (batch.view[~anchor_rows] == -1).all()
     expected = dm.view_features[batch.view[anchor_rows], batch.index[anchor_rows]].float()
     assert torch.equal(batch.inputs[anchor_rows], expected)
@@ -226,8 +226,8 @@ def test_cached_views_are_one_shared_float16_map_equal_to_the_float32_copy(tmp_p
     (views_file,) = (tmp_path / "cache").glob("*.views16")
     assert mapped_file(shared.view_features.data_ptr()) == str(views_file)  # pages of the file, not a copy
     assert mapped_file(copy.view_features.data_ptr()) != str(views_file)
-    raws = np.stack([np.asarray(shared._features(shared.dataset, f"aug{v}"), dtype=np.float64) for v in range(3)])
-    clean = np.asarray(shared._features(shared.dataset, "clean"), dtype=np.float64)
+    raws = np.stack([np.asarray(shared.prep.raw(shared.dataset, f"aug{v}"), dtype=np.float64) for v in range(3)])
+    clean = np.asarray(shared.prep.raw(shared.dataset, "clean"), dtype=np.float64)
     reference = raws - clean.mean(0)  # centred by the clean train mean, then L2-normalised, in float64
     reference /= np.linalg.norm(reference, axis=-1, keepdims=True)
     np.testing.assert_allclose(shared.view_features.double().numpy(), reference, atol=1e-3)

@@ -24,8 +24,8 @@ B, K, D = 36, 5, 6
 P_CASES = {
     "knn": lambda: supervisory.KNNGraph(k=3),
     "knn_symmetric": lambda: supervisory.KNNGraph(k=4, symmetric=True),
-    "knn_walks_debiased": lambda: supervisory.Debiased(supervisory.Propagated(supervisory.KNNGraph(k=3), walks=1)),
-    "knn_two_walks_uniform": lambda: supervisory.Propagated(supervisory.KNNGraph(k=2), walks=2, uniform=True),
+    "knn_walks_debiased": lambda: supervisory.Debiased(supervisory.Propagated(supervisory.KNNGraph(k=3), steps=2)),
+    "knn_two_walks_uniform": lambda: supervisory.Propagated(supervisory.KNNGraph(k=2), steps=3, uniform=True),
     "augmentation_and_knn": lambda: supervisory.Debiased(
         supervisory.Mixture([supervisory.Augmentation(), supervisory.KNNGraph(k=3)], [1.0, 2.0]), alpha=0.3
     ),

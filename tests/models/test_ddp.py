@@ -28,8 +28,6 @@ def global_batch() -> ClusteringBatch:
         inputs=x,
         index=torch.arange(B),
         view=torch.zeros(B, dtype=torch.long),
-        source=torch.zeros(B, dtype=torch.long),
-        anchor=torch.arange(B),
         label=torch.zeros(B, dtype=torch.long),
         neighbours=table,
         degree=torch.ones(B),
