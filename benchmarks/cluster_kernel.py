@@ -10,42 +10,22 @@ B×K @ K×B matmul. Reports ms, achieved FLOP/s (2·B·B·K per product) and the
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import tempfile
-import time
-from pathlib import Path
+import statistics
 
 import torch
 
+from benchmarks.common import timed, write_result
 from icon_lightning.functional import log_cluster_affinity
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` after two warm-ups."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default="256,1024,4096")
     parser.add_argument("--clusters", default="10,100,1000")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = args.device
     rows = []
     for b in map(int, args.sizes.split(",")):
@@ -67,9 +47,11 @@ def main() -> None:
                 (a @ a.T).sum().backward()
 
             flops = 3 * 2 * b * b * k  # forward product + two backward products
-            t_kernel, t_matmul = timed(kernel, device, args.repeats), timed(matmul, device, args.repeats)
+            t_kernel, t_matmul = (timed(f, args.repeats, device, 2, statistics.median) for f in (kernel, matmul))
             naive_bytes = b * b * k * 4 * 3
-            t_naive = timed(naive, device, max(2, args.repeats // 3)) if naive_bytes < 8e9 else None
+            t_naive = (
+                timed(naive, max(2, args.repeats // 3), device, 2, statistics.median) if naive_bytes < 8e9 else None
+            )
             row = {
                 "B": b,
                 "K": k,
@@ -87,18 +69,8 @@ def main() -> None:
                 f"naive {naive_text:>10}  fraction {row['fraction_of_matmul']:.2f}",
                 flush=True,
             )
-    result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "dtype": "float32",
-        "rows": rows,
-    }
-    out = Path(args.out or f"benchmarks/results/cluster_kernel_{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=2)
-    os.replace(f.name, out)
-    print(f"wrote {out}")
+    payload = {"device": device, "dtype": "float32", "statistic": "median of repeats after 2 warm-ups", "rows": rows}
+    write_result(f"cluster_kernel_{device}.json", payload, args.out)
 
 
 if __name__ == "__main__":

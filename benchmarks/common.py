@@ -19,9 +19,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def best_of(fn, repeats: int = 3, device: str = "cpu") -> float:
-    """Fastest of ``repeats`` timed calls, after one warm-up (less noisy than the mean on a shared machine)."""
-    fn()
+def timed(fn, repeats: int = 3, device: str = "cpu", warmups: int = 1, statistic=min) -> float:
+    """``statistic`` (default: the fastest) of ``repeats`` timed calls of ``fn`` after ``warmups`` untimed ones."""
+    for _ in range(warmups):
+        fn()
     times = []
     for _ in range(repeats):
         sync(device)
@@ -29,7 +30,12 @@ def best_of(fn, repeats: int = 3, device: str = "cpu") -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistic(times)
+
+
+def best_of(fn, repeats: int = 3, device: str = "cpu") -> float:
+    """Fastest of ``repeats`` timed calls, after one warm-up (less noisy than the mean on a shared machine)."""
+    return timed(fn, repeats, device)
 
 
 def matmul_gflops(n: int = 2048, device: str = "cpu", dtype=torch.float32) -> float:
@@ -51,8 +57,9 @@ def machine() -> dict:
     return info
 
 
-def write_result(name: str, payload: dict) -> Path:
-    path = RESULTS / name
+def write_result(name: str, payload: dict, path: str | Path | None = None) -> Path:
+    """``payload`` with this machine's description, written atomically to ``path`` (default: results/<name>)."""
+    path = Path(path) if path is not None else RESULTS / name
     atomic_write_json(path, {"machine": machine(), **payload})
     print(f"wrote {path}")
     return path

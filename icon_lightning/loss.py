@@ -117,14 +117,24 @@ class Objective(nn.Module):
         self_offset: int | None = None,
         first_head: int = 0,
     ) -> list[LossOutput]:
-        """One ``LossOutput`` per head h for rows ``anchors[h]`` (and ``candidates[h]``), sharing one p.
-        Objectives that can take all heads at once override it; the default computes head by head."""
+        """One ``LossOutput`` per head h for rows ``anchors[h]`` (and ``candidates[h]``), sharing one p: all heads
+        at once where the objective can (``all_heads``), else head by head (``compute``)."""
         if p is None and self.shares_target:
             p = self.target(anchors[0], None if candidates is None else candidates[0], self_offset)
+        together = self.all_heads(anchors, candidates, p)
+        if together is not None:
+            return together
+        p = p.to_dense() if isinstance(p, SparseTarget) else p
         return [
             self.compute(self.pair_up(a, None if candidates is None else candidates[h], p, self_offset, first_head + h))
             for h, a in enumerate(anchors)
         ]
+
+    def all_heads(
+        self, anchors: list[Rows], candidates: list[Rows] | None, p: Tensor | SparseTarget | None
+    ) -> list[LossOutput] | None:
+        """Every head's loss in one pass, where the objective has such a path (IConLoss's sparse KL); None here."""
+        return None
 
     def pair_up(
         self, anchors: Rows, candidates: Rows | None, p: Tensor | SparseTarget | None, self_offset: int | None, head=0
@@ -167,28 +177,19 @@ class IConLoss(Objective):
                 return p.detach()
         return super().target(anchors, candidates, self_offset)
 
-    def forward_heads(
-        self,
-        anchors: list[Rows],
-        candidates: list[Rows] | None = None,
-        p: Tensor | SparseTarget | None = None,
-        self_offset: int | None = None,
-        first_head: int = 0,
-    ) -> list[LossOutput]:
-        if p is None:
-            p = self.target(anchors[0], None if candidates is None else candidates[0], self_offset)
-        if isinstance(p, SparseTarget):
-            m = len(anchors[0]) if candidates is None else len(candidates[0])
-            if len(p) != len(anchors[0]) or p.num_candidates != m:
-                raise ValueError(
-                    f"p: expected a target of shape {(len(anchors[0]), m)}, got {(len(p), p.num_candidates)}"
-                )
-            out = self.q.sparse_kl(p, anchors, anchors if candidates is None else candidates)  # q's checks first
-            anchors_with_positive(p.row_mass().unsqueeze(1))
-            if out is not None:
-                return [LossOutput(loss=kl, kl=kl, cross_entropy=ce) for kl, ce in zip(*out)]
-            p = p.to_dense()
-        return super().forward_heads(anchors, candidates, p, self_offset, first_head)
+    def all_heads(
+        self, anchors: list[Rows], candidates: list[Rows] | None, p: Tensor | SparseTarget | None
+    ) -> list[LossOutput] | None:
+        """The sparse path: KL from p's non-zeros and q's O(K) row sums for all heads at once, where p is a
+        ``SparseTarget`` and q has a sparse form; None sends the base class to the dense ``compute``."""
+        if not isinstance(p, SparseTarget):
+            return None
+        m = len(anchors[0]) if candidates is None else len(candidates[0])
+        if len(p) != len(anchors[0]) or p.num_candidates != m:
+            raise ValueError(f"p: expected a target of shape {(len(anchors[0]), m)}, got {(len(p), p.num_candidates)}")
+        out = self.q.sparse_kl(p, anchors, anchors if candidates is None else candidates)  # q's checks first
+        anchors_with_positive(p.row_mass().unsqueeze(1))
+        return None if out is None else [LossOutput(loss=kl, kl=kl, cross_entropy=ce) for kl, ce in zip(*out)]
 
     @torch.no_grad()
     def neighbourhoods(self, rows: Rows, n: int) -> tuple[Tensor, Tensor]:

@@ -76,3 +76,17 @@ def test_cpu_peak_memory_sees_a_64_mib_buffer():
     # 64 MiB is above glibc's largest dynamic mmap threshold (32 MiB): mapped on allocation, unmapped on free.
     peak = bench.peak_bytes_here(lambda: torch.ones(16 * 2**20).sum(), "cpu")
     assert 60 * 2**20 <= peak < 200 * 2**20
+
+
+def test_cluster_kernel_benchmark_writes_its_rows(tmp_path):
+    """The kernel benchmark times through benchmarks.common and writes one row per (B, K), atomically."""
+    import json
+
+    from benchmarks import cluster_kernel
+
+    out = tmp_path / "ck.json"
+    cluster_kernel.main(["--device", "cpu", "--sizes", "16,32", "--clusters", "4", "--repeats", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [(r["B"], r["K"]) for r in result["rows"]] == [(16, 4), (32, 4)] and "machine" in result
+    assert all(r["kernel_ms"] > 0 and r["fraction_of_matmul"] > 0 for r in result["rows"])
+    assert not list(tmp_path.glob("*.tmp"))

@@ -322,26 +322,16 @@ def icon_clusters(model, features, device, chunk: int = 65536):
 
 
 def kmeans_clusters(fit_features, features, k: int, args: argparse.Namespace, use_gpu: bool) -> tuple:
-    """FAISS k-means fitted on ``fit_features`` (N_fit, D) → ((N,) nearest centroid of each row of ``features``,
-    points fitted on, max_points_per_centroid used)."""
-    import faiss
-    import numpy as np
+    """FAISS k-means (``FaissKMeans``) fitted on ``fit_features`` (N_fit, D) → ((N,) nearest centroid of each row of
+    ``features``, points fitted on, max_points_per_centroid used)."""
+    from icon_lightning.classical import FaissKMeans
 
-    x = np.ascontiguousarray(np.asarray(fit_features, dtype=np.float32))
-    per_centroid = args.kmeans_max_points_per_centroid or -(-len(x) // k)  # None: FAISS subsamples nothing
-    kmeans = faiss.Kmeans(
-        x.shape[1],
-        k,
-        niter=args.kmeans_niter,
-        nredo=args.kmeans_nredo,
-        seed=args.seed,
-        max_points_per_centroid=per_centroid,
-        gpu=use_gpu,
-        verbose=False,
-    )
-    kmeans.train(x)
-    _, assigned = kmeans.index.search(np.ascontiguousarray(np.asarray(features, dtype=np.float32)), 1)
-    return assigned.reshape(-1), min(len(x), k * per_centroid), per_centroid
+    n = len(fit_features)
+    per_centroid = args.kmeans_max_points_per_centroid or -(-n // k)  # None: FAISS subsamples nothing
+    kmeans = FaissKMeans(
+        k, args.kmeans_nredo, args.kmeans_niter, args.seed, use_gpu=use_gpu, max_points_per_centroid=per_centroid
+    ).fit(fit_features)
+    return kmeans.predict(features), min(n, k * per_centroid), per_centroid
 
 
 def table_text(result: dict) -> str:

@@ -20,20 +20,24 @@ def _as_features(X, name: str = "X") -> np.ndarray:
 class FaissKMeans(ClusterMixin, BaseEstimator):
     """Lloyd's k-means (``faiss.Kmeans``) on all N points, best of ``n_init`` restarts by inertia.
 
-    FAISS subsamples to 256 points per centroid by default; here every point is used, as in scikit-learn.
+    FAISS subsamples to 256 points per centroid by default; here every point is used, as in scikit-learn, unless
+    ``max_points_per_centroid`` asks for FAISS's subsample (K × that many points, drawn with ``random_state``).
     Runs on the GPUs when faiss reports any (``use_gpu=None``).
     Attributes: cluster_centers_ (K, D), labels_ (N,), inertia_ (sum of squared distances), n_iter_ (= ``max_iter``:
     FAISS has no early stop, so every restart runs them all).
     """
 
     def __init__(
-        self, n_clusters: int = 8, n_init: int = 10, max_iter: int = 100, random_state: int = 0, use_gpu=None
+        self,
+        n_clusters: int = 8,
+        n_init: int = 10,
+        max_iter: int = 100,
+        random_state: int = 0,
+        use_gpu=None,
+        max_points_per_centroid: int | None = None,
     ) -> None:
-        self.n_clusters = n_clusters
-        self.n_init = n_init
-        self.max_iter = max_iter
-        self.random_state = random_state
-        self.use_gpu = use_gpu
+        self.n_clusters, self.n_init, self.max_iter = n_clusters, n_init, max_iter
+        self.random_state, self.use_gpu, self.max_points_per_centroid = random_state, use_gpu, max_points_per_centroid
 
     def fit(self, X, y=None) -> FaissKMeans:
         import faiss
@@ -50,7 +54,7 @@ class FaissKMeans(ClusterMixin, BaseEstimator):
             niter=self.max_iter,
             nredo=self.n_init,
             seed=self.random_state,
-            max_points_per_centroid=len(x),
+            max_points_per_centroid=self.max_points_per_centroid or len(x),
             min_points_per_centroid=1,
             gpu=gpu,
             verbose=False,

@@ -115,21 +115,19 @@ def tiny_images(tmp_path):
     return TarImageFolder(str(path), split="train")
 
 
-def test_cached_views_are_extracted_once_and_used(tmp_path):
+def tiny_module(tmp_path, **kw) -> ClusteringDataModule:
+    """24 tiny images through a mean-colour backbone, prepared and set up."""
     backbone = FrozenBackbone(MeanColour(), 3, "mean-colour", "none")
-    dm = ClusteringDataModule(
-        tiny_images(tmp_path),
-        backbone=backbone,
-        views="cached",
-        view_pool=3,
-        image_size=8,
-        cache_dir=str(tmp_path / "cache"),
-        batch_size=8,
-        k=2,
-        normalize=False,
-    )
+    dm = ClusteringDataModule(tiny_images(tmp_path), backbone=backbone, image_size=8, k=2, **kw)
     dm.prepare_data()
     dm.setup("fit")
+    return dm
+
+
+def test_cached_views_are_extracted_once_and_used(tmp_path):
+    dm = tiny_module(
+        tmp_path, views="cached", view_pool=3, cache_dir=str(tmp_path / "cache"), batch_size=8, normalize=False
+    )
     assert dm.view_features.shape == (3, 24, 3) and len(list((tmp_path / "cache").glob("*.npy"))) == 4
     batch = next(iter(dm.train_dataloader()))
     anchor_rows = torch.arange(len(batch)) < 8 * 2  # B anchors × V views first, then the neighbours
@@ -139,20 +137,9 @@ def test_cached_views_are_extracted_once_and_used(tmp_path):
 
 
 def test_online_views_are_images(tmp_path):
-    backbone = FrozenBackbone(MeanColour(), 3, "mean-colour", "none")
-    dm = ClusteringDataModule(
-        tiny_images(tmp_path),
-        backbone=backbone,
-        views="online",
-        image_size=8,
-        cache_dir=str(tmp_path / "cache"),
-        batch_size=4,
-        k=2,
-        num_views=2,
-        num_neighbours=1,
+    dm = tiny_module(
+        tmp_path, views="online", cache_dir=str(tmp_path / "cache"), batch_size=4, num_views=2, num_neighbours=1
     )
-    dm.prepare_data()
-    dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch.inputs.shape == (4 * 3, 3, 8, 8) and batch.rows(torch.randn(12, 5)).features is None
 
