@@ -18,12 +18,11 @@ from icon_lightning.io import atomic_write, atomic_write_json
 from icon_lightning.models.module import IConModule
 from icon_lightning.runs import (
     RUN_DIR_ENV,
+    choose_run_dir,
     config_name,
     config_sha256,
     experiment_key,
-    last_checkpoint,
-    new_run_dir,
-    use_run_dir,
+    resolve_checkpoint,
 )
 
 
@@ -48,17 +47,37 @@ DEFAULT_LOGGER = {
 
 
 VALIDATE_EVERY_STEPS = 100
-EVALUATING = ("validate", "test", "predict")
 DEBUG_ENV = "ICON_DEBUG"
-CHECKPOINT_WORDS = ("last", "best", "hpc", "registry")  # Lightning's names; `last` is resolved here
 
 
-def launched_rank() -> int:
-    """This process's rank as its launcher set it (Lightning's DDP launcher, torchrun or SLURM); 0 when alone."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
+def point_loggers_at(cfg, run_dir: Path) -> None:
+    """Every configured logger that has a ``save_dir`` writes into the run's folder."""
+    loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+    for logger in loggers:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and "save_dir" in init_args:
+            init_args.save_dir = str(run_dir)
+
+
+def print_summary(metrics: dict, convergence: dict | None, steps: int, run_dir: Path) -> None:
+    rows = sorted(metrics.items())
+    width = max((len(k) for k, _ in rows), default=10)
+    print(f"\n{'metric':<{width}}  value")
+    for key, value in rows:
+        if "/head_" not in key:
+            print(f"{key:<{width}}  {value:.4f}")
+    if convergence is not None:
+        verdict = "converged" if convergence["converged"] else "NOT CONVERGED"
+        print(f"{verdict} after {steps} steps: {convergence['reason']}")
+    print(f"metrics.json: {run_dir / 'metrics.json'}")
+
+
+def finish_wandb() -> None:
+    """Ends this process's W&B run, so the next run in it (sweeps) starts its own."""
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        if os.environ.get("WANDB_MODE") == "offline":
+            print(f"W&B is offline: upload later with `wandb sync {sys.modules['wandb'].run.dir}/..`")
+        sys.modules["wandb"].finish()
 
 
 class IConArgumentParser(LightningArgumentParser):
@@ -135,40 +154,20 @@ class IConCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Hash the config, resolve the checkpoint, and point every output of the run at its own folder."""
-        cfg = self._run_config()
-        subcommand = self.subcommand or "fit"
+        cfg, subcommand = self._run_config(), self.subcommand or "fit"
         plain = cfg.as_dict()
-        self.config_sha256 = config_sha256(plain)
-        key = experiment_key(plain)
-        root = cfg.trainer.default_root_dir or "runs"
-        ckpt = cfg.get("ckpt_path")
-        if ckpt == "last":
-            cfg.ckpt_path = str(last_checkpoint(root, key))
-            print(f"ckpt_path last: {cfg.ckpt_path}")
-        elif ckpt is not None and ckpt not in CHECKPOINT_WORDS and not Path(ckpt).is_file():
-            raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt}")
-        if subcommand in EVALUATING and cfg.get("ckpt_path") is None and not cfg.allow_untrained:
-            raise ValueError(
-                f"ckpt_path: `icon {subcommand}` needs trained heads: give a checkpoint file, or 'last' for the "
-                f"newest of this config under {root}; --allow_untrained true evaluates untrained heads on purpose"
-            )
-        rank = launched_rank()
-        if os.environ.get("LOCAL_RANK", "0") not in ("", "0") and os.environ.get(RUN_DIR_ENV):
-            self.run_dir = Path(os.environ[RUN_DIR_ENV])  # a DDP process started by rank 0: rank 0's folder
-        elif rank > 0:  # started by torchrun/SLURM beside rank 0: it writes nothing, so it creates no folder
-            self.run_dir = Path(root) / f"{config_name(cfg.get('config'))}-{key}" / f"{subcommand}-rank{rank}"
-        elif cfg.get("run_dir"):
-            self.run_dir = use_run_dir(cfg.run_dir)
-        else:
-            self.run_dir = new_run_dir(root, f"{config_name(cfg.get('config'))}-{key}", subcommand)
-        os.environ[RUN_DIR_ENV] = str(self.run_dir)
-        cfg.run_dir = str(self.run_dir)
-        cfg.trainer.default_root_dir = str(self.run_dir)
-        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
-        for logger in loggers:
-            init_args = getattr(logger, "init_args", None)
-            if init_args is not None and "save_dir" in init_args:
-                init_args.save_dir = str(self.run_dir)
+        self.config_sha256, key, root = (
+            config_sha256(plain),
+            experiment_key(plain),
+            cfg.trainer.default_root_dir or "runs",
+        )
+        ckpt = resolve_checkpoint(cfg.get("ckpt_path"), subcommand, root, key, cfg.allow_untrained)
+        if ckpt != cfg.get("ckpt_path"):
+            cfg.ckpt_path = ckpt
+        experiment = f"{config_name(cfg.get('config'))}-{key}"
+        self.run_dir = choose_run_dir(root, experiment, subcommand, cfg.get("run_dir"))
+        os.environ[RUN_DIR_ENV] = cfg.run_dir = cfg.trainer.default_root_dir = str(self.run_dir)
+        point_loggers_at(cfg, self.run_dir)
         if cfg.trainer.get("enable_checkpointing") is not False and subcommand == "fit":
             self.trainer_defaults = {**self.trainer_defaults}
             self.trainer_defaults["callbacks"] = [*self.trainer_defaults.get("callbacks", []), RunCheckpoint()]
@@ -182,12 +181,10 @@ class IConCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _start
 
     def _finish(self) -> None:
-        trainer = self.trainer
-        run_dir = self.run_dir
+        trainer, run_dir, cfg = self.trainer, self.run_dir, self._run_config()
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        cfg = self._run_config()
         watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
         convergence = watcher.report() if watcher is not None and self.subcommand == "fit" else None
         saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))
@@ -209,20 +206,8 @@ class IConCLI(LightningCLI):
             "last_checkpoint": next((c.last_model_path for c in saving if c.last_model_path), None),
         }
         atomic_write_json(run_dir / "metrics.json", payload)
-        rows = sorted(metrics.items())
-        width = max((len(k) for k, _ in rows), default=10)
-        print(f"\n{'metric':<{width}}  value")
-        for key, value in rows:
-            if "/head_" not in key:
-                print(f"{key:<{width}}  {value:.4f}")
-        if convergence is not None:
-            verdict = "converged" if convergence["converged"] else "NOT CONVERGED"
-            print(f"{verdict} after {trainer.global_step} steps: {convergence['reason']}")
-        print(f"metrics.json: {run_dir / 'metrics.json'}")
-        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-            if os.environ.get("WANDB_MODE") == "offline":
-                print(f"W&B is offline: upload later with `wandb sync {sys.modules['wandb'].run.dir}/..`")
-            sys.modules["wandb"].finish()  # so the next run in this process (sweeps) starts its own
+        print_summary(metrics, convergence, trainer.global_step, run_dir)
+        finish_wandb()
 
     def after_fit(self) -> None:
         if getattr(self.model, "validated_at_step", None) != self.trainer.global_step and not self.trainer.interrupted:

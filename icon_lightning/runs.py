@@ -108,3 +108,42 @@ def last_checkpoint(root: str | Path, experiment_key: str) -> Path:
             f"{Path(root).expanduser() / pattern} (fit first, or give a checkpoint file)"
         )
     return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+CHECKPOINT_WORDS = ("last", "best", "hpc", "registry")  # Lightning's names; `last` is resolved by `resolve_checkpoint`
+EVALUATING = ("validate", "test", "predict")
+
+
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (Lightning's DDP launcher, torchrun or SLURM); 0 when alone."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def resolve_checkpoint(ckpt: str | None, subcommand: str, root: str, key: str, allow_untrained: bool) -> str | None:
+    """``--ckpt_path``: ``last`` becomes the newest ``last.ckpt`` of this experiment under ``root``; a missing file
+    or an evaluation without trained heads (unless ``allow_untrained``) is one line."""
+    if ckpt == "last":
+        ckpt = str(last_checkpoint(root, key))
+        print(f"ckpt_path last: {ckpt}")
+    elif ckpt is not None and ckpt not in CHECKPOINT_WORDS and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt}")
+    if subcommand in EVALUATING and ckpt is None and not allow_untrained:
+        raise ValueError(
+            f"ckpt_path: `icon {subcommand}` needs trained heads: give a checkpoint file, or 'last' for the "
+            f"newest of this config under {root}; --allow_untrained true evaluates untrained heads on purpose"
+        )
+    return ckpt
+
+
+def choose_run_dir(root: str, experiment: str, subcommand: str, run_dir: str | None) -> Path:
+    """This process's run folder: rank 0's for processes Lightning's launcher started (``ICON_RUN_DIR``), an
+    unused name for other ranks of torchrun/SLURM (they write nothing), ``run_dir`` when given, else a new one."""
+    rank = launched_rank()
+    if os.environ.get("LOCAL_RANK", "0") not in ("", "0") and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if rank > 0:
+        return Path(root) / experiment / f"{subcommand}-rank{rank}"
+    return use_run_dir(run_dir) if run_dir else new_run_dir(root, experiment, subcommand)

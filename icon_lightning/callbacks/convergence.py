@@ -35,6 +35,56 @@ def auto_step_budget(
     return int(min(max(budget_epochs * max(1, steps_per_epoch), budget_min_steps), budget_max_steps))
 
 
+def check_convergence(window, tol, lr_drops, lr_gamma, min_steps, max_steps, budget) -> None:
+    """One-line errors for ``Convergence``'s settings; ``budget`` is (epochs, min steps, max steps)."""
+    counts = {"window": (window, 1), "lr_drops": (lr_drops, 0), "min_steps": (min_steps, 0)}
+    counts |= {"budget_epochs": (budget[0], 1), "budget_min_steps": (budget[1], 1)}
+    for name, (value, low) in counts.items():
+        if value < low:
+            raise ValueError(f"{name}: expected at least {low}, got {value}")
+    if budget[2] < budget[1]:
+        raise ValueError(f"budget_max_steps: expected ≥ budget_min_steps ({budget[1]}), got {budget[2]}")
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol: expected a finite number ≥ 0, got {tol}")
+    if not 0 < lr_gamma <= 1:
+        raise ValueError(f"lr_gamma: expected a value in (0, 1], got {lr_gamma}")
+    if max_steps is not None and max_steps != "auto" and (isinstance(max_steps, str) or max_steps < 1):
+        raise ValueError(f"max_steps: expected 'auto', None or an integer ≥ 1, got {max_steps!r}")
+
+
+class Windows:
+    """Mean training loss over windows of ``window`` steps, and the relative improvement of the last window on
+    the one before (a plateau: below ``tol``). Pure bookkeeping, checkpointed by the callback."""
+
+    def __init__(self, window: int, tol: float) -> None:
+        self.window, self.tol = window, float(tol)
+        self.means: list[float] = []
+        self.sum, self.count = 0.0, 0
+        self.last_improvement: float | None = None
+
+    def add(self, loss: float) -> float | None:
+        """Adds one step's loss; returns the window's mean when the window is full (then starts the next)."""
+        self.sum, self.count = self.sum + loss, self.count + 1
+        return self.sum / self.count if self.count >= self.window else None
+
+    def close(self, mean: float) -> bool | None:
+        """Records a full window's (process-averaged) ``mean``; whether it is a plateau (None: the first window)."""
+        self.sum, self.count = 0.0, 0
+        self.means.append(mean)
+        if len(self.means) < 2:
+            return None
+        before = self.means[-2]
+        self.last_improvement = (before - mean) / max(abs(before), 1e-12)
+        return self.last_improvement < self.tol
+
+    def state_dict(self) -> dict:
+        return {"window_means": list(self.means), "sum": self.sum, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.means = [float(v) for v in state["window_means"]]
+        self.sum, self.count = float(state["sum"]), int(state["count"])
+
+
 class Convergence(Callback):
     """Plateau-based stopping and LR halving in optimizer steps; reports whether the run converged (module doc)."""
 
@@ -51,66 +101,36 @@ class Convergence(Callback):
         budget_max_steps: int = 20000,
         stop_on_plateau: bool = True,
     ) -> None:
-        for name, value, low in (
-            ("window", window, 1),
-            ("lr_drops", lr_drops, 0),
-            ("min_steps", min_steps, 0),
-            ("budget_epochs", budget_epochs, 1),
-            ("budget_min_steps", budget_min_steps, 1),
-        ):
-            if value < low:
-                raise ValueError(f"{name}: expected at least {low}, got {value}")
-        if budget_max_steps < budget_min_steps:
-            raise ValueError(
-                f"budget_max_steps: expected ≥ budget_min_steps ({budget_min_steps}), got {budget_max_steps}"
-            )
-        if not (math.isfinite(tol) and tol >= 0):
-            raise ValueError(f"tol: expected a finite number ≥ 0, got {tol}")
-        if not 0 < lr_gamma <= 1:
-            raise ValueError(f"lr_gamma: expected a value in (0, 1], got {lr_gamma}")
-        if max_steps is not None and max_steps != "auto" and (isinstance(max_steps, str) or max_steps < 1):
-            raise ValueError(f"max_steps: expected 'auto', None or an integer ≥ 1, got {max_steps!r}")
+        budget = (budget_epochs, budget_min_steps, budget_max_steps)
+        check_convergence(window, tol, lr_drops, lr_gamma, min_steps, max_steps, budget)
         self.window, self.tol, self.lr_drops, self.lr_gamma = window, float(tol), lr_drops, float(lr_gamma)
-        self.min_steps, self.max_steps, self.stop_on_plateau = min_steps, max_steps, stop_on_plateau
-        self.budget_epochs, self.budget_min_steps, self.budget_max_steps = (
-            budget_epochs,
-            budget_min_steps,
-            budget_max_steps,
+        self.min_steps, self.max_steps, self.stop_on_plateau, self.budget = (
+            min_steps,
+            max_steps,
+            stop_on_plateau,
+            budget,
         )
-        self._reset()
+        self.windows, self.cap, self.drops = Windows(window, tol), None, 0
+        self.converged, self.reason = False, "not started"
 
-    def _reset(self) -> None:
-        self.cap: int | None = None
-        self.drops = 0
-        self.converged = False
-        self.reason = "not started"
-        self.last_improvement: float | None = None
-        self.window_means: list[float] = []
-        self._sum, self._count = 0.0, 0
+    @property
+    def last_improvement(self) -> float | None:
+        return self.windows.last_improvement
 
-    # ------------------------------------------------------------------ the state a resumed run continues from
     def state_dict(self) -> dict:
-        return {
-            "drops": self.drops,
-            "window_means": list(self.window_means),
-            "sum": self._sum,
-            "count": self._count,
-            "converged": self.converged,
-            "reason": self.reason,
-        }
+        """The state a resumed run continues from."""
+        return {"drops": self.drops, "converged": self.converged, "reason": self.reason, **self.windows.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.drops, self.window_means = int(state["drops"]), [float(v) for v in state["window_means"]]
-        self._sum, self._count = float(state["sum"]), int(state["count"])
-        self.converged, self.reason = bool(state["converged"]), str(state["reason"])
+        self.drops, self.converged, self.reason = int(state["drops"]), bool(state["converged"]), str(state["reason"])
+        self.windows.load_state_dict(state)
 
-    # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.cap = None  # the loaders exist now: num_training_batches is known
         if self.max_steps == "auto":
             steps = trainer.num_training_batches
             steps = steps if isinstance(steps, int) and steps > 0 else 1  # inf for iterable loaders: one a pass
-            self.cap = auto_step_budget(steps, self.budget_epochs, self.budget_min_steps, self.budget_max_steps)
+            self.cap = auto_step_budget(steps, *self.budget)
         elif self.max_steps is not None:
             self.cap = int(self.max_steps)
         if not self.converged:
@@ -118,30 +138,19 @@ class Convergence(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
-        self._sum += float(loss.detach())
-        self._count += 1
-        if self._count >= self.window:
+        mean = None if loss is None else self.windows.add(float(loss.detach()))
+        if mean is not None:
             # every process reaches this step together; they agree on the mean, so they agree on stopping
-            mean = trainer.strategy.reduce(
-                torch.tensor(self._sum / self._count, device=pl_module.device), reduce_op="mean"
-            )
-            self._window_done(trainer, float(mean))
-        step = trainer.global_step
-        if self.cap is not None and step >= self.cap and not trainer.should_stop:
+            mean = trainer.strategy.reduce(torch.tensor(mean, device=pl_module.device), reduce_op="mean")
+            self._decide(trainer, float(mean), self.windows.close(float(mean)))
+        if self.cap is not None and trainer.global_step >= self.cap and not trainer.should_stop:
             trainer.should_stop = True
             if not self.converged:
                 self.reason = f"reached the step budget ({self.cap} steps) before the training loss plateaued"
 
-    def _window_done(self, trainer: L.Trainer, mean: float) -> None:
-        self._sum, self._count = 0.0, 0
-        self.window_means.append(mean)
-        if len(self.window_means) < 2:
+    def _decide(self, trainer: L.Trainer, mean: float, plateau: bool | None) -> None:
+        if plateau is None:
             return
-        before = self.window_means[-2]
-        self.last_improvement = (before - mean) / max(abs(before), 1e-12)
-        plateau = self.last_improvement < self.tol
         if not self.stop_on_plateau:
             self.converged = plateau
             self.reason = f"last window improved the training loss by {self.last_improvement:.2e} (tol {self.tol:.0e})"
@@ -153,14 +162,13 @@ class Convergence(Callback):
             for optimizer in trainer.optimizers:
                 for group in optimizer.param_groups:
                     group["lr"] *= self.lr_gamma
-            self.window_means = [mean]  # compare the next window at the new LR with this one
+            self.windows.means = [mean]  # compare the next window at the new LR with this one
             return
-        self.converged = True
+        self.converged, trainer.should_stop = True, True
         self.reason = (
             f"training loss plateaued at step {trainer.global_step} (relative improvement "
             f"{self.last_improvement:.2e} < {self.tol:.0e} over {self.window} steps, after {self.drops} LR drops)"
         )
-        trainer.should_stop = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.converged:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
@@ -14,22 +13,22 @@ from icon_lightning.data.backbones import FrozenBackbone
 from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.distributed import world
 from icon_lightning.loss import Objective
+from icon_lightning.models.evaluation import SPLITS, ClusterEvaluation
 from icon_lightning.models.heads import ClusterHeads
 from icon_lightning.models.parts import (
+    GlobalRows,
     HeadSelection,
     SplitScores,
     TargetCache,
     check_head_init,
     ema_teacher,
-    local_rows,
     start_heads,
 )
 
-SPLITS = ("val", "train")  # validation dataloader 0 scores the val split, 1 (when present) the train split
 DEFAULT_LR = 1e-2
 
 
-class IConModule(L.LightningModule):
+class IConModule(ClusterEvaluation):
     """Trains H linear cluster heads (or a projection) on frozen features with an injected I-Con objective.
 
     loss: the objective of a recipe (``configs/recipes``), e.g. ``IConLoss(p, q)``.
@@ -124,40 +123,19 @@ class IConModule(L.LightningModule):
         teacher_z: the EMA teacher's output of these rows: the candidates' z with ``teacher_candidates``, and
         what a p that reads the model's output reads."""
         rank, size = world()
-        meta, gathered = self._global(batch, z, size), self._gather(z, size, sync_grads=True)
+        meta, gathered = self._global(batch, size), self._gather(z, size, sync_grads=True)
         teacher = None if teacher_z is None else self._gather(teacher_z.detach(), size)
         candidates_z = teacher if self.hparams.teacher_candidates and teacher is not None else gathered
-        labels, local, heads = self.hparams.with_labels, slice(rank * len(batch), (rank + 1) * len(batch)), z.unbind(1)
-        anchors = batch.rows(z[:, 0], labels)
-        candidates = anchors if candidates_z is z else meta.rows(candidates_z[:, 0], labels)
-        given = heads if candidates_z is z else candidates_z.unbind(1)  # unbind: one stack in backward
-        pairs = [([anchors.with_z(a)], [candidates.with_z(c)]) for a, c in zip(heads, given)]
-        if self.loss.target_reads_output:
-            targets = TargetCache.per_head(self.loss, meta, gathered if teacher is None else teacher, labels)
-            outs = [
-                self.loss.forward_heads(*ac, local_rows(p, local.start, local.stop), local.start, h)[0]
-                for h, (ac, p) in enumerate(zip(pairs, targets))
-            ]
-        else:
-            p = self._shared_target(meta, candidates_z[:, 0], labels)
-            outs = self.loss.forward_heads(
-                [a[0] for a, _ in pairs],
-                [c[0] for _, c in pairs],
-                None if p is None else local_rows(p, local.start, local.stop),
-                local.start,
-            )
-        return torch.stack([out.loss for out in outs])
-
-    def _shared_target(self, meta: ClusteringBatch, z: Tensor, labels: bool):
-        if not self.loss.shares_target:
-            return None
-        reuse = 0 < self.hparams.num_samples <= len(meta) and meta.inputs.ndim == 2  # full batch of cached features
-        return self.targets.shared(self.loss, meta.rows(z, labels), reuse, (meta.index, meta.view, meta.inputs))
+        reuse = 0 < self.hparams.num_samples <= len(meta) and meta.inputs.ndim == 2  # a full batch of features
+        rows = GlobalRows(batch, meta, rank * len(batch), self.hparams.with_labels)
+        return rows.head_losses(
+            self.loss, self.targets, z, candidates_z, gathered if teacher is None else teacher, reuse
+        )
 
     def _gather(self, x: Tensor, size: int, sync_grads: bool = False) -> Tensor:
         return x if size == 1 else self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
 
-    def _global(self, batch: ClusteringBatch, z: Tensor, size: int) -> ClusteringBatch:
+    def _global(self, batch: ClusteringBatch, size: int) -> ClusteringBatch:
         """The rows of every process (image inputs stay local: p never reads pixels)."""
         if size == 1:
             return batch
@@ -185,50 +163,6 @@ class IConModule(L.LightningModule):
         if mean is not None:
             self.head_losses.copy_(mean)
             self.selected_head.fill_(int(mean.argmin()))
-
-    # ------------------------------------------------------------------ evaluation
-    def validation_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.scores.split(SPLITS[dataloader_idx]) is not None:
-            self.scores.update(SPLITS[dataloader_idx], self(self.features(batch)), batch.label)
-
-    def test_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.scores.split("test") is not None:
-            self.scores.update("test", self(self.features(batch)), batch.label)
-
-    def _log_split(self, split: str) -> None:
-        hp = self.hparams
-        values = self.scores.summary(split, int(self.selected_head), hp.num_clusters > hp.num_classes)
-        best = values.pop(f"{split}/hungarian_acc/best", None)
-        self.log_dict(values)
-        if best is not None:
-            self.log(f"{split}/hungarian_acc/best", best, prog_bar=split == "val")
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self.validated_at_step = self.global_step  # the CLI validates once more when the last step was not
-        for split in SPLITS:
-            self._log_split(split)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split("test")
-
-    @torch.no_grad()
-    def assign(self, features: Tensor) -> Tensor:
-        """(N,) cluster of each feature row under the selected head."""
-        return self(features)[:, int(self.selected_head)].argmax(-1)
-
-    @torch.no_grad()
-    def neighbourhoods(self, batch: ClusteringBatch, n: int) -> tuple[Tensor, Tensor] | None:
-        """p and q of the first ``n`` anchors of ``batch`` under the selected head; None for objectives that are
-        not one KL (``IConLoss.neighbourhoods``)."""
-        if not hasattr(self.loss, "neighbourhoods"):
-            return None
-        z = self(self.features(batch))[:, int(self.selected_head)]
-        return self.loss.neighbourhoods(batch.rows(z, self.hparams.with_labels), n)
-
-    def predict_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        z = self(self.features(batch))[:, int(self.selected_head)]
-        return {"index": batch.index, "cluster": z.argmax(-1), "probs": z.softmax(-1)}
 
     def configure_optimizers(self):
         params = self.heads.parameters()

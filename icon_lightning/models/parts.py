@@ -4,6 +4,7 @@ EMA teacher, the shared target p of the global batch, label-free head selection 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -80,7 +81,9 @@ class TargetCache:
         self.key: tuple[Tensor, ...] | None = None
         self.p: Tensor | SparseTarget | None = None
 
-    def shared(self, loss: Objective, rows, reuse: bool, key: tuple[Tensor, ...]) -> Tensor | SparseTarget:
+    def shared(self, loss: Objective, rows, reuse: bool, key: tuple[Tensor, ...]) -> Tensor | SparseTarget | None:
+        if not loss.shares_target:
+            return None
         if reuse and self.key is not None and all(_same(a, b) for a, b in zip(key, self.key)):
             return self.p
         p = loss.target(rows)
@@ -101,6 +104,43 @@ def _same(a: Tensor | None, b: Tensor | None) -> bool:
 def local_rows(p: Tensor | SparseTarget, start: int, stop: int) -> Tensor | SparseTarget:
     """Anchor rows [start, stop) of a global-batch p."""
     return p.row_slice(start, stop) if isinstance(p, SparseTarget) else p[start:stop]
+
+
+@dataclass(frozen=True)
+class GlobalRows:
+    """This process's rows (the anchors) inside the global batch ``meta`` (the candidates), from row ``offset``."""
+
+    batch: ClusteringBatch
+    meta: ClusteringBatch
+    offset: int
+    with_labels: bool
+
+    def head_losses(
+        self, loss: Objective, targets: TargetCache, z: Tensor, candidates_z: Tensor, p_source: Tensor, reuse: bool
+    ) -> Tensor:
+        """(H,) loss of each head: anchors ``z`` (B, H, K) of this process against ``candidates_z`` (M, H, K). p is
+        shared by the heads (cached by ``targets`` when ``reuse``), or, when it reads the model's output, built for
+        head h from ``p_source[:, h]`` (the teacher's output, or the student's)."""
+        anchors = self.batch.rows(z[:, 0], self.with_labels)
+        square = candidates_z is z  # one process, no teacher: the anchors are the candidates
+        candidates = anchors if square else self.meta.rows(candidates_z[:, 0], self.with_labels)
+        heads = z.unbind(1)  # unbind, not z[:, h]: its backward is one stack, not H zero (B, H, K) grads
+        anchor_rows = [anchors.with_z(zh) for zh in heads]
+        candidate_rows = [candidates.with_z(c) for c in (heads if square else candidates_z.unbind(1))]
+        local = (self.offset, self.offset + len(self.batch))
+        if loss.target_reads_output:
+            ps = TargetCache.per_head(loss, self.meta, p_source, self.with_labels)
+            outs = [
+                loss.forward_heads([a], [c], local_rows(p, *local), self.offset, h)[0]
+                for h, (a, c, p) in enumerate(zip(anchor_rows, candidate_rows, ps))
+            ]
+        else:
+            key = (self.meta.index, self.meta.view, self.meta.inputs)
+            p = targets.shared(loss, self.meta.rows(candidates_z[:, 0], self.with_labels), reuse, key)
+            outs = loss.forward_heads(
+                anchor_rows, candidate_rows, None if p is None else local_rows(p, *local), self.offset
+            )
+        return torch.stack([out.loss for out in outs])
 
 
 # ---------------------------------------------------------------------- label-free head selection

@@ -1,0 +1,61 @@
+"""`ClusterEvaluation`: the evaluation half of a cluster-head LightningModule: per-head scores of the validation,
+train and test splits, the selected head's assignments (predict) and its p-vs-q neighbourhoods (plots)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from icon_lightning.data.batch import ClusteringBatch
+
+SPLITS = ("val", "train")  # validation dataloader 0 scores the val split, 1 (when present) the train split
+
+
+class ClusterEvaluation(L.LightningModule):
+    """Scores the H heads of ``self(features) -> (B, H, K)`` on labelled splits into ``self.scores`` (a
+    ``SplitScores``) and logs them, the head ``self.selected_head`` also without its suffix. The subclass provides
+    ``features(batch)``, ``scores``, ``selected_head``, ``loss`` and ``hparams.num_clusters/num_classes``."""
+
+    def validation_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.scores.split(SPLITS[dataloader_idx]) is not None:
+            self.scores.update(SPLITS[dataloader_idx], self(self.features(batch)), batch.label)
+
+    def test_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.scores.split("test") is not None:
+            self.scores.update("test", self(self.features(batch)), batch.label)
+
+    def _log_split(self, split: str) -> None:
+        hp = self.hparams
+        values = self.scores.summary(split, int(self.selected_head), hp.num_clusters > hp.num_classes)
+        best = values.pop(f"{split}/hungarian_acc/best", None)
+        self.log_dict(values)
+        if best is not None:
+            self.log(f"{split}/hungarian_acc/best", best, prog_bar=split == "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.global_step  # the CLI validates once more when the last step was not
+        for split in SPLITS:
+            self._log_split(split)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+
+    @torch.no_grad()
+    def assign(self, features: Tensor) -> Tensor:
+        """(N,) cluster of each feature row under the selected head."""
+        return self(features)[:, int(self.selected_head)].argmax(-1)
+
+    @torch.no_grad()
+    def neighbourhoods(self, batch: ClusteringBatch, n: int) -> tuple[Tensor, Tensor] | None:
+        """p and q of the first ``n`` anchors of ``batch`` under the selected head; None for objectives that are
+        not one KL (``IConLoss.neighbourhoods``)."""
+        if not hasattr(self.loss, "neighbourhoods"):
+            return None
+        z = self(self.features(batch))[:, int(self.selected_head)]
+        return self.loss.neighbourhoods(batch.rows(z, self.hparams.with_labels), n)
+
+    def predict_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        z = self(self.features(batch))[:, int(self.selected_head)]
+        return {"index": batch.index, "cluster": z.argmax(-1), "probs": z.softmax(-1)}
