@@ -138,20 +138,14 @@ class ClusteringPlots(Callback):
         out.mkdir(parents=True, exist_ok=True)
         epoch = trainer.current_epoch
         paths = []
-        if "val" in pl_module.scores.last_confusion:
+        scores = pl_module.scores
+        if "val" in scores.last_confusion:
+            confusion, sizes = scores.last_confusion["val"], scores.last_cluster_sizes["val"]
             paths.append(
-                self._guard(
-                    "confusion",
-                    lambda: plot_confusion(pl_module.scores.last_confusion["val"], out / f"confusion_epoch{epoch}.png"),
-                )
+                self._guard("confusion", lambda: plot_confusion(confusion, out / f"confusion_epoch{epoch}.png"))
             )
             paths.append(
-                self._guard(
-                    "cluster_sizes",
-                    lambda: plot_cluster_sizes(
-                        pl_module.scores.last_cluster_sizes["val"], out / f"cluster_sizes_epoch{epoch}.png"
-                    ),
-                )
+                self._guard("cluster_sizes", lambda: plot_cluster_sizes(sizes, out / f"cluster_sizes_epoch{epoch}.png"))
             )
         datamodule = trainer.datamodule
         if datamodule is not None and hasattr(datamodule, "val_data"):

@@ -7,25 +7,22 @@ collators (``FeatureCollate``, ``OnlineCollate``, ``EvalDataset``)."""
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 
 from icon_lightning.data.backbones import FrozenBackbone, Identity
-from icon_lightning.data.collate import EvalDataset, FeatureCollate, OnlineCollate
+from icon_lightning.data.collate import EvalDataset
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore
+from icon_lightning.data.loaders import AnchorBatches
 from icon_lightning.data.neighbours import NeighbourIndex, NeighbourTable, label_agreement
 from icon_lightning.data.prepare import FeaturePrep
-from icon_lightning.data.sampling import AnchorDataset, AnchorSampler, OnlineViews
+from icon_lightning.data.sampling import AnchorDataset
 from icon_lightning.supervisory.graph import table_width
 
-FULL_BATCH_MAX = 4096  # the paper's anchors a step; ``batch_size='auto'`` trains full-batch up to this size
 DEFAULT_K = 3  # the paper's k-NN
 
 
@@ -47,7 +44,7 @@ def check_settings(dataset: IndexedDataset, backbone, views: str, view_pool: int
         raise ValueError(f"views: {views!r} augments images and needs a backbone; use views='clean' for features")
 
 
-class ClusteringDataModule(L.LightningDataModule):
+class ClusteringDataModule(AnchorBatches):
     """Frozen features, cached once; k-NN table (+ walks); batches of anchors with views and neighbours.
 
     dataset / val_dataset: ``IndexedDataset``s (val: scored only; None → validate on the train items).
@@ -200,61 +197,3 @@ class ClusteringDataModule(L.LightningDataModule):
                 f"sampled neighbours (num_neighbours {self.num_neighbours} → 0)"
             )
         return 0 if self.full_batch else self.num_neighbours
-
-    # ------------------------------------------------------------------ batches
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    @property
-    def anchors_per_step(self) -> int:
-        """Anchors a step on each process: ``batch_size``, or what ``auto`` resolves to."""
-        if self.batch_size != "auto":
-            return int(self.batch_size)
-        return math.ceil(min(self.num_samples, FULL_BATCH_MAX) / self._world()[0])
-
-    @property
-    def full_batch(self) -> bool:
-        """Every item is an anchor of every step (one step an epoch)."""
-        return self.anchors_per_step * self._world()[0] >= self.num_samples
-
-    def train_dataloader(self) -> DataLoader:
-        if self.views == "online":
-            data = OnlineViews(self.dataset, self.prep.augment_tf, self.anchors)
-            collate = OnlineCollate(self.train_labels, self.table, self.degree)
-        else:
-            data = self.anchors
-            collate = FeatureCollate(
-                self.train_features, self.view_features, self.train_labels, self.table, self.degree
-            )
-        world, rank = self._world()
-        # One batch per epoch (full-batch training): the order of its rows changes nothing, so keep it fixed
-        # and the batch is the same every step (IConModule then reuses p).
-        shuffle = not self.full_batch
-        sampler = AnchorSampler(range(self.num_samples), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
-        return DataLoader(
-            data,
-            batch_size=self.anchors_per_step,
-            sampler=sampler,
-            collate_fn=collate,
-            num_workers=self.num_workers,
-            drop_last=not self.full_batch,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def _eval_loader(self, data: EvalDataset) -> DataLoader:
-        return DataLoader(data, batch_size=self.val_batch_size, collate_fn=data.collate, num_workers=0, shuffle=False)
-
-    def val_dataloader(self) -> list[DataLoader]:
-        """[val split, train split]: the module logs them as ``val/...`` and ``train/...``."""
-        loaders = [self._eval_loader(self.val_data)]
-        if self.evaluate_train:
-            loaders.append(self._eval_loader(self.train_eval_data))
-        return loaders
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_data)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Cluster assignments are predicted for the training items (the dataset being clustered)."""
-        return self._eval_loader(self.train_eval_data)

@@ -100,6 +100,28 @@ def match_pairs(query_row: Tensor, query_key: Tensor, candidate_key: Tensor) -> 
     return rows, order[first + within]
 
 
+def table_edges(table: Tensor, candidate_index: Tensor) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the edges i → j where candidate j's dataset index is in row i of ``table`` (B, k)."""
+    by = torch.arange(len(table), device=table.device).repeat_interleave(table.shape[1])
+    return match_pairs(by, table.reshape(-1), candidate_index)
+
+
+def topk_edges(anchors: Tensor, candidates: Tensor, self_col: Tensor, k: int, block: int = 1 << 22) -> tuple:
+    """(rows, cols) of each anchor's k most cosine-similar candidates (self pairs at ``self_col`` excluded),
+    computed in row blocks of about ``block`` similarities, never the whole (B, M) matrix."""
+    from icon_lightning.functional.distances import cosine_similarity
+
+    step, tops = max(1, block // len(candidates)), []
+    for start in range(0, len(anchors), step):
+        stop = min(len(anchors), start + step)
+        sim = cosine_similarity(anchors[start:stop], candidates)
+        local = (self_col[start:stop] >= 0).nonzero().squeeze(1)
+        sim[local, self_col[start:stop][local]] = float("-inf")
+        tops.append(sim.topk(k, dim=1).indices)
+    top = torch.cat(tops)
+    return torch.arange(len(anchors), device=top.device).repeat_interleave(k), top.reshape(-1)
+
+
 def unique_valid_pairs(
     rows: Tensor, cols: Tensor, self_col: Tensor | None, num_candidates: int, values: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

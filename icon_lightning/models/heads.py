@@ -10,6 +10,19 @@ from torch import Tensor, nn
 from icon_lightning.functional import check_positive
 
 
+def check_heads(feature_dim, num_clusters, num_heads, temperature, projection_dim, hidden_dim) -> None:
+    """One-line errors for ``ClusterHeads``' settings."""
+    if feature_dim < 1:
+        raise ValueError(f"feature_dim: expected ≥ 1, got {feature_dim}")
+    if num_heads < 1:
+        raise ValueError(f"num_heads: expected ≥ 1, got {num_heads}")
+    check_positive("temperature", temperature)
+    if num_clusters < 1 and projection_dim is None:
+        raise ValueError("num_clusters: expected ≥ 1 (or a projection_dim for representation learning)")
+    if hidden_dim is not None and hidden_dim < 1:
+        raise ValueError(f"hidden_dim: expected ≥ 1 or None (linear heads), got {hidden_dim}")
+
+
 class ClusterHeads(nn.Module):
     """features (B, D) → logits (B, H, K) = head_h(x) / temperature for each of H heads.
 
@@ -29,15 +42,7 @@ class ClusterHeads(nn.Module):
         hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
-        if feature_dim < 1:
-            raise ValueError(f"feature_dim: expected ≥ 1, got {feature_dim}")
-        if num_heads < 1:
-            raise ValueError(f"num_heads: expected ≥ 1, got {num_heads}")
-        check_positive("temperature", temperature)
-        if num_clusters < 1 and projection_dim is None:
-            raise ValueError("num_clusters: expected ≥ 1 (or a projection_dim for representation learning)")
-        if hidden_dim is not None and hidden_dim < 1:
-            raise ValueError(f"hidden_dim: expected ≥ 1 or None (linear heads), got {hidden_dim}")
+        check_heads(feature_dim, num_clusters, num_heads, temperature, projection_dim, hidden_dim)
         self.num_heads, self.num_clusters, self.temperature = num_heads, num_clusters, float(temperature)
         dim = feature_dim
         self.projection = nn.Identity()

@@ -6,7 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from icon_lightning.functional import cosine_similarity, normalize_rows
-from icon_lightning.functional.sparse import SparseTarget, match_pairs, normalized_target, unique_valid_pairs
+from icon_lightning.functional.sparse import (
+    SparseTarget,
+    normalized_target,
+    table_edges,
+    topk_edges,
+    unique_valid_pairs,
+)
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory.base import Supervisory, target_dtype
 
@@ -71,9 +77,7 @@ class KNNGraph(Supervisory):
         rows, cols = self._edges(anchors, candidates, self_col)
         if self.symmetric:
             if candidates.neighbours is not None:
-                table = candidates.neighbours[:, : self.k]
-                by = torch.arange(m, device=table.device).repeat_interleave(table.shape[1])
-                back_cols, back_rows = match_pairs(by, table.reshape(-1), anchors.index)
+                back_cols, back_rows = table_edges(candidates.neighbours[:, : self.k], anchors.index)
             elif b == m:
                 back_rows, back_cols = cols, rows
             else:
@@ -87,24 +91,13 @@ class KNNGraph(Supervisory):
         if anchors.neighbours is not None:
             if self.k > anchors.neighbours.shape[1]:
                 raise ValueError(f"k: the neighbour table has {anchors.neighbours.shape[1]} columns, got k={self.k}")
-            table = anchors.neighbours[:, : self.k]
-            by = torch.arange(len(anchors), device=table.device).repeat_interleave(table.shape[1])
-            return match_pairs(by, table.reshape(-1), candidates.index)
+            return table_edges(anchors.neighbours[:, : self.k], candidates.index)
         if anchors.features is None or candidates.features is None:
             raise ValueError("neighbours: KNNGraph needs anchors.neighbours (a k-NN table) or features")
         available = len(candidates) - int(bool((self_col >= 0).any()))
         if self.k >= available:
             raise ValueError(f"k: expected fewer than the {available} valid candidates, got k={self.k}")
-        step = max(1, (1 << 22) // len(candidates))  # row blocks of the (B, M) similarity
-        tops = []
-        for start in range(0, len(anchors), step):
-            stop = min(len(anchors), start + step)
-            sim = cosine_similarity(anchors.features[start:stop], candidates.features)
-            local = (self_col[start:stop] >= 0).nonzero().squeeze(1)
-            sim[local, self_col[start:stop][local]] = float("-inf")
-            tops.append(sim.topk(self.k, dim=1).indices)
-        top = torch.cat(tops)
-        return torch.arange(len(anchors), device=top.device).repeat_interleave(self.k), top.reshape(-1)
+        return topk_edges(anchors.features, candidates.features, self_col, self.k)
 
 
 def table_width(module: nn.Module | None) -> int:
