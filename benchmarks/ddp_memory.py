@@ -48,14 +48,10 @@ def synthetic_module(folder: Path, n: int, d: int, views: int, in_memory: bool):
     from icon_lightning.data.datamodule import ClusteringDataModule
     from icon_lightning.data.datasets import FeaturesArray
 
-    class Synthetic(ClusteringDataModule):
-        def _features(self, dataset, view: str) -> np.ndarray:
-            return np.load(folder / f"{view}.npy", mmap_mode="r")
-
     labels = np.arange(n) % 10
     dataset = FeaturesArray(np.zeros((n, 1), dtype=np.float32), labels)  # N items; their features are the files
     backbone = FrozenBackbone(torch.nn.Identity(), d, "synthetic", "none")
-    return Synthetic(
+    module = ClusteringDataModule(
         dataset,
         backbone=backbone,
         views="cached",
@@ -65,6 +61,8 @@ def synthetic_module(folder: Path, n: int, d: int, views: int, in_memory: bool):
         views_in_memory=in_memory,
         evaluate_train=False,
     )
+    module.prep.raw = lambda dataset, view: np.load(folder / f"{view}.npy", mmap_mode="r")  # the cache is the files
+    return module
 
 
 def worker(rank: int, world: int, port: int, folder: str, n: int, d: int, views: int, in_memory: bool) -> None:
@@ -113,12 +111,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--d", type=int, default=384)
     parser.add_argument("--views", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="result JSON (default: benchmarks/results/ddp_memory_cpu.json)")
+    args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -138,6 +137,7 @@ def main() -> None:
     write_result(
         "ddp_memory_cpu.json",
         {"n": args.n, "d": args.d, "views": args.views, "float32_views_mib": round(view_mb, 1), "rows": rows},
+        args.out,
     )
 
 

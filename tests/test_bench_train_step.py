@@ -90,3 +90,17 @@ def test_cluster_kernel_benchmark_writes_its_rows(tmp_path):
     assert [(r["B"], r["K"]) for r in result["rows"]] == [(16, 4), (32, 4)] and "machine" in result
     assert all(r["kernel_ms"] > 0 and r["fraction_of_matmul"] > 0 for r in result["rows"])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_ddp_memory_benchmark_runs_both_settings_on_two_processes(tmp_path):
+    """The DDP memory benchmark builds real DataModules (FeaturePrep reading its synthetic files) in 2 processes."""
+    import json
+
+    from benchmarks import ddp_memory
+
+    out = tmp_path / "ddp.json"
+    ddp_memory.main(["--n", "3000", "--d", "8", "--views", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["views"].split()[0] for r in rows] == ["float32", "float32", "shared", "shared"]
+    assert all(r["after_setup_and_reads"]["rss"] > 0 for r in rows)
