@@ -195,7 +195,7 @@ def methods(k: int, num_fit: int = 0) -> dict[str, tuple[str, Callable[[int], ob
         "icon_no_debias": ("I-Con ablation: α = 0", icon(0.0, 0.0)),
         "icon_debias_p_only": (f"I-Con ablation: α = {ALPHA} on p only", icon(ALPHA, 0.0)),
         "icon_no_walks": ("I-Con ablation: k-NN only, no walks", icon(walks=0)),
-        "icon_walks2": ("I-Con ablation: 2-step walks", icon(walks=2)),
+        "icon_walks2": ("I-Con ablation: two extra walk steps (Propagated(steps=3))", icon(walks=2)),
     }
     return {
         name: (desc, make, over if name.startswith("icon_overcluster") else k) for name, (desc, make) in table.items()
