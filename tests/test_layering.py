@@ -83,7 +83,7 @@ ABOUT = 62  # "no class or function over about 60 lines": code lines (no docstri
 # Measured ceilings of the classes still above it, so that they can only shrink. Each is a Lightning or scikit-learn
 # surface whose constructor is the flat config users type (every `--data.*` / `--model.*` / estimator key is a
 # parameter) plus its hooks; the work itself is delegated (README "Layout").
-LARGER = {"ClusteringDataModule": 113, "IConModule": 101, "IConCLI": 94, "Convergence": 90, "HeadClusterer": 88}
+LARGER = {"ClusteringDataModule": 113, "IConModule": 94, "IConCLI": 94, "Convergence": 90, "HeadClusterer": 88}
 
 
 def code_lines(node: ast.AST, source: list[str]) -> int:

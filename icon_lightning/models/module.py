@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Literal
 
 import torch
@@ -22,6 +21,7 @@ from icon_lightning.models.parts import (
     TargetCache,
     check_head_init,
     ema_teacher,
+    global_batch,
     start_heads,
 )
 
@@ -74,8 +74,6 @@ class IConModule(ClusterEvaluation):
         super().__init__()
         num_heads = num_heads if num_clusters >= 1 else 1  # a projection for representations is one output
         self.save_hyperparameters()  # under `icon` the CLI stores the resolved config, so checkpoints rebuild it
-        if teacher_candidates and ema_momentum is None:
-            raise ValueError("teacher_candidates: needs an EMA teacher (set ema_momentum, e.g. 0.996)")
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval: expected 'step' or 'epoch', got {scheduler_interval!r}")
         self.loss, self.backbone, self.optimizer, self.scheduler = loss, backbone, optimizer, scheduler
@@ -84,7 +82,7 @@ class IConModule(ClusterEvaluation):
         )
         linear = self.heads.is_linear and projection_dim is None
         self.head_init = check_head_init((["kmeans"] if linear else []) if head_init is None else head_init, self.heads)
-        self.teacher = ema_teacher(self.heads, ema_momentum)
+        self.teacher = ema_teacher(self.heads, ema_momentum, teacher_candidates)
         self.register_buffer("head_losses", torch.zeros(num_heads))
         self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
         self.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))  # head_init ran (checkpointed)
@@ -123,7 +121,8 @@ class IConModule(ClusterEvaluation):
         teacher_z: the EMA teacher's output of these rows: the candidates' z with ``teacher_candidates``, and
         what a p that reads the model's output reads."""
         rank, size = world()
-        meta, gathered = self._global(batch, size), self._gather(z, size, sync_grads=True)
+        meta = batch if size == 1 else global_batch(batch, lambda x: self._gather(x, size))
+        gathered = self._gather(z, size, sync_grads=True)
         teacher = None if teacher_z is None else self._gather(teacher_z.detach(), size)
         candidates_z = teacher if self.hparams.teacher_candidates and teacher is not None else gathered
         reuse = 0 < self.hparams.num_samples <= len(meta) and meta.inputs.ndim == 2  # a full batch of features
@@ -134,14 +133,6 @@ class IConModule(ClusterEvaluation):
 
     def _gather(self, x: Tensor, size: int, sync_grads: bool = False) -> Tensor:
         return x if size == 1 else self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
-
-    def _global(self, batch: ClusteringBatch, size: int) -> ClusteringBatch:
-        """The rows of every process (image inputs stay local: p never reads pixels)."""
-        if size == 1:
-            return batch
-        inputs = batch.inputs if batch.inputs.ndim == 2 else batch.inputs[:0].new_zeros((len(batch), 0))
-        parts = {f.name: getattr(batch, f.name) for f in fields(batch)} | {"inputs": inputs}
-        return ClusteringBatch(**{name: self._gather(value, size) for name, value in parts.items()})
 
     def training_step(self, batch: ClusteringBatch, batch_idx: int) -> Tensor:
         feats = self.features(batch)

@@ -4,7 +4,7 @@ EMA teacher, the shared target p of the global batch, label-free head selection 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +59,11 @@ def start_heads(heads: ClusterHeads, features: Tensor, head_init: Sequence[str])
 
 
 # ---------------------------------------------------------------------- the EMA teacher
-def ema_teacher(heads: nn.Module, momentum: float | None) -> AveragedModel | None:
-    """An exponential moving average of ``heads`` (a module: it moves devices and is checkpointed), or None."""
+def ema_teacher(heads: nn.Module, momentum: float | None, teacher_candidates: bool = False) -> AveragedModel | None:
+    """An exponential moving average of ``heads`` (a module: it moves devices and is checkpointed), or None;
+    ``teacher_candidates`` (its outputs as the candidates of q) needs one."""
+    if teacher_candidates and momentum is None:
+        raise ValueError("teacher_candidates: needs an EMA teacher (set ema_momentum, e.g. 0.996)")
     if momentum is None:
         return None
     if not 0.0 < momentum < 1.0:
@@ -99,6 +102,14 @@ def _same(a: Tensor | None, b: Tensor | None) -> bool:
     if a is None or b is None:
         return a is b
     return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+
+
+def global_batch(batch: ClusteringBatch, gather: Callable[[Tensor], Tensor]) -> ClusteringBatch:
+    """The rows of every process, each field gathered in rank order (image inputs stay local: p never reads
+    pixels, so they travel as (R, 0))."""
+    inputs = batch.inputs if batch.inputs.ndim == 2 else batch.inputs[:0].new_zeros((len(batch), 0))
+    parts = {f.name: getattr(batch, f.name) for f in fields(batch)} | {"inputs": inputs}
+    return ClusteringBatch(**{name: gather(value) for name, value in parts.items()})
 
 
 def local_rows(p: Tensor | SparseTarget, start: int, stop: int) -> Tensor | SparseTarget:
