@@ -54,6 +54,21 @@ class Pairs:
     square: bool
 
 
+def candidates_and_mask(
+    anchors: Rows, candidates: Rows | None, self_offset: int | None = None
+) -> tuple[Rows, Tensor | None]:
+    """The candidates (the anchors themselves when None) and the (B, M) valid mask: self pairs masked in a square
+    batch, or at (i, self_offset + i) when the anchors sit among the candidates; None for a rectangular batch."""
+    if candidates is None:
+        return anchors, self_pairs_valid(len(anchors), len(anchors), device=anchors.z.device)
+    check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})
+    if self_offset is None:
+        return candidates, None
+    if not 0 <= self_offset <= len(candidates) - len(anchors):
+        raise ValueError(f"self_offset: expected 0..{len(candidates) - len(anchors)}, got {self_offset}")
+    return candidates, self_pairs_valid(len(anchors), len(candidates), self_offset, device=anchors.z.device)
+
+
 class Objective(nn.Module):
     """Anything the LightningModule can minimise: ``forward(anchors, candidates=None) -> LossOutput``.
 
@@ -70,16 +85,7 @@ class Objective(nn.Module):
 
     shares_target: ClassVar[bool] = False
 
-    @staticmethod
-    def pairs(anchors: Rows, candidates: Rows | None, self_offset: int | None = None) -> tuple[Rows, Tensor | None]:
-        if candidates is None:
-            return anchors, self_pairs_valid(len(anchors), len(anchors), device=anchors.z.device)
-        check_shape("candidates.z", candidates.z, 2, {1: anchors.z.shape[1]})
-        if self_offset is None:
-            return candidates, None
-        if not 0 <= self_offset <= len(candidates) - len(anchors):
-            raise ValueError(f"self_offset: expected 0..{len(candidates) - len(anchors)}, got {self_offset}")
-        return candidates, self_pairs_valid(len(anchors), len(candidates), self_offset, device=anchors.z.device)
+    pairs = staticmethod(candidates_and_mask)
 
     @property
     def target_reads_output(self) -> bool:
@@ -118,7 +124,11 @@ class Objective(nn.Module):
         first_head: int = 0,
     ) -> list[LossOutput]:
         """One ``LossOutput`` per head h for rows ``anchors[h]`` (and ``candidates[h]``), sharing one p: all heads
-        at once where the objective can (``all_heads``), else head by head (``compute``)."""
+        at once where the objective can (``all_heads``), else head by head (``compute``). A p that reads the
+        output and is not given is built from each head's own rows."""
+        if p is None and self.target_reads_output and len(anchors) > 1:
+            per_head = zip(anchors, candidates or [None] * len(anchors))
+            return [self.forward(a, c, None, self_offset, first_head + h) for h, (a, c) in enumerate(per_head)]
         if p is None and self.shares_target:
             p = self.target(anchors[0], None if candidates is None else candidates[0], self_offset)
         together = self.all_heads(anchors, candidates, p)

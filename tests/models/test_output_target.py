@@ -44,6 +44,16 @@ def test_same_cluster_p_against_brute_force_dense_and_sparse():
     torch.testing.assert_close(IConLoss(SameCluster(), UniformCluster(), sparse=False).target(rows), expected)
 
 
+def test_forward_heads_builds_an_output_reading_p_from_each_heads_own_rows():
+    g = torch.Generator().manual_seed(1)
+    rows = [Rows(z=torch.randn(30, 4, generator=g, dtype=torch.float64), index=torch.arange(30)) for _ in range(3)]
+    loss = IConLoss(Debiased(SameCluster(), alpha=0.2), DebiasedQ(UniformCluster(), alpha=0.2))
+    together = torch.stack([out.loss for out in loss.forward_heads(rows)])
+    torch.testing.assert_close(together, torch.stack([loss(r).loss for r in rows]))
+    shared = loss.forward_heads(rows, p=loss.target(rows[0]))  # what head 0's p alone would give
+    assert not torch.allclose(together, torch.stack([out.loss for out in shared]))
+
+
 def test_objectives_declare_whether_p_reads_the_output():
     assert SameCluster().reads_output and Debiased(Mixture([KNNGraph(), SameCluster()])).reads_output
     assert teacher_loss().target_reads_output
