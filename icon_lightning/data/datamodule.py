@@ -172,7 +172,7 @@ class ClusteringDataModule(AnchorBatches):
         if (labels >= 0).all():
             self.knn_agreement = label_agreement(index.table.numpy(), self.dataset.labels)  # diagnostic only
             rank_zero_info(
-                f"{self.table_width}-NN label agreement of the train features: {self.knn_agreement:.3f} "
+                f"{index.table.shape[1]}-NN label agreement of the train features: {self.knn_agreement:.3f} "
                 "(diagnostic; labels never train)"
             )
         self.train_features, self.train_labels = torch.from_numpy(clean), labels

@@ -42,10 +42,14 @@ class ClusterEvaluation(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_split("test")
 
+    def selected(self, features: Tensor) -> Tensor:
+        """(N, K) logits of the selected head."""
+        return self(features)[:, int(self.selected_head)]
+
     @torch.no_grad()
     def assign(self, features: Tensor) -> Tensor:
         """(N,) cluster of each feature row under the selected head."""
-        return self(features)[:, int(self.selected_head)].argmax(-1)
+        return self.selected(features).argmax(-1)
 
     @torch.no_grad()
     def neighbourhoods(self, batch: ClusteringBatch, n: int) -> tuple[Tensor, Tensor] | None:
@@ -53,9 +57,9 @@ class ClusterEvaluation(L.LightningModule):
         not one KL (``IConLoss.neighbourhoods``)."""
         if not hasattr(self.loss, "neighbourhoods"):
             return None
-        z = self(self.features(batch))[:, int(self.selected_head)]
+        z = self.selected(self.features(batch))
         return self.loss.neighbourhoods(batch.rows(z, self.hparams.with_labels), n)
 
     def predict_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        z = self(self.features(batch))[:, int(self.selected_head)]
+        z = self.selected(self.features(batch))
         return {"index": batch.index, "cluster": z.argmax(-1), "probs": z.softmax(-1)}

@@ -84,9 +84,7 @@ class TargetCache:
         self.key: tuple[Tensor, ...] | None = None
         self.p: Tensor | SparseTarget | None = None
 
-    def shared(self, loss: Objective, rows, reuse: bool, key: tuple[Tensor, ...]) -> Tensor | SparseTarget | None:
-        if not loss.shares_target:
-            return None
+    def shared(self, loss: Objective, rows, reuse: bool, key: tuple[Tensor, ...]) -> Tensor | SparseTarget:
         if reuse and self.key is not None and all(_same(a, b) for a, b in zip(key, self.key)):
             return self.p
         p = loss.target(rows)
@@ -145,9 +143,10 @@ class GlobalRows:
                 loss.forward_heads([a], [c], local_rows(p, *local), self.offset, h)[0]
                 for h, (a, c, p) in enumerate(zip(anchor_rows, candidate_rows, ps))
             ]
-        else:
-            key = (self.meta.index, self.meta.view, self.meta.inputs)
-            p = targets.shared(loss, self.meta.rows(candidates_z[:, 0], self.with_labels), reuse, key)
+        else:  # one p for every head (built on the rows, never their z), or none for objectives without one
+            key, p = (self.meta.index, self.meta.view, self.meta.inputs), None
+            if loss.shares_target:
+                p = targets.shared(loss, self.meta.rows(candidates_z[:, 0], self.with_labels), reuse, key)
             outs = loss.forward_heads(
                 anchor_rows, candidate_rows, None if p is None else local_rows(p, *local), self.offset
             )
