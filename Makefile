@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast demo demo-cifar10 lint format clean bench-data bench-kernel bench-train \
-	bench-clustering bench-ddp-memory extract-cifar10 reproduce-imagenet
+	bench-clustering bench-ddp-memory extract-cifar10 reproduce-imagenet gpu-check
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench-kernel: install ## cluster-kernel speed vs a plain matmul -> benchmarks/re
 BENCH_TRAIN_ARGS ?= --threads 1
 bench-train: install ## sparse vs dense step over B x K x H, FLOP/stream bounds, memory -> benchmarks/results/train_step_<device>.json
 	$(BIN)/python -m benchmarks.train_step $(BENCH_TRAIN_ARGS)
+
+gpu-check: ## The prepared GPU check (< 8 min, one GPU) -> benchmarks/results/gpu_check_cuda.json (+ $OUT); no install step
+	bash benchmarks/gpu_check.sh
 
 CLUSTERING_DATASETS ?= digits cifar10_test cifar10_train_test fashion_mnist_test mnist_test
 bench-clustering: install ## every method x 3 seeds per dataset -> benchmarks/results/clustering_<dataset>.json

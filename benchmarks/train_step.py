@@ -152,7 +152,8 @@ def build(case: str, b: int, k: int, dim: int, heads: int, device: str) -> Calla
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            module.training_step(batch, 0).backward()
+            out = module.training_step(batch, 0)
+            (out["loss"] if isinstance(out, dict) else out).backward()  # Lightning's two return forms
             optimizer.step()
 
         return step

@@ -192,8 +192,10 @@ class IConCLI(LightningCLI):
         payload = {
             "subcommand": self.subcommand,
             "metrics": metrics,
-            "selected_head": int(self.model.selected_head),
+            "selected_head": self.model.selected_head_id,
+            "heads": [int(i) for i in self.model.head_ids],
             "head_losses": [float(x) for x in self.model.head_losses],
+            "pruning": self.model.pruning.history,
             "config_sha256": self.config_sha256,
             "run_dir": str(run_dir),
             "ckpt_path": cfg.get("ckpt_path"),

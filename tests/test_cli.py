@@ -152,7 +152,7 @@ def test_fit_writes_metrics_json_and_checkpoint(trained):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["subcommand"] == "fit" and metrics["seed"] == 0 and len(metrics["config_sha256"]) == 64
     assert 0.3 < metrics["metrics"]["val/hungarian_acc/best"] <= 1.0
-    assert metrics["selected_head"] == int(np.argmin(metrics["head_losses"]))  # label-free selection
+    assert metrics["selected_head"] == metrics["heads"][int(np.argmin(metrics["head_losses"]))]  # label-free selection
     assert Path(cli.run_dir / "checkpoints" / "last.ckpt").is_file()
 
 

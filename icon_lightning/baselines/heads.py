@@ -24,7 +24,7 @@ from icon_lightning.classical.kmeans import _as_features
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.data.datasets import FeaturesArray
 from icon_lightning.loss import Objective
-from icon_lightning.models.module import IConModule
+from icon_lightning.models.module import DEFAULT_KEEP_HEADS, DEFAULT_PRUNE_EVERY, IConModule
 
 
 @dataclass(repr=False, eq=False)
@@ -36,17 +36,21 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     training-loss plateaus and the run stops at the third, within a step budget that scales with N (``max_steps``
     'auto'). k / walk_steps: the DataModule's k-NN table width (None: the objective's widest KNNGraph) and walk
     length of the neighbour pool.
-    head_init / head_hidden_dim: see ``IConModule`` (heads started from k-means; MLP heads).
+    head_init / head_hidden_dim / keep_heads / prune_every: see ``IConModule`` (heads started from k-means; MLP
+    heads; the heads pruned by training loss until ``keep_heads`` remain).
     self_label: None, or ``"selected"`` / ``"consensus"``: the ``SelfLabel`` stage after the fit (confident,
     class-balanced pseudo-labels of the selected head, or of a consensus of heads, train the selected head).
     ema_momentum / teacher_candidates: an EMA teacher whose outputs are the candidates (TEMI).
     Features are used as given (centre/normalise first).
-    Attributes: labels_ (N,), selected_head_, head_losses_ (H,), converged_, steps_, module_ (the ``IConModule``).
+    Attributes: labels_ (N,), selected_head_ (a position among the surviving heads), head_ids_ (their numbers),
+    head_losses_ (one per surviving head), converged_, steps_, module_ (the ``IConModule``).
     """
 
     loss: Objective
     n_clusters: int = 10
     num_heads: int = 10
+    keep_heads: int | None = DEFAULT_KEEP_HEADS
+    prune_every: int = DEFAULT_PRUNE_EVERY
     head_init: list[str] | None = None
     head_hidden_dim: int | None = None
     self_label: str | None = None
@@ -93,6 +97,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self.module_ = module.cpu().eval()
         self.selected_head_ = int(module.selected_head)
         self.head_losses_ = module.head_losses.cpu().numpy()
+        self.head_ids_ = module.head_ids.cpu().numpy()
         self.converged_, self.steps_ = convergence.converged, trainer.global_step
         self.labels_ = self.predict(x)
         return self
@@ -120,6 +125,8 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
             num_clusters=self.n_clusters,
             num_samples=len(x),
             num_heads=self.num_heads,
+            keep_heads=self.keep_heads,
+            prune_every=self.prune_every,
             head_init=self.head_init,
             head_hidden_dim=self.head_hidden_dim,
             optimizer=functools.partial(torch.optim.Adam, lr=self.lr),

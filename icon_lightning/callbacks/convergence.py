@@ -14,7 +14,8 @@ dataset, where it ends far from converged. This callback makes the step, not the
 A run that ends without a plateau (the cap, ``max_epochs``, an interrupt) has not converged: the callback warns in
 the log and ``icon`` writes ``converged: false`` with the reason into ``metrics.json``. With ``stop_on_plateau``
 off (the ImageNet protocol) the LR and the length are the Trainer's and the module's, and the verdict is still
-computed from the last two windows. Labels play no part.
+computed from the last two windows. Labels play no part. The loss watched is the lowest head's (``IConModule``
+reports one per head), so dropping the worse heads (``IConModule.keep_heads``) does not read as progress.
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ def check_convergence(window, tol, lr_drops, lr_gamma, min_steps, max_steps, bud
         raise ValueError(f"lr_gamma: expected a value in (0, 1], got {lr_gamma}")
     if max_steps is not None and max_steps != "auto" and (isinstance(max_steps, str) or max_steps < 1):
         raise ValueError(f"max_steps: expected 'auto', None or an integer ≥ 1, got {max_steps!r}")
+
+
+def watched_loss(outputs):
+    """The training loss a step's ``outputs`` report: the lowest head's when the module reports ``head_losses`` (one
+    per head; pruning the worse heads leaves it unchanged), else the loss it minimises."""
+    if isinstance(outputs, dict):
+        heads = outputs.get("head_losses")
+        return heads.min() if heads is not None and heads.numel() else outputs.get("loss")
+    return outputs
 
 
 class Windows:
@@ -137,7 +147,7 @@ class Convergence(Callback):
             self.reason = "still running"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = watched_loss(outputs)
         mean = None if loss is None else self.windows.add(float(loss.detach()))
         if mean is not None:
             # every process reaches this step together; they agree on the mean, so they agree on stopping

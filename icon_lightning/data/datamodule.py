@@ -57,7 +57,8 @@ class ClusteringDataModule(AnchorBatches):
     num_neighbours: S neighbours sampled per anchor; none in full-batch training, where every neighbour already
         is a candidate.
     batch_size: anchors per step and process; ``auto``: the whole dataset when it fits the paper's 4,096
-        anchors (full batch: p and the loss are exact), else 4,096 anchors, split evenly between processes.
+        anchors (full batch: p and the loss are exact), else 128 anchors per cluster (at most 4,096; the rule is
+        ``loaders.auto_anchors``), split evenly between processes.
     k: width of the k-NN table; None → the widest ``KNNGraph`` of the model's objective (at least 3, the paper's),
         so k is set once, in the recipe. walk_steps: sample neighbours among endpoints of 1..walk_steps-step walks
         on the table (the count ``Propagated(steps=…)`` uses).

@@ -1,5 +1,6 @@
 """`AnchorBatches`: the loaders of a clustering DataModule: anchor batches for training (full batch when the data
-fit the paper's 4,096 anchors a step), evaluation batches of every item for validation, test and predict."""
+fit the paper's 4,096 anchors a step, else 128 anchors per cluster), evaluation batches of every item for
+validation, test and predict."""
 
 from __future__ import annotations
 
@@ -12,12 +13,24 @@ from icon_lightning.data.collate import EvalDataset, FeatureCollate, OnlineColla
 from icon_lightning.data.sampling import AnchorSampler, OnlineViews
 
 FULL_BATCH_MAX = 4096  # the paper's anchors a step; ``batch_size='auto'`` trains full-batch up to this size
+# Above it, ``auto`` takes this many anchors a step per cluster (at most FULL_BATCH_MAX): with each anchor's sampled
+# neighbours about 3 × 128 = 384 rows of each cluster a step, so the batch's cluster masses, which normalise q, carry
+# a relative standard error near 1/√384 ≈ 5 % whatever N is. K = 1,000 reaches the paper's 4,096 anchors.
+ANCHORS_PER_CLUSTER = 128
+
+
+def auto_anchors(num_samples: int, num_clusters: int) -> int:
+    """Anchors a step (all processes together) for ``batch_size='auto'``: every item up to ``FULL_BATCH_MAX`` (full
+    batch: p and the loss are exact), else ``ANCHORS_PER_CLUSTER`` per cluster, capped at ``FULL_BATCH_MAX``."""
+    if num_samples <= FULL_BATCH_MAX:
+        return num_samples
+    return min(FULL_BATCH_MAX, ANCHORS_PER_CLUSTER * max(1, num_clusters), num_samples)
 
 
 class AnchorBatches(L.LightningDataModule):
     """Loaders over what the subclass's ``setup`` prepared: ``anchors`` (an ``AnchorDataset``), ``train_features``,
     ``view_features``, ``train_labels``, ``table``, ``degree``, ``val_data`` and ``train_eval_data``; settings
-    ``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``, ``views``, ``evaluate_train``."""
+    ``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``, ``views``, ``evaluate_train``, ``num_clusters``."""
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -28,7 +41,7 @@ class AnchorBatches(L.LightningDataModule):
         """Anchors a step on each process: ``batch_size``, or what ``auto`` resolves to."""
         if self.batch_size != "auto":
             return int(self.batch_size)
-        return math.ceil(min(self.num_samples, FULL_BATCH_MAX) / self._world()[0])
+        return math.ceil(auto_anchors(self.num_samples, self.num_clusters) / self._world()[0])
 
     @property
     def full_batch(self) -> bool:

@@ -15,7 +15,8 @@ SPLITS = ("val", "train")  # validation dataloader 0 scores the val split, 1 (wh
 class ClusterEvaluation(L.LightningModule):
     """Scores the H heads of ``self(features) -> (B, H, K)`` on labelled splits into ``self.scores`` (a
     ``SplitScores``) and logs them, the head ``self.selected_head`` also without its suffix. The subclass provides
-    ``features(batch)``, ``scores``, ``selected_head``, ``loss`` and ``hparams.num_clusters/num_classes``."""
+    ``features(batch)``, ``scores``, ``selected_head``, ``head_ids``, ``loss`` and
+    ``hparams.num_clusters/num_classes``."""
 
     def validation_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.scores.split(SPLITS[dataloader_idx]) is not None:
@@ -27,7 +28,8 @@ class ClusterEvaluation(L.LightningModule):
 
     def _log_split(self, split: str) -> None:
         hp = self.hparams
-        values = self.scores.summary(split, int(self.selected_head), hp.num_clusters > hp.num_classes)
+        over = hp.num_clusters > hp.num_classes
+        values = self.scores.summary(split, int(self.selected_head), over, self.head_ids.tolist())
         best = values.pop(f"{split}/hungarian_acc/best", None)
         self.log_dict(values)
         if best is not None:

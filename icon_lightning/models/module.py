@@ -16,16 +16,21 @@ from icon_lightning.models.evaluation import SPLITS, ClusterEvaluation
 from icon_lightning.models.heads import ClusterHeads
 from icon_lightning.models.parts import (
     GlobalRows,
+    HeadPruning,
     HeadSelection,
     SplitScores,
     TargetCache,
+    carry_optimizer_state,
     check_head_init,
     ema_teacher,
     global_batch,
+    rewrap_ddp,
     start_heads,
 )
 
 DEFAULT_LR = 1e-2
+DEFAULT_KEEP_HEADS = 1  # heads left by pruning: the run reports one head, and each survivor costs a head's price
+DEFAULT_PRUNE_EVERY = 10  # optimizer steps between prunings (see README "Head pruning")
 
 
 class IConModule(ClusterEvaluation):
@@ -48,6 +53,10 @@ class IConModule(ClusterEvaluation):
         candidate side of q. A p that reads the model's output (``Supervisory.reads_output``) reads the
         teacher's when there is one, else the student's (detached), head by head, rebuilt every step.
     with_labels: hand labels to p (SupCon, cross-entropy). Unsupervised recipes never see them.
+    keep_heads / prune_every: label-free successive halving (``HeadPruning``): every ``prune_every`` optimizer
+        steps the worse half of the heads by mean training loss since the last pruning leaves the computation (its
+        parameters, optimizer state and scores), until ``keep_heads`` remain; None keeps every head to the end.
+        Heads keep their numbers (``head_ids``) in logs and records.
     Head selection is label-free: the head with the lowest mean training loss over the last epoch.
     """
 
@@ -70,6 +79,8 @@ class IConModule(ClusterEvaluation):
         ema_momentum: float | None = None,
         teacher_candidates: bool = False,
         with_labels: bool = False,
+        keep_heads: int | None = DEFAULT_KEEP_HEADS,
+        prune_every: int = DEFAULT_PRUNE_EVERY,
     ) -> None:
         super().__init__()
         num_heads = num_heads if num_clusters >= 1 else 1  # a projection for representations is one output
@@ -83,10 +94,12 @@ class IConModule(ClusterEvaluation):
         linear = self.heads.is_linear and projection_dim is None
         self.head_init = check_head_init((["kmeans"] if linear else []) if head_init is None else head_init, self.heads)
         self.teacher = ema_teacher(self.heads, ema_momentum, teacher_candidates)
+        self.register_buffer("head_ids", torch.arange(num_heads))  # each head's number before any pruning
         self.register_buffer("head_losses", torch.zeros(num_heads))
         self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
         self.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))  # head_init ran (checkpointed)
         self.selection, self.targets = HeadSelection(num_heads), TargetCache()
+        self.pruning = HeadPruning(keep_heads, prune_every)
         self.scores = SplitScores((*SPLITS, "test"), num_heads, num_clusters, num_classes)
 
     def setup(self, stage: str) -> None:
@@ -140,14 +153,60 @@ class IConModule(ClusterEvaluation):
         wants_teacher = self.hparams.teacher_candidates or self.loss.target_reads_output
         losses = self.objective(batch, z, self.teacher(feats) if self.teacher is not None and wants_teacher else None)
         self.selection.add(losses)
+        self.pruning.add(losses)
         self.log("train/loss", losses.mean(), prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch))
-        for h, value in enumerate(losses):
+        for h, value in zip(self.head_ids.tolist(), losses):
             self.log(f"train/loss/head_{h}", value, on_step=False, on_epoch=True, batch_size=len(batch))
-        return losses.sum()
+        return {"loss": losses.sum(), "head_losses": losses.detach()}
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.teacher is not None:
             self.teacher.update_parameters(self.heads)
+        gather = self.all_gather if self._trainer is not None and self.trainer.world_size > 1 else None
+        kept = self.pruning.survivors(self.global_step, self.head_ids, gather)
+        if kept is not None:
+            self.keep_heads(kept)
+
+    @property
+    def selected_head_id(self) -> int:
+        """The selected head's number before any pruning (its name in logs and records)."""
+        return int(self.head_ids[int(self.selected_head)])
+
+    @torch.no_grad()
+    def keep_heads(self, positions: Tensor) -> None:
+        """Only the heads at ``positions`` (best first) go on: their parameters, the teacher's, the optimizers' state,
+        the scores and the head bookkeeping shrink to them; the selected head becomes the first of them."""
+        index = torch.as_tensor(positions, dtype=torch.long).cpu()
+        before = dict(self.heads.named_parameters())
+        rows = self.heads.keep(index.tolist())
+        after = dict(self.heads.named_parameters())
+        if self.teacher is not None:
+            self.teacher.module.keep(index.tolist())
+        trainer = self._trainer
+        for optimizer in trainer.optimizers if trainer is not None else []:
+            carry_optimizer_state(optimizer, {before[name]: (after[name], r) for name, r in rows.items()})
+        self.head_ids = self.head_ids[index.to(self.head_ids.device)]
+        self.head_losses = self.head_losses[index.to(self.head_losses.device)]
+        self.selected_head.fill_(0)
+        self.selection.keep(index)
+        self.scores.keep(index)
+        if trainer is not None and trainer.optimizers:
+            rewrap_ddp(trainer.strategy)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["head_pruning"] = self.pruning.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of pruned heads: shrink to its surviving heads before its weights are loaded."""
+        self.pruning.load_state_dict(checkpoint.get("head_pruning", {}))
+        state = checkpoint.get("state_dict", {})
+        ids = state.setdefault("head_ids", torch.arange(len(self.head_ids)))  # saved before pruning existed
+        if len(ids) != len(self.head_ids) or not torch.equal(ids.cpu(), self.head_ids.cpu()):
+            position = {int(i): h for h, i in enumerate(self.head_ids.tolist())}
+            missing = [int(i) for i in ids.tolist() if int(i) not in position]
+            if missing:
+                raise ValueError(f"checkpoint: heads {missing} are not among this model's heads {position}")
+            self.keep_heads(torch.tensor([position[int(i)] for i in ids.tolist()]))
 
     def on_train_epoch_end(self) -> None:
         mean = self.selection.epoch_mean(self.all_gather if self.trainer.world_size > 1 else None)

@@ -3,6 +3,7 @@ EMA teacher, the shared target p of the global batch, label-free head selection 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -172,6 +173,90 @@ class HeadSelection:
         self.total, self.count = torch.zeros_like(self.total), 0
         return mean
 
+    def keep(self, index: Tensor) -> None:
+        """Only the heads at positions ``index`` go on."""
+        self.total = self.total[index.to(self.total.device)]
+
+
+# ---------------------------------------------------------------------- label-free head pruning
+class HeadPruning:
+    """Successive halving of the heads by their training loss, label-free: every ``every`` optimizer steps the
+    worse half of the heads by their mean training loss since the last pruning (averaged over processes) is
+    dropped, until ``keep`` heads remain (``keep`` None: no pruning). ``history`` records each pruning."""
+
+    def __init__(self, keep: int | None, every: int) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep_heads: expected at least 1 (or null: no pruning), got {keep}")
+        if every < 1:
+            raise ValueError(f"prune_every: expected at least 1 optimizer step, got {every}")
+        self.keep, self.every = keep, every
+        self.window = HeadSelection(0)
+        self.history: list[dict] = []
+
+    def add(self, losses: Tensor) -> None:
+        if self.window.count == 0:
+            self.window.total = torch.zeros_like(losses.detach())
+        self.window.add(losses)
+
+    def survivors(self, step: int, ids: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
+        """Positions of the heads that go on after optimizer step ``step`` (best first), or None when no pruning is
+        due; ``ids`` (H,) names the heads in the record."""
+        num_heads = len(ids)
+        if self.keep is None or num_heads <= self.keep or step % self.every or not self.window.count:
+            return None
+        mean = self.window.epoch_mean(gather).detach().cpu().double()
+        order = sorted(range(num_heads), key=lambda h: (float(mean[h]), h))  # ties: the lower position
+        kept = order[: max(self.keep, math.ceil(num_heads / 2))]
+        names = [int(i) for i in ids.tolist()]
+        self.history.append(
+            {
+                "step": int(step),
+                "kept": [names[h] for h in kept],
+                "dropped": [names[h] for h in order[len(kept) :]],
+                "losses": {str(names[h]): float(mean[h]) for h in order},
+            }
+        )
+        return torch.tensor(kept, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        """The record and the window so far: a resumed run prunes as the uninterrupted one."""
+        window = self.window.total.detach().cpu().tolist() if self.window.count else []
+        return {"history": [dict(entry) for entry in self.history], "window": window, "count": self.window.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(entry) for entry in state.get("history", [])]
+        self.window.total = torch.tensor(state.get("window", []), dtype=torch.float32)
+        self.window.count = int(state.get("count", 0)) if len(self.window.total) else 0
+
+
+@torch.no_grad()
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, replaced: dict[nn.Parameter, tuple[nn.Parameter, Tensor]]):
+    """Point ``optimizer`` at new parameters: each old parameter (a key of ``replaced``) becomes its new one, and
+    every state tensor shaped like the old parameter (Adam's moments, SGD's momentum) keeps the rows the new one
+    holds (the second entry: indices along dim 0); scalar state (steps) is kept as it is."""
+    for group in optimizer.param_groups:
+        group["params"] = [replaced[p][0] if p in replaced else p for p in group["params"]]
+    for old, (new, rows) in replaced.items():
+        state = optimizer.state.pop(old, None)
+        if state is None:
+            continue
+        optimizer.state[new] = {
+            key: value[rows.to(value.device)].clone()
+            if isinstance(value, Tensor) and value.shape == old.shape and value.ndim > 0
+            else value
+            for key, value in state.items()
+        }
+
+
+def rewrap_ddp(strategy) -> None:
+    """After parameters were replaced during a fit, wrap the module in a new ``DistributedDataParallel`` (its reducer
+    holds the old parameters); every process calls this at the same step. Nothing to do outside DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(getattr(strategy, "model", None), DistributedDataParallel):
+        strategy.model = strategy._setup_model(strategy.lightning_module)  # Lightning's own wrapping, its DDP kwargs
+        strategy._register_ddp_hooks()
+
 
 # ---------------------------------------------------------------------- scores per split and head
 class SplitScores(nn.ModuleDict):
@@ -195,14 +280,22 @@ class SplitScores(nn.ModuleDict):
         for h, metric in enumerate(self.split(split) or []):
             metric.update(z[:, h].argmax(-1), label)
 
-    def summary(self, split: str, best: int, over_clustering: bool) -> dict[str, Tensor]:
+    def keep(self, index: Tensor) -> None:
+        """Only the heads at positions ``index`` go on being scored."""
+        for key in list(self.keys()):
+            self[key] = nn.ModuleList(self[key][int(h)] for h in index)
+
+    def summary(self, split: str, best: int, over_clustering: bool, ids: Sequence[int] | None = None) -> dict:
+        """The values to log; head h is named ``head_{ids[h]}`` (its number before any pruning)."""
         metrics = self.split(split)
         if metrics is None or not metrics[0].update_called:
             return {}
-        out = {f"{split}/selected_head": torch.tensor(float(best))}
+        ids = list(range(len(metrics))) if ids is None else [int(i) for i in ids]
+        out = {f"{split}/selected_head": torch.tensor(float(ids[best]))}
         for h, metric in enumerate(metrics):
             values = metric.compute()  # counts are already summed over processes
-            out.update({f"{split}/{name}/head_{h}": values[name] for name in ("hungarian_acc", "nmi", "ari", "ami")})
+            names = ("hungarian_acc", "nmi", "ari", "ami")
+            out.update({f"{split}/{name}/head_{ids[h]}": values[name] for name in names})
             if h == best:
                 out.update({f"{split}/{name}": values[name] for name in ("nmi", "ari", "ami")})
                 out[f"{split}/hungarian_acc/best"] = values["hungarian_acc"]
