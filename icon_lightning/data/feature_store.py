@@ -8,13 +8,10 @@ temporary files, which are never read.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,80 +123,6 @@ class ViewDataset(Dataset):
         return x, int(self.dataset.labels[i]), int(i)
 
 
-# CPU extraction and glibc malloc. glibc serves a block above its mmap threshold (128 KiB, raised on the fly to at
-# most 32 MiB) with a fresh mmap and unmaps it on free, and returns freed heap above its trim threshold (twice the
-# mmap threshold) to the kernel. A CPU forward pass over a whole batch (EfficientNet-Lite0, 256 images at 224 px:
-# 1.2 GB per activation) therefore had every activation of every layer unmapped when freed and the next one
-# zero-filled by the kernel, page by page: 28 M minor page faults for 1,000 images, system time 2.6x user time.
-# So on the CPU the backbone runs on chunks of the batch whose largest activation is at most CPU_CHUNK_BYTES, and,
-# while it runs, malloc keeps blocks up to MMAP_THRESHOLD_MAX on its heap and the heap it grew (mallopt(3)):
-# each chunk then reuses the pages of the one before. Features are unchanged (eval mode: each image on its own).
-MMAP_THRESHOLD_MAX = 32 << 20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
-CPU_CHUNK_BYTES = 16 << 20  # largest activation of one CPU forward call; half the threshold leaves room for temporaries
-HEAP_TRIM_DURING = 1 << 30  # heap kept while extracting; on exit the trim threshold is 2 x MMAP_THRESHOLD_MAX
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_")
-_heap_users = 0
-
-
-def _glibc_malloc():
-    """The C library when it is glibc's and its malloc is not tuned by the environment (a caller's choice wins)."""
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return None
-        libc = ctypes.CDLL(None)
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist or this is not the malloc described above
-    except (AttributeError, OSError, ValueError):
-        return None
-    if any(name in os.environ for name in MALLOC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        return None
-    return libc
-
-
-@contextlib.contextmanager
-def heap_reuse() -> Iterator[bool]:
-    """While open (nesting is fine), glibc malloc serves blocks up to ``MMAP_THRESHOLD_MAX`` from its heap and keeps
-    what the heap grew to; on exit the heap is trimmed and its trim threshold is ``2 * MMAP_THRESHOLD_MAX`` (where
-    glibc's own adjustment ends). Yields whether it is in effect: not without glibc, nor when MALLOC_*_ or
-    GLIBC_TUNABLES set malloc's thresholds (the caller's settings are kept)."""
-    global _heap_users
-    libc = _glibc_malloc()
-    if libc is None:
-        yield False
-        return
-    if _heap_users == 0:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_DURING)
-    _heap_users += 1
-    try:
-        yield True
-    finally:
-        _heap_users -= 1
-        if _heap_users == 0:
-            libc.mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_MAX)
-            libc.malloc_trim(0)
-
-
-def cpu_chunk(backbone: nn.Module, image: Tensor) -> int:
-    """Images per CPU forward call: as many as keep the backbone's largest activation, measured on ``image``
-    (one input, batch dimension 1), within ``CPU_CHUNK_BYTES``."""
-    largest = 1
-
-    def record(_module, _inputs, output) -> None:
-        nonlocal largest
-        for t in output if isinstance(output, (tuple, list)) else (output,):
-            if isinstance(t, Tensor):
-                largest = max(largest, t.nbytes)
-
-    handles = [module.register_forward_hook(record) for module in backbone.modules()]
-    try:
-        backbone(image)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return max(1, CPU_CHUNK_BYTES // largest)
-
-
 @torch.inference_mode()
 def extract(
     backbone: nn.Module,
@@ -215,8 +138,7 @@ def extract(
     """Run ``backbone`` over ``dataset`` (items ``(x, label, index)``) and fill ``out[index]`` (N, D).
 
     Batched under ``inference_mode``, bf16 autocast on CUDA unless ``precision="fp32"`` (the CPU always runs
-    fp32), a progress bar in images/s. On the CPU the backbone runs on chunks of each batch (``cpu_chunk``) under
-    ``heap_reuse`` when a whole batch would not fit ``CPU_CHUNK_BYTES``. Under DDP each
+    fp32), a progress bar in images/s. Under DDP each
     rank extracts the indices ``rank::world`` and rank 0 gathers and fills by dataset index, so the order
     in which processes or workers finish never matters. ``indices`` restricts to a subset (tests).
     """
@@ -235,24 +157,18 @@ def extract(
     got_index, got_feats = [], []
     bar = tqdm(total=len(shard), unit="img", unit_scale=True, desc="extract", disable=not progress or rank != 0)
     stream = out is not None and world == 1  # write each batch straight into the (memory-mapped) output
-    chunk, heap = None, contextlib.ExitStack()
-    with heap:
-        for x, _, index in loader:
-            x = x.to(device, non_blocking=True)
-            if chunk is None:  # first batch: on the CPU, measure the backbone once
-                chunk = cpu_chunk(backbone, x[:1]) if device.type == "cpu" else batch_size
-                if chunk < batch_size:
-                    heap.enter_context(heap_reuse())
-            with torch.autocast(
-                device.type, dtype=torch.bfloat16, enabled=effective_precision(device, precision) == "bf16"
-            ):
-                feats = torch.cat([backbone(part) for part in x.split(chunk)]).float().cpu()
-            if stream:
-                out[index.numpy()] = feats.numpy()
-            else:
-                got_index.append(index)
-                got_feats.append(feats)
-            bar.update(len(index))
+    for x, _, index in loader:
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(
+            device.type, dtype=torch.bfloat16, enabled=effective_precision(device, precision) == "bf16"
+        ):
+            feats = backbone(x).float().cpu()
+        if stream:
+            out[index.numpy()] = feats.numpy()
+        else:
+            got_index.append(index)
+            got_feats.append(feats)
+        bar.update(len(index))
     bar.close()
     if stream:
         return out
