@@ -102,35 +102,36 @@ class ClusterHeads(nn.Module):
         self.linear.weight[rows] = (weight * scale).to(self.linear.weight.device)
         self.linear.bias[rows] = (bias * scale).to(self.linear.bias.device)
 
-    @torch.no_grad()
-    def keep(self, heads: Sequence[int]) -> dict[str, Tensor]:
-        """Keep only the heads at positions ``heads`` (in that order; the shared projection stays): every per-head
-        parameter is replaced by a smaller one holding the kept heads' rows. Returns, for each replaced parameter's
-        name, the indices along dim 0 of the old parameter that the new one holds (to carry optimizer state)."""
-        index = torch.as_tensor(list(heads), dtype=torch.long)
-        if index.ndim != 1 or len(index) == 0 or len(set(index.tolist())) != len(index):
-            raise ValueError(f"heads: expected distinct head positions, got {list(heads)}")
-        if int(index.min()) < 0 or int(index.max()) >= self.num_heads:
-            raise ValueError(f"heads: expected positions in [0, {self.num_heads}), got {list(heads)}")
-        if self.linear is None and self.hidden is None:
-            raise ValueError("heads: a projection (num_clusters 0) has no cluster heads to keep")
 
-        def blocks(width: int) -> Tensor:  # rows of head h are [h·width, (h+1)·width)
-            return (index.view(-1, 1) * width + torch.arange(width)).flatten()
+@torch.no_grad()
+def keep_heads(cluster_heads: ClusterHeads, heads: Sequence[int]) -> dict[str, Tensor]:
+    """``cluster_heads`` keeps only the heads at positions ``heads`` (in that order; the shared projection stays):
+    every per-head parameter is replaced by a smaller one holding the kept heads' rows. Returns, for each replaced
+    parameter's name, the indices along dim 0 of the old parameter that the new one holds (to carry optimizer state)."""
+    index = torch.as_tensor(list(heads), dtype=torch.long)
+    if index.ndim != 1 or len(index) == 0 or len(set(index.tolist())) != len(index):
+        raise ValueError(f"heads: expected distinct head positions, got {list(heads)}")
+    if int(index.min()) < 0 or int(index.max()) >= cluster_heads.num_heads:
+        raise ValueError(f"heads: expected positions in [0, {cluster_heads.num_heads}), got {list(heads)}")
+    if cluster_heads.linear is None and cluster_heads.hidden is None:
+        raise ValueError("heads: a projection (num_clusters 0) has no cluster heads to keep")
 
-        if self.linear is not None:
-            rows = {"linear.weight": blocks(self.num_clusters), "linear.bias": blocks(self.num_clusters)}
-        else:
-            hidden = self.out_weight.shape[1]
-            rows = {"hidden.weight": blocks(hidden), "hidden.bias": blocks(hidden)}
-            rows |= {"out_weight": index, "out_bias": index}
-        for name, index_rows in rows.items():
-            owner, _, attr = name.rpartition(".")
-            module = self.get_submodule(owner) if owner else self
-            old = getattr(module, attr)
-            setattr(module, attr, nn.Parameter(old[index_rows.to(old.device)].clone(), requires_grad=old.requires_grad))
-        for module in (self.linear, self.hidden):
-            if module is not None:
-                module.out_features = module.weight.shape[0]
-        self.num_heads = len(index)
-        return rows
+    def blocks(width: int) -> Tensor:  # rows of head h are [h·width, (h+1)·width)
+        return (index.view(-1, 1) * width + torch.arange(width)).flatten()
+
+    if cluster_heads.linear is not None:
+        rows = {"linear.weight": blocks(cluster_heads.num_clusters), "linear.bias": blocks(cluster_heads.num_clusters)}
+    else:
+        hidden = cluster_heads.out_weight.shape[1]
+        rows = {"hidden.weight": blocks(hidden), "hidden.bias": blocks(hidden)}
+        rows |= {"out_weight": index, "out_bias": index}
+    for name, index_rows in rows.items():
+        owner, _, attr = name.rpartition(".")
+        module = cluster_heads.get_submodule(owner) if owner else cluster_heads
+        old = getattr(module, attr)
+        setattr(module, attr, nn.Parameter(old[index_rows.to(old.device)].clone(), requires_grad=old.requires_grad))
+    for module in (cluster_heads.linear, cluster_heads.hidden):
+        if module is not None:
+            module.out_features = module.weight.shape[0]
+    cluster_heads.num_heads = len(index)
+    return rows

@@ -20,11 +20,11 @@ from icon_lightning.models.parts import (
     HeadSelection,
     SplitScores,
     TargetCache,
-    carry_optimizer_state,
     check_head_init,
     ema_teacher,
     global_batch,
-    rewrap_ddp,
+    heads_of_checkpoint,
+    keep_module_heads,
     start_heads,
 )
 
@@ -98,6 +98,9 @@ class IConModule(ClusterEvaluation):
         self.register_buffer("head_losses", torch.zeros(num_heads))
         self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
         self.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))  # head_init ran (checkpointed)
+        # the started heads' clustering seed, drawn now (after seed_everything) so that what data preparation draws
+        # from torch's generator (a fresh extraction, a cached one) cannot change where the heads start
+        self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.selection, self.targets = HeadSelection(num_heads), TargetCache()
         self.pruning = HeadPruning(keep_heads, prune_every)
         self.scores = SplitScores((*SPLITS, "test"), num_heads, num_clusters, num_classes)
@@ -113,7 +116,7 @@ class IConModule(ClusterEvaluation):
         self.start_heads(features)
 
     def start_heads(self, features: Tensor) -> None:
-        start_heads(self.heads, features, self.head_init)
+        start_heads(self.heads, features, self.head_init, self.init_seed)
         if self.teacher is not None:  # the EMA teacher starts where the heads start
             self.teacher.module.load_state_dict(self.heads.state_dict())
         self.heads_started.fill_(True)
@@ -172,41 +175,16 @@ class IConModule(ClusterEvaluation):
         """The selected head's number before any pruning (its name in logs and records)."""
         return int(self.head_ids[int(self.selected_head)])
 
-    @torch.no_grad()
     def keep_heads(self, positions: Tensor) -> None:
-        """Only the heads at ``positions`` (best first) go on: their parameters, the teacher's, the optimizers' state,
-        the scores and the head bookkeeping shrink to them; the selected head becomes the first of them."""
-        index = torch.as_tensor(positions, dtype=torch.long).cpu()
-        before = dict(self.heads.named_parameters())
-        rows = self.heads.keep(index.tolist())
-        after = dict(self.heads.named_parameters())
-        if self.teacher is not None:
-            self.teacher.module.keep(index.tolist())
-        trainer = self._trainer
-        for optimizer in trainer.optimizers if trainer is not None else []:
-            carry_optimizer_state(optimizer, {before[name]: (after[name], r) for name, r in rows.items()})
-        self.head_ids = self.head_ids[index.to(self.head_ids.device)]
-        self.head_losses = self.head_losses[index.to(self.head_losses.device)]
-        self.selected_head.fill_(0)
-        self.selection.keep(index)
-        self.scores.keep(index)
-        if trainer is not None and trainer.optimizers:
-            rewrap_ddp(trainer.strategy)
+        """Only the heads at ``positions`` (best first) go on (``parts.keep_module_heads``)."""
+        keep_module_heads(self, positions)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["head_pruning"] = self.pruning.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of pruned heads: shrink to its surviving heads before its weights are loaded."""
-        self.pruning.load_state_dict(checkpoint.get("head_pruning", {}))
-        state = checkpoint.get("state_dict", {})
-        ids = state.setdefault("head_ids", torch.arange(len(self.head_ids)))  # saved before pruning existed
-        if len(ids) != len(self.head_ids) or not torch.equal(ids.cpu(), self.head_ids.cpu()):
-            position = {int(i): h for h, i in enumerate(self.head_ids.tolist())}
-            missing = [int(i) for i in ids.tolist() if int(i) not in position]
-            if missing:
-                raise ValueError(f"checkpoint: heads {missing} are not among this model's heads {position}")
-            self.keep_heads(torch.tensor([position[int(i)] for i in ids.tolist()]))
+        heads_of_checkpoint(self, checkpoint)
 
     def on_train_epoch_end(self) -> None:
         mean = self.selection.epoch_mean(self.all_gather if self.trainer.world_size > 1 else None)

@@ -15,7 +15,7 @@ from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.loss import Objective
 from icon_lightning.metrics import ClusteringMetrics
-from icon_lightning.models.heads import ClusterHeads
+from icon_lightning.models.heads import ClusterHeads, keep_heads
 
 
 # ---------------------------------------------------------------------- heads started from clusterings
@@ -49,13 +49,12 @@ def check_head_init(head_init: Sequence[str], heads: ClusterHeads) -> list[str]:
 
 
 @torch.no_grad()
-def start_heads(heads: ClusterHeads, features: Tensor, head_init: Sequence[str]) -> None:
-    """Head h starts at the nearest-centroid rule of the ``head_init[h]`` clustering of ``features`` (N, D), each
-    with its own seed drawn from torch's generator (so it follows ``seed_everything``)."""
+def start_heads(heads: ClusterHeads, features: Tensor, head_init: Sequence[str], seed: int) -> None:
+    """Head h starts at the nearest-centroid rule of the ``head_init[h]`` clustering of ``features`` (N, D), with
+    seed ``seed + h``."""
     x = features.detach().float().cpu()
-    base = int(torch.randint(0, 2**31 - 1, ()).item())
     for head, method in enumerate(head_init):
-        assignment = HEAD_INITS[method](x.numpy(), heads.num_clusters, base + head)
+        assignment = HEAD_INITS[method](x.numpy(), heads.num_clusters, seed + head)
         heads.init_from_partition(head, x, torch.as_tensor(assignment))
 
 
@@ -256,6 +255,43 @@ def rewrap_ddp(strategy) -> None:
     if isinstance(getattr(strategy, "model", None), DistributedDataParallel):
         strategy.model = strategy._setup_model(strategy.lightning_module)  # Lightning's own wrapping, its DDP kwargs
         strategy._register_ddp_hooks()
+
+
+@torch.no_grad()
+def keep_module_heads(module, positions: Tensor) -> None:
+    """Only the heads of ``module`` (an ``IConModule``) at ``positions`` (best first) go on: their parameters, the
+    teacher's, the optimizers' state, the scores and the head bookkeeping shrink to them; the selected head becomes
+    the first of them; under DDP the module is wrapped anew."""
+    index = torch.as_tensor(positions, dtype=torch.long).cpu()
+    before = dict(module.heads.named_parameters())
+    rows = keep_heads(module.heads, index.tolist())
+    after = dict(module.heads.named_parameters())
+    if module.teacher is not None:
+        keep_heads(module.teacher.module, index.tolist())
+    trainer = module._trainer
+    for optimizer in trainer.optimizers if trainer is not None else []:
+        carry_optimizer_state(optimizer, {before[name]: (after[name], r) for name, r in rows.items()})
+    module.head_ids = module.head_ids[index.to(module.head_ids.device)]
+    module.head_losses = module.head_losses[index.to(module.head_losses.device)]
+    module.selected_head.fill_(0)
+    module.selection.keep(index)
+    module.scores.keep(index)
+    if trainer is not None and trainer.optimizers:
+        rewrap_ddp(trainer.strategy)
+
+
+def heads_of_checkpoint(module, checkpoint: dict) -> None:
+    """Before ``checkpoint`` is loaded into ``module``: its pruning state, and only the heads it holds (by number:
+    ``head_ids``; a checkpoint from before pruning existed holds them all)."""
+    module.pruning.load_state_dict(checkpoint.get("head_pruning", {}))
+    state = checkpoint.get("state_dict", {})
+    ids = state.setdefault("head_ids", torch.arange(len(module.head_ids)))
+    if len(ids) != len(module.head_ids) or not torch.equal(ids.cpu(), module.head_ids.cpu()):
+        position = {int(i): h for h, i in enumerate(module.head_ids.tolist())}
+        missing = [int(i) for i in ids.tolist() if int(i) not in position]
+        if missing:
+            raise ValueError(f"checkpoint: heads {missing} are not among this model's heads {position}")
+        module.keep_heads(torch.tensor([position[int(i)] for i in ids.tolist()]))
 
 
 # ---------------------------------------------------------------------- scores per split and head

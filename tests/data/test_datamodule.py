@@ -77,19 +77,26 @@ def test_auto_batch_is_the_whole_dataset_up_to_4096_anchors_without_sampled_neig
     assert torch.equal(only.index, torch.arange(1797)) and (only.view >= 0).all()  # no neighbour rows
 
 
-def test_auto_batch_above_4096_items_is_4096_anchors_with_their_neighbours(tmp_path):
+@pytest.mark.parametrize("clusters, anchors", [(10, 1280), (40, 4096)])
+def test_auto_batch_above_4096_items_is_128_anchors_per_cluster_capped_at_4096(tmp_path, clusters, anchors):
     from icon_lightning.data.datasets import FeaturesArray
 
     x = np.random.default_rng(0).standard_normal((5000, 8)).astype(np.float32)
     dm = ClusteringDataModule(
-        FeaturesArray(x), views="clean", cache_dir=str(tmp_path), num_views=1, num_neighbours=1, k=3
+        FeaturesArray(x),
+        views="clean",
+        cache_dir=str(tmp_path),
+        num_views=1,
+        num_neighbours=1,
+        k=3,
+        num_clusters=clusters,
     )
     dm.prepare_data()
     dm.setup("fit")
     batches = list(dm.train_dataloader())
-    assert not dm.full_batch and dm.anchors_per_step == 4096
-    assert len(batches) == 1 and len(batches[0]) == 2 * 4096  # drop_last: 5000 // 4096 steps an epoch
-    assert (batches[0].view == -1).sum() == 4096
+    assert not dm.full_batch and dm.anchors_per_step == min(4096, 128 * clusters) == anchors
+    assert len(batches) == 5000 // anchors and len(batches[0]) == 2 * anchors  # drop_last
+    assert (batches[0].view == -1).sum() == anchors  # each anchor with its one neighbour
 
 
 def test_anchor_sampler_shards_disjointly():

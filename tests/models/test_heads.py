@@ -58,11 +58,13 @@ def test_module_starts_its_first_head_from_kmeans_once(tmp_path):
     dm = ClusteringDataModule(DigitsDataset(), views="clean", cache_dir=str(tmp_path), k=3)
     dm.prepare_data()
     dm.setup("fit")
+    torch.manual_seed(0)
     module = IConModule(load_recipe("icon_clustering"), feature_dim=64, num_clusters=10, num_heads=3)
     assert module.head_init == ["kmeans"]  # the default for linear heads
     torch.manual_seed(0)
+    ClusterHeads(64, 10, 3)  # what the module drew at construction, before its seed
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    torch.manual_seed(0)
+    torch.randn(1000)  # what data preparation draws in between (a fresh extraction's loader) changes nothing
     module.start_heads(dm.train_features)
     x = dm.train_features.numpy()
     labels = FaissKMeans(10, n_init=10, random_state=seed).fit(x).labels_

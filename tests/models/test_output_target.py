@@ -97,10 +97,17 @@ def test_a_p_built_from_the_teachers_clusters_trains(tmp_path, monkeypatch):
         type(loss), "target", lambda self, rows, *a, **kw: calls.append(1) or target(self, rows, *a, **kw)
     )
     est = HeadClusterer(
-        loss, n_clusters=10, num_heads=2, ema_momentum=0.9, max_steps=40, accelerator="cpu", cache_dir=str(tmp_path)
+        loss,
+        n_clusters=10,
+        num_heads=2,
+        keep_heads=None,
+        ema_momentum=0.9,
+        max_steps=40,
+        accelerator="cpu",
+        cache_dir=str(tmp_path),
     )
     est.fit(x)
-    assert est.steps_ == 40 and len(calls) == 2 * 40  # p rebuilt for both heads at every step
+    assert est.steps_ == 40 and len(calls) == 2 * 40  # p rebuilt for both (unpruned) heads every step
     assert np.isfinite(est.head_losses_).all()
     nmi = normalized_mutual_info_score(digits.target, est.labels_)
     assert nmi > 0.5, nmi  # a working clusterer on digits (k-means alone: ~0.7); labels only score

@@ -14,7 +14,7 @@ import torch
 from icon_lightning.callbacks.convergence import watched_loss
 from icon_lightning.data import ClusteringDataModule, FeaturesArray
 from icon_lightning.models import IConModule
-from icon_lightning.models.heads import ClusterHeads
+from icon_lightning.models.heads import ClusterHeads, keep_heads
 from icon_lightning.models.parts import HeadPruning, carry_optimizer_state
 from icon_lightning.recipes import load_recipe
 
@@ -25,7 +25,7 @@ def test_kept_heads_compute_what_the_old_heads_did(hidden):
     heads = ClusterHeads(feature_dim=7, num_clusters=4, num_heads=5, temperature=0.5, hidden_dim=hidden).double()
     x = torch.randn(13, 7, dtype=torch.float64)
     before = heads(x)
-    rows = heads.keep([3, 0])
+    rows = keep_heads(heads, [3, 0])
     assert heads.num_heads == 2 and heads(x).shape == (13, 2, 4)
     torch.testing.assert_close(heads(x), before[:, [3, 0]], rtol=1e-12, atol=1e-12)  # float64 rounding of the products
     n_params = sum(p.numel() for p in heads.parameters())
@@ -38,7 +38,7 @@ def test_bad_head_positions_are_one_line_errors():
     heads = ClusterHeads(4, 3, num_heads=3)
     for bad in ([], [0, 0], [3], [-1]):
         with pytest.raises(ValueError, match="heads: expected"):
-            heads.keep(bad)
+            keep_heads(heads, bad)
     with pytest.raises(ValueError, match="keep_heads: expected at least 1"):
         HeadPruning(0, 10)
     with pytest.raises(ValueError, match="prune_every: expected at least 1"):
@@ -66,7 +66,7 @@ def test_survivors_continue_exactly_as_if_nothing_was_pruned():
     _adam_steps(pruned, opt_p, x, target, 3)
     _adam_steps(reference, opt_r, x, target, 3)
     before = dict(pruned.named_parameters())
-    rows = pruned.keep([2, 1])
+    rows = keep_heads(pruned, [2, 1])
     after = dict(pruned.named_parameters())
     carry_optimizer_state(opt_p, {before[n]: (after[n], r) for n, r in rows.items()})
     assert sum(v.numel() for s in opt_p.state.values() for v in s.values() if v.ndim) == 2 * sum(
