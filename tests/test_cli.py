@@ -471,8 +471,14 @@ FIRST_COMMAND = [
 
 
 def test_first_command_on_a_features_file_converges_and_says_so(tmp_path, monkeypatch):
-    """The README's first command, with nothing else: batch, length, LR and heads are the defaults."""
+    """The README's first command, with nothing else: batch, length, LR and heads are the defaults. Its accuracy
+    is compared with k-means over three seeds, not one: a single seed's k-means start can land in a poor local
+    optimum (seed 0 here scores 0.755 where seeds 1 to 4 score 0.82 to 0.84), and a claim about the defaults
+    should not rest on which seed the test happens to use."""
+    from sklearn.cluster import KMeans
     from sklearn.datasets import load_digits
+
+    from icon_lightning.metrics import ClusteringMetrics
 
     digits = load_digits()
     keep = np.arange(0, len(digits.target), 3)  # 599 items: a dataset that is not digits' own config
@@ -483,23 +489,25 @@ def test_first_command_on_a_features_file_converges_and_says_so(tmp_path, monkey
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",  # the default W&B logger works too; CSV is faster
         "--trainer.logger.save_dir=runs",
     ]
-    cli = cli_main(first)
-    report = json.loads((cli.run_dir / "metrics.json").read_text())
-    assert cli.datamodule.full_batch and cli.model.hparams.num_heads == 10
-    assert report["convergence"]["converged"] and report["convergence"]["lr_drops"] == 2
-    assert report["steps"] < report["convergence"]["step_budget"] == 1000
-    assert "val/hungarian_acc/best" in report["metrics"] and cli.model.validated_at_step == report["steps"]
-    # k-means on the same centred, normalised features, as the bar the default has to clear
-    from sklearn.cluster import KMeans
 
-    from icon_lightning.metrics import ClusteringMetrics
+    def accuracy(assignment) -> float:
+        metric = ClusteringMetrics(10, 10)
+        metric.update(torch.as_tensor(assignment), torch.as_tensor(digits.target[keep]))
+        return float(metric.compute()["hungarian_acc"])
 
-    x = cli.datamodule.train_features.numpy()
-    metric = ClusteringMetrics(10, 10)
-    metric.update(
-        torch.as_tensor(KMeans(10, n_init=10, random_state=0).fit(x).labels_), torch.as_tensor(digits.target[keep])
-    )
-    assert report["metrics"]["val/hungarian_acc/best"] >= float(metric.compute()["hungarian_acc"]) - 0.02
+    icon, kmeans = [], []
+    for seed in range(3):
+        cli = cli_main([*first, f"--seed_everything={seed}"])
+        report = json.loads((cli.run_dir / "metrics.json").read_text())
+        assert cli.datamodule.full_batch and cli.model.hparams.num_heads == 10
+        assert report["convergence"]["converged"] and report["convergence"]["lr_drops"] == 2
+        assert report["steps"] < report["convergence"]["step_budget"] == 1000
+        assert "val/hungarian_acc/best" in report["metrics"] and cli.model.validated_at_step == report["steps"]
+        icon.append(report["metrics"]["val/hungarian_acc/best"])
+        # k-means on the same centred, normalised features, as the bar the default has to clear
+        x = cli.datamodule.train_features.numpy()
+        kmeans.append(accuracy(KMeans(10, n_init=10, random_state=seed).fit(x).labels_))
+    assert np.mean(icon) >= np.mean(kmeans) - 0.02, (icon, kmeans)
 
     with pytest.warns(UserWarning, match="did not converge: reached the step budget"):
         cli = cli_main([*first, "--convergence.max_steps=30", "--trainer.logger.save_dir=short"])
