@@ -10,17 +10,28 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks.common import write_result
-from icon_lightning.data.backbones import EfficientNetLite0, TimmBackbone
+from icon_lightning.data.backbones import EfficientNetLite0, FrozenBackbone, TimmBackbone
 from icon_lightning.data.datasets import TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, ViewDataset, cached_features
 from icon_lightning.data.transforms import eval_transform
 
+DEFAULT_BACKBONE = "efficientnet_lite0"
 
-def main() -> None:
+
+def backbone_for(name: str) -> FrozenBackbone:
+    """The project's EfficientNet-Lite0 (its installed weights) for ``efficientnet_lite0`` (or its class name,
+    ``EfficientNetLite0``); any other timm name with random weights, which measures throughput only."""
+    if name.lower().replace("_", "") == "efficientnetlite0":
+        return EfficientNetLite0()
+    return TimmBackbone(name, pretrained=False)
+
+
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tar", default="../shared/data/cifar10/cifar10_jpeg_test.tar")
     parser.add_argument("--split", default="test")
@@ -30,19 +41,17 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument(
         "--backbone",
-        default="EfficientNetLite0",
+        default=DEFAULT_BACKBONE,
         help="efficientnet_lite0, or a timm name run with random weights (throughput only)",
     )
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="the JSON to write (default: benchmarks/results/extraction_*)")
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transform = eval_transform(args.image_size)
     data = TarImageFolder(args.tar, split=args.split)
     if args.limit:
         data.labels, data._members = data.labels[: args.limit], data._members[: args.limit]
-    if args.backbone == "efficientnet_lite0":
-        backbone = EfficientNetLite0().to(device)
-    else:
-        backbone = TimmBackbone(args.backbone, pretrained=False).to(device)
+    backbone = backbone_for(args.backbone).to(device)
     n = len(data)
 
     with tempfile.TemporaryDirectory() as cache:
@@ -85,9 +94,10 @@ def main() -> None:
         f"pipeline {n / pipeline_s:7.1f} img/s  bare model(x) {n / bare_s:7.1f} img/s  ratio {pipeline_s / bare_s:.2f}"
     )
     row["backbone"] = args.backbone
-    suffix = "" if args.backbone == "efficientnet_lite0" else "_" + args.backbone.split(".")[0]
+    lite0 = isinstance(backbone, EfficientNetLite0)
+    suffix = "" if lite0 else "_" + args.backbone.split(".")[0]
     suffix += f"_workers{args.num_workers}" if args.num_workers else ""
-    write_result(f"extraction_{device}{suffix}.json", row)
+    return write_result(f"extraction_{device}{suffix}.json", row, args.out)
 
 
 if __name__ == "__main__":
