@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast demo demo-cifar10 lint format clean bench-data bench-kernel bench-train \
-	bench-clustering bench-ddp-memory extract-cifar10 reproduce-imagenet gpu-check
+	bench-clustering bench-fit bench-ddp-memory extract-cifar10 reproduce-imagenet gpu-check
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -48,6 +48,11 @@ extract-cifar10: install ## Cache CIFAR-10 test EfficientNet-Lite0 features (128
 bench-data: install ## k-NN and feature-extraction speed -> benchmarks/results/{knn,extraction}_<device>.json
 	$(BIN)/python -m benchmarks.knn
 	$(BIN)/python -m benchmarks.extraction --tar $(SHARED)/cifar10/cifar10_jpeg_test.tar --split test
+
+bench-fit: install ## converged default `icon fit` wall time, steps, memory, accuracy (2k/10k/60k) -> benchmarks/results/fit_<dataset>.json
+	flock /tmp/icon-bench.lock $(BIN)/python -m benchmarks.fit --dataset digits --dataset cifar10_test \
+		--dataset fashion_mnist_train $(BENCH_FIT_ARGS)
+	$(BIN)/python -m benchmarks.fit --table
 
 bench-ddp-memory: install ## memory of cached views in a 2-process gloo run, before/now -> benchmarks/results/ddp_memory_cpu.json
 	$(BIN)/python -m benchmarks.ddp_memory

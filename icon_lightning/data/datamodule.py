@@ -156,8 +156,8 @@ class ClusteringDataModule(AnchorBatches):
 
     # ------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
-        if not self.distributed_extraction:
-            self.prep.extract_all(self.dataset, self.view_pool if self.views == "cached" else 0, self.val_dataset)
+        if not self.distributed_extraction:  # Lightning runs this on one process per node, the others waiting
+            self.prep.extract_all(self.dataset, self.view_pool * (self.views == "cached"), self.val_dataset, False)
             clean = self.prep.prepared(self.prep.raw(self.dataset, "clean"))
             NeighbourTable.in_folder(clean, self.table_width, self.store.root, self.knn_backend)
 

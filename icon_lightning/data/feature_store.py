@@ -134,6 +134,7 @@ def extract(
     progress: bool = True,
     indices: np.ndarray | None = None,
     precision: str = "bf16",
+    distributed: bool = True,
 ) -> np.ndarray:
     """Run ``backbone`` over ``dataset`` (items ``(x, label, index)``) and fill ``out[index]`` (N, D).
 
@@ -141,10 +142,11 @@ def extract(
     fp32), a progress bar in images/s. Under DDP each
     rank extracts the indices ``rank::world`` and rank 0 gathers and fills by dataset index, so the order
     in which processes or workers finish never matters. ``indices`` restricts to a subset (tests).
+    ``distributed=False``: this process extracts every index alone, with no collective (see ``cached_features``).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = backbone.to(device).eval()
-    rank, world = distributed_world()
+    rank, world = distributed_world() if distributed else (0, 1)
     n = len(dataset)
     todo = np.arange(n) if indices is None else np.asarray(indices)
     shard = todo[rank::world]
@@ -221,10 +223,13 @@ def cached_features(
     device=None,
     progress: bool = True,
     precision: str = "bf16",
+    distributed: bool = True,
 ) -> np.ndarray:
     """Features of ``dataset`` under ``transform`` (view ``clean`` or ``aug<v>``), extracted once.
 
     Call on every rank under DDP: all ranks extract their shard, rank 0 writes, the others then read.
+    ``distributed=False``: only this process runs it, so it extracts everything alone and joins no collective
+    (``prepare_data`` on rank 0 while the other ranks wait in Lightning's barrier; a collective there deadlocks).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = effective_precision(device, precision)
@@ -236,7 +241,7 @@ def cached_features(
         return cached
     view_id = int(view[3:]) if view.startswith("aug") else -1
     source = ViewDataset(dataset, transform, view=view_id, seed=seed)
-    rank, world = distributed_world()
+    rank, world = distributed_world() if distributed else (0, 1)
     if world > 1:
         feats = extract(
             backbone,
@@ -264,6 +269,7 @@ def cached_features(
             device=device,
             progress=progress,
             precision=precision,
+            distributed=distributed,
         ),
     )
 

@@ -37,17 +37,23 @@ class FeaturePrep:
         self.eval_tf = eval_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if images else None
         self.augment_tf = augment_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if images else None
 
-    def raw(self, dataset: IndexedDataset, view: str) -> np.ndarray:
-        """(N, D) features of ``view``, extracted once and then read from the store (memory-mapped)."""
+    def raw(self, dataset: IndexedDataset, view: str, distributed: bool = True) -> np.ndarray:
+        """(N, D) features of ``view``, extracted once and then read from the store (memory-mapped);
+        ``distributed=False`` where only this process runs (``prepare_data``)."""
         transform = self.eval_tf if view == "clean" else self.augment_tf
-        return cached_features(self.store, self.backbone, dataset, transform, view=view, **self.extract)
+        return cached_features(
+            self.store, self.backbone, dataset, transform, view=view, distributed=distributed, **self.extract
+        )
 
-    def extract_all(self, dataset: IndexedDataset, view_pool: int, val_dataset: IndexedDataset | None) -> None:
-        self.raw(dataset, "clean")
+    def extract_all(
+        self, dataset: IndexedDataset, view_pool: int, val_dataset: IndexedDataset | None, distributed: bool = True
+    ) -> None:
+        """Every view the run reads, in the store; ``distributed``: every rank runs this (each extracts a shard)."""
+        self.raw(dataset, "clean", distributed)
         for v in range(view_pool):
-            self.raw(dataset, f"aug{v}")
+            self.raw(dataset, f"aug{v}", distributed)
         if val_dataset is not None:
-            self.raw(val_dataset, "clean")
+            self.raw(val_dataset, "clean", distributed)
 
     def prepared(self, features: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
         """(N, D) float32: centred by ``mean`` (None: their own mean) and unit rows, or a writable copy as given."""

@@ -23,7 +23,7 @@ from icon_lightning.models.parts import (
     check_head_init,
     ema_teacher,
     global_batch,
-    heads_of_checkpoint,
+    heads_of_state,
     keep_module_heads,
     start_heads,
 )
@@ -103,6 +103,7 @@ class IConModule(ClusterEvaluation):
         self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.selection, self.targets = HeadSelection(num_heads), TargetCache()
         self.pruning = HeadPruning(keep_heads, prune_every)
+        self.register_load_state_dict_pre_hook(heads_of_state)  # weights of pruned heads shrink the heads first
         self.scores = SplitScores((*SPLITS, "test"), num_heads, num_clusters, num_classes)
 
     def setup(self, stage: str) -> None:
@@ -168,23 +169,19 @@ class IConModule(ClusterEvaluation):
         gather = self.all_gather if self._trainer is not None and self.trainer.world_size > 1 else None
         kept = self.pruning.survivors(self.global_step, self.head_ids, gather)
         if kept is not None:
-            self.keep_heads(kept)
+            keep_module_heads(self, kept)  # only the heads at ``kept`` (best first) go on
 
     @property
     def selected_head_id(self) -> int:
         """The selected head's number before any pruning (its name in logs and records)."""
         return int(self.head_ids[int(self.selected_head)])
 
-    def keep_heads(self, positions: Tensor) -> None:
-        """Only the heads at ``positions`` (best first) go on (``parts.keep_module_heads``)."""
-        keep_module_heads(self, positions)
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["head_pruning"] = self.pruning.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A checkpoint of pruned heads: shrink to its surviving heads before its weights are loaded."""
-        heads_of_checkpoint(self, checkpoint)
+        """The pruning schedule's state (its heads shrink in ``load_state_dict``: ``parts.heads_of_state``)."""
+        self.pruning.load_state_dict(checkpoint.get("head_pruning", {}))
 
     def on_train_epoch_end(self) -> None:
         mean = self.selection.epoch_mean(self.all_gather if self.trainer.world_size > 1 else None)

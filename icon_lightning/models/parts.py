@@ -280,18 +280,17 @@ def keep_module_heads(module, positions: Tensor) -> None:
         rewrap_ddp(trainer.strategy)
 
 
-def heads_of_checkpoint(module, checkpoint: dict) -> None:
-    """Before ``checkpoint`` is loaded into ``module``: its pruning state, and only the heads it holds (by number:
-    ``head_ids``; a checkpoint from before pruning existed holds them all)."""
-    module.pruning.load_state_dict(checkpoint.get("head_pruning", {}))
-    state = checkpoint.get("state_dict", {})
-    ids = state.setdefault("head_ids", torch.arange(len(module.head_ids)))
+def heads_of_state(module, state: dict, prefix: str = "", *_) -> None:
+    """``module``'s (an ``IConModule``) ``load_state_dict`` pre-hook: before the weights ``state`` are loaded
+    (from a checkpoint, or ``ddp_spawn``'s workers handing theirs back), only the heads they hold go on, by
+    number (``head_ids``; weights from before pruning existed hold them all)."""
+    ids = state.setdefault(prefix + "head_ids", torch.arange(len(module.head_ids)))
     if len(ids) != len(module.head_ids) or not torch.equal(ids.cpu(), module.head_ids.cpu()):
         position = {int(i): h for h, i in enumerate(module.head_ids.tolist())}
         missing = [int(i) for i in ids.tolist() if int(i) not in position]
         if missing:
             raise ValueError(f"checkpoint: heads {missing} are not among this model's heads {position}")
-        module.keep_heads(torch.tensor([position[int(i)] for i in ids.tolist()]))
+        keep_module_heads(module, torch.tensor([position[int(i)] for i in ids.tolist()]))
 
 
 # ---------------------------------------------------------------------- scores per split and head

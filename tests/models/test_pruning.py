@@ -186,3 +186,69 @@ def test_on_digits_the_pruned_run_selects_a_head_as_good_by_training_loss(tmp_pa
     # the same seed: the pruned run's head is at least as good by training loss (to float rounding of the batched
     # 10-head products against the 1-head ones, 1e-4 relative)
     assert pruned.head_losses_[pruned.selected_head_] <= full.head_losses_.min() * (1 + 1e-4)
+
+
+class _RecordHeads(L.Callback):
+    """Each process's view of the pruning at the end of fit, written to ``folder/rank<r>.pt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        record = {
+            "step": trainer.global_step,
+            "history": pl_module.pruning.history,
+            "head_ids": pl_module.head_ids.tolist(),
+            "weight": pl_module.heads.linear.weight.detach().cpu().clone(),
+            "adam_steps": [float(s["step"]) for s in trainer.optimizers[0].state.values()],
+        }
+        torch.save(record, f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_processes_prune_the_same_heads_and_train_on_in_sync(tmp_path):
+    """Under DDP each process sees its own anchors, so its losses differ; the heads dropped are chosen from the
+    losses averaged over processes, so both keep the same survivors. Training goes on after each pruning through a
+    DDP wrapper built anew around the smaller heads: the survivors' weights stay identical across processes (they
+    would drift, or backward would fail, if the old wrapper's gradient buckets were still in use). It also pins
+    two DDP bugs it found: extraction in ``prepare_data`` (rank 0 alone) joined a collective and hung, and the
+    main process could not load the pruned workers' weights."""
+    x, y = _blobs()
+    L.seed_everything(0, verbose=False)
+    data = ClusteringDataModule(FeaturesArray(x, y), views="clean", cache_dir=str(tmp_path / "cache"), seed=0)
+    model = IConModule(
+        load_recipe("icon_clustering"),
+        feature_dim=8,
+        num_clusters=4,
+        num_classes=4,
+        num_samples=len(x),
+        num_heads=4,
+        head_init=[],
+        optimizer=functools.partial(torch.optim.Adam, lr=1e-2),
+        keep_heads=1,
+        prune_every=5,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=20,
+        max_epochs=-1,
+        callbacks=[_RecordHeads(str(tmp_path))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=data)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 20
+    assert ranks[0]["history"] == ranks[1]["history"] and [h["step"] for h in ranks[0]["history"]] == [5, 10]
+    assert ranks[0]["head_ids"] == ranks[1]["head_ids"] and len(ranks[0]["head_ids"]) == 1
+    torch.testing.assert_close(ranks[0]["weight"], ranks[1]["weight"], rtol=0, atol=0)
+    assert ranks[0]["adam_steps"] and all(s == 20 for s in ranks[0]["adam_steps"])  # state carried, not restarted
+    # ddp_spawn hands the workers' weights back to this process's 4-head module: it shrinks to the survivor
+    assert model.head_ids.tolist() == ranks[0]["head_ids"]
+    torch.testing.assert_close(model.heads.linear.weight.detach(), ranks[0]["weight"], rtol=0, atol=0)

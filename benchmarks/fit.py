@@ -1,0 +1,211 @@
+"""Wall time of a converged default fit, as a user runs it: README's first command through the ``icon`` CLI, one
+process per run, on real feature sets of about 2k, 10k and 60k items.
+
+    python -m benchmarks.fit --dataset digits --dataset cifar10_test --dataset fashion_mnist_train
+        → benchmarks/results/fit_<dataset>.json
+    python -m benchmarks.fit --table                  → the README table from those files
+
+Settings (each is README's first command plus the overrides named here, nothing else):
+
+- ``default``: the defaults (10 heads pruned by training loss to 1; batch ``auto``);
+- ``one_head``: ``--model.num_heads 1``;
+- ``unpruned``: ``--model.keep_heads null`` (all 10 heads to the last step: the heads before pruning);
+- ``batch_4096``: ``--data.batch_size 4096`` (the paper's ImageNet batch, the rule before ``auto`` sized it from K);
+- ``before``: ``unpruned`` and ``batch_4096`` together, the defaults before issue 18.
+
+Each row records steps, the convergence verdict, the process's wall time (imports and k-NN graph included) and the
+fit's own (``wall_time_s`` of metrics.json), the peak resident memory of the process (``wait4``), and the selected
+head's accuracy and NMI. Labels only score. Runs go one after another, under ``flock /tmp/icon-bench.lock`` in
+``make bench-fit``: figures from overlapping heavy processes would be upper bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+RECIPE = ROOT / "configs" / "recipes" / "icon_clustering.yaml"
+SETTINGS: dict[str, list[str]] = {
+    "default": [],
+    "one_head": ["--model.num_heads=1"],
+    "unpruned": ["--model.keep_heads=null"],
+    "batch_4096": ["--data.batch_size=4096"],
+    "before": ["--model.keep_heads=null", "--data.batch_size=4096"],
+}
+DATASETS = {
+    "digits": "scikit-learn digits, raw 8x8 pixels (1,797 x 64)",
+    "cifar10_test": "CIFAR-10 test, EfficientNet-Lite0 features at 128 px (10,000 x 1,280, ../shared)",
+    "fashion_mnist_train": "Fashion-MNIST train, raw 28x28 pixels / 255 (60,000 x 784, Debian's dataset-fashion-mnist)",
+}
+
+
+def first_command(path: Path) -> list[str]:
+    """README's first command on the features file ``path``."""
+    return [
+        "fit",
+        "--config",
+        str(RECIPE),
+        "--data.dataset",
+        "icon_lightning.data.FeaturesFile",
+        "--data.dataset.path",
+        str(path),
+        "--data.views",
+        "clean",
+    ]
+
+
+def features_file(name: str, cache: Path) -> Path:
+    """The ``.npz`` (features, labels) of dataset ``name``, written once into ``cache``."""
+    if name == "cifar10_test":
+        path = SHARED / "features" / "cifar10_test_effnetlite0_r128.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"--dataset cifar10_test: expected {path} (../shared/data/features)")
+        return path
+    path = cache / f"{name}.npz"
+    if path.is_file():
+        return path
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y = digits.data.astype(np.float32), digits.target
+    elif name == "fashion_mnist_train":
+        from icon_lightning.data.datasets import IdxDataset
+
+        data = IdxDataset(str(FASHION), prefix="train")
+        x, y = (data.images.reshape(len(data.images), -1) / 255.0).astype(np.float32), data.labels
+    else:
+        raise ValueError(f"--dataset: expected one of {sorted(DATASETS)}, got {name!r}")
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, features=x, labels=y)
+    partial.replace(path)
+    return path
+
+
+def run_fit(args: list[str], run_dir: Path, env: dict | None = None) -> dict:
+    """One ``icon`` process: its metrics.json with the process's wall time and peak RSS added."""
+    icon = Path(sys.executable).with_name("icon")
+    command = [str(icon), *args, f"--run_dir={run_dir}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger"]
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; see {run_dir.parent / run_dir.name}.log")
+    report = json.loads((run_dir / "metrics.json").read_text())
+    metrics = report["metrics"]
+    return {
+        "steps": report["steps"],
+        "converged": report["convergence"]["converged"],
+        "reason": report["convergence"]["reason"],
+        "step_budget": report["convergence"]["step_budget"],
+        "process_wall_s": round(wall, 2),
+        "fit_wall_s": report.get("wall_time_s"),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: kilobytes
+        "selected_head": report["selected_head"],
+        "train_loss": metrics.get("train/loss"),
+        "hungarian_acc": metrics.get("val/hungarian_acc/best"),
+        "nmi": metrics.get("val/nmi"),
+    }
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {"seeds": len(rows), "converged": sum(r["converged"] for r in rows)}
+    for key in ("steps", "process_wall_s", "fit_wall_s", "peak_rss_mb", "hungarian_acc", "nmi", "train_loss"):
+        values = np.array([r[key] for r in rows if r[key] is not None], dtype=float)
+        if len(values):
+            out[key] = {"mean": float(values.mean()), "std": float(values.std())}
+    return out
+
+
+def bench(name: str, settings: list[str], seeds: list[int], work: Path, extra: list[str] | None = None) -> dict:
+    path = features_file(name, work / "data")
+    per_setting = {}
+    for setting in settings:
+        rows = []
+        for seed in seeds:
+            run_dir = work / "runs" / f"{name}-{setting}-seed{seed}"
+            if run_dir.exists():
+                raise FileExistsError(f"{run_dir}: exists; benchmark runs never reuse another run's folder")
+            row = run_fit(
+                [*first_command(path), *SETTINGS[setting], f"--seed_everything={seed}", *(extra or [])], run_dir
+            )
+            rows.append({"seed": seed, **row})
+            print(
+                f"{name:20s} {setting:10s} seed {seed}: {row['steps']:5d} steps "
+                f"{'converged' if row['converged'] else 'NOT CONVERGED'} {row['process_wall_s']:7.1f} s "
+                f"{row['peak_rss_mb']:7.0f} MB acc {row['hungarian_acc']:.4f}",
+                flush=True,
+            )
+        per_setting[setting] = {"args": SETTINGS[setting], "runs": rows, "summary": summarise(rows)}
+    return {
+        "dataset": name,
+        "source": DATASETS[name],
+        "command": "icon " + " ".join(first_command(Path("<features.npz>"))),
+        "settings": per_setting,
+    }
+
+
+def table(results: Path = RESULTS) -> str:
+    """The README table: one line per dataset and setting, mean ± std over seeds."""
+    lines = [
+        "| set | setting | seeds | converged | steps | wall (s, process) | peak RSS (MB) | accuracy | NMI |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(summary: dict, key: str, digits: int) -> str:
+        if key not in summary:
+            return "–"
+        m, s = summary[key]["mean"], summary[key]["std"]
+        return f"{m:.{digits}f} ± {s:.{digits}f}" if summary["seeds"] > 1 else f"{m:.{digits}f}"
+
+    for path in sorted(results.glob("fit_*.json")):
+        data = json.loads(path.read_text())
+        for setting, entry in data["settings"].items():
+            s = entry["summary"]
+            lines.append(
+                f"| {data['dataset']} | {setting} | {s['seeds']} | {s['converged']}/{s['seeds']} | "
+                f"{cell(s, 'steps', 0)} | {cell(s, 'process_wall_s', 1)} | {cell(s, 'peak_rss_mb', 0)} | "
+                f"{cell(s, 'hungarian_acc', 3)} | {cell(s, 'nmi', 3)} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(DATASETS), action="append")
+    parser.add_argument("--setting", choices=list(SETTINGS), action="append", help="default: default, one_head")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", default=None, help="runs and prepared .npz (default: a fresh folder in /tmp)")
+    parser.add_argument("--out", default=None, help="folder for fit_<dataset>.json (default: benchmarks/results)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further icon fit arguments (tests)")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(Path(args.out) if args.out else RESULTS))
+        return
+    work = Path(args.work) if args.work else Path(f"/tmp/icon-bench-fit-{os.getpid()}-{int(time.time())}")
+    for name in args.dataset or ["digits"]:
+        result = bench(name, args.setting or ["default", "one_head"], args.seeds, work, args.extra)
+        out = Path(args.out) / f"fit_{name}.json" if args.out else None
+        write_result(f"fit_{name}.json", result, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/fit.py (``make bench-fit``): README's first command through the CLI, one process per run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from benchmarks import fit as bench
+
+
+def test_settings_are_the_first_command_plus_named_overrides():
+    assert bench.SETTINGS["default"] == []
+    assert set(bench.SETTINGS["before"]) == set(bench.SETTINGS["unpruned"] + bench.SETTINGS["batch_4096"])
+    command = bench.first_command(bench.ROOT / "x.npz")
+    assert command[:3] == ["fit", "--config", str(bench.RECIPE)] and command[-2:] == ["--data.views", "clean"]
+
+
+def test_one_run_records_what_its_metrics_json_says(tmp_path):
+    """A 30-step run of the defaults on digits: the row is the run's own record (not converged, 30 steps), with
+    the process's peak memory, and the table shows it."""
+    out = tmp_path / "results"
+    bench.main(
+        [
+            "--dataset",
+            "digits",
+            "--seeds",
+            "0",
+            "--setting",
+            "default",
+            "--work",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ]
+        + ["--extra", "--convergence.max_steps=30"]
+    )
+    x = np.load(tmp_path / "w" / "data" / "digits.npz")
+    np.testing.assert_array_equal(x["features"], load_digits().data.astype(np.float32))
+    result = json.loads((out / "fit_digits.json").read_text())
+    (row,) = result["settings"]["default"]["runs"]
+    report = json.loads((tmp_path / "w" / "runs" / "digits-default-seed0" / "metrics.json").read_text())
+    assert row["steps"] == report["steps"] == 30 and row["converged"] is False
+    assert row["hungarian_acc"] == report["metrics"]["val/hungarian_acc/best"] and 0 < row["hungarian_acc"] <= 1
+    assert row["peak_rss_mb"] > 100 and row["process_wall_s"] > row["fit_wall_s"] > 0
+    assert "| digits | default | 1 | 0/1 | 30 |" in bench.table(out)
