@@ -119,7 +119,7 @@ def run_fit(args: list[str], run_dir: Path, env: dict | None = None) -> dict:
         "fit_wall_s": report.get("wall_time_s"),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # Linux: kilobytes
         "selected_head": report["selected_head"],
-        "train_loss": metrics.get("train/loss"),
+        "train_loss": metrics.get(f"train/loss/head_{report['selected_head']}", metrics.get("train/loss")),
         "hungarian_acc": metrics.get("val/hungarian_acc/best"),
         "nmi": metrics.get("val/nmi"),
     }
@@ -153,13 +153,29 @@ def bench(name: str, settings: list[str], seeds: list[int], work: Path, extra: l
                 f"{row['peak_rss_mb']:7.0f} MB acc {row['hungarian_acc']:.4f}",
                 flush=True,
             )
-        per_setting[setting] = {"args": SETTINGS[setting], "runs": rows, "summary": summarise(rows)}
+        per_setting[setting] = {
+            "args": SETTINGS[setting],
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "runs": rows,
+            "summary": summarise(rows),
+        }
     return {
         "dataset": name,
         "source": DATASETS[name],
         "command": "icon " + " ".join(first_command(Path("<features.npz>"))),
         "settings": per_setting,
     }
+
+
+def merged(result: dict, path: Path) -> dict:
+    """``result`` with the settings of an earlier file for the same data that this run did not measure (a rerun of
+    a setting replaces it): ``--setting unpruned`` adds a row to the table instead of dropping the others."""
+    if not path.exists():
+        return result
+    earlier = json.loads(path.read_text())
+    if earlier.get("dataset") != result["dataset"] or earlier.get("command") != result["command"]:
+        return result
+    return {**result, "settings": {**earlier["settings"], **result["settings"]}}
 
 
 def table(results: Path = RESULTS) -> str:
@@ -203,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work) if args.work else Path(f"/tmp/icon-bench-fit-{os.getpid()}-{int(time.time())}")
     for name in args.dataset or ["digits"]:
         result = bench(name, args.setting or ["default", "one_head"], args.seeds, work, args.extra)
-        out = Path(args.out) / f"fit_{name}.json" if args.out else None
-        write_result(f"fit_{name}.json", result, out)
+        out = (Path(args.out) if args.out else RESULTS) / f"fit_{name}.json"
+        write_result(out.name, merged(result, out), out)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,12 @@ class IConCLI(LightningCLI):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        live = {f"head_{int(i)}" for i in self.model.head_ids}  # a pruned head's last values live in "pruning"
+        metrics = {
+            k: v
+            for k, v in metrics.items()
+            if not k.rsplit("/", 1)[-1].startswith("head_") or k.rsplit("/", 1)[-1] in live
+        }
         watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
         convergence = watcher.report() if watcher is not None and self.subcommand == "fit" else None
         saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))

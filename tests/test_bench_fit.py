@@ -45,3 +45,13 @@ def test_one_run_records_what_its_metrics_json_says(tmp_path):
     assert row["hungarian_acc"] == report["metrics"]["val/hungarian_acc/best"] and 0 < row["hungarian_acc"] <= 1
     assert row["peak_rss_mb"] > 100 and row["process_wall_s"] > row["fit_wall_s"] > 0
     assert "| digits | default | 1 | 0/1 | 30 |" in bench.table(out)
+
+
+def test_a_run_of_one_setting_keeps_the_files_other_settings(tmp_path):
+    path = tmp_path / "fit_digits.json"
+    command = "icon fit …"
+    path.write_text(json.dumps({"dataset": "digits", "command": command, "settings": {"default": 1, "one_head": 2}}))
+    new = bench.merged({"dataset": "digits", "command": command, "settings": {"one_head": 3, "unpruned": 4}}, path)
+    assert new["settings"] == {"default": 1, "one_head": 3, "unpruned": 4}
+    other = {"dataset": "digits", "command": "icon fit --other", "settings": {"unpruned": 4}}
+    assert bench.merged(other, path) == other  # another command's figures are not mixed in
