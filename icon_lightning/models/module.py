@@ -88,6 +88,10 @@ class IConModule(ClusterEvaluation):
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval: expected 'step' or 'epoch', got {scheduler_interval!r}")
         self.loss, self.backbone, self.optimizer, self.scheduler = loss, backbone, optimizer, scheduler
+        # the started heads' clustering seed, drawn first (after seed_everything): what data preparation draws from
+        # torch's generator (a fresh extraction, a cached one) and the other heads' random weights (their number)
+        # cannot change where head h starts
+        self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.heads = ClusterHeads(
             feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim
         )
@@ -98,9 +102,6 @@ class IConModule(ClusterEvaluation):
         self.register_buffer("head_losses", torch.zeros(num_heads))
         self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
         self.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))  # head_init ran (checkpointed)
-        # the started heads' clustering seed, drawn now (after seed_everything) so that what data preparation draws
-        # from torch's generator (a fresh extraction, a cached one) cannot change where the heads start
-        self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.selection, self.targets = HeadSelection(num_heads), TargetCache()
         self.pruning = HeadPruning(keep_heads, prune_every)
         self.register_load_state_dict_pre_hook(heads_of_state)  # weights of pruned heads shrink the heads first

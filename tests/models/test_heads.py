@@ -62,8 +62,7 @@ def test_module_starts_its_first_head_from_kmeans_once(tmp_path):
     module = IConModule(load_recipe("icon_clustering"), feature_dim=64, num_clusters=10, num_heads=3)
     assert module.head_init == ["kmeans"]  # the default for linear heads
     torch.manual_seed(0)
-    ClusterHeads(64, 10, 3)  # what the module drew at construction, before its seed
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())  # the module's first draw, before the heads' weights
     torch.randn(1000)  # what data preparation draws in between (a fresh extraction's loader) changes nothing
     module.start_heads(dm.train_features)
     x = dm.train_features.numpy()
@@ -80,6 +79,18 @@ def test_module_starts_its_first_head_from_kmeans_once(tmp_path):
     weights = module.heads.linear.weight.clone()
     module.setup("fit")
     assert torch.equal(module.heads.linear.weight, weights)
+
+
+def test_the_kmeans_start_does_not_depend_on_the_number_of_heads():
+    """Head 0 of a 1-head and of a 10-head module start from the same k-means run: the seed is drawn before the
+    random heads' weights (it used to be drawn after, so ``--model.num_heads 1`` started from another partition
+    and a comparison of 1 head with 10 compared two k-means starts)."""
+    recipe = load_recipe("icon_clustering")
+    seeds = []
+    for heads in (1, 10):
+        torch.manual_seed(0)
+        seeds.append(IConModule(recipe, feature_dim=64, num_clusters=10, num_heads=heads).init_seed)
+    assert seeds[0] == seeds[1]
 
 
 def test_bad_head_arguments():
