@@ -103,6 +103,16 @@ class RunConfig(SaveConfigCallback):
         atomic_write(Path(trainer.default_root_dir) / self.config_filename, lambda f: f.write(text))
 
 
+def live_head_metrics(callback_metrics, head_ids) -> dict[str, float]:
+    """The scalar metrics, with per-head values (``…/head_k``) of the live heads only: a pruned head's last
+    values are in the ``pruning`` history, not reported as if it were still trained."""
+    live = {f"head_{int(i)}" for i in head_ids}
+    scalars = {k: float(v) for k, v in callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    return {
+        k: v for k, v in scalars.items() if not k.rsplit("/", 1)[-1].startswith("head_") or k.rsplit("/", 1)[-1] in live
+    }
+
+
 class IConCLI(LightningCLI):
     """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model, gives every run
     a directory of its own (`icon_lightning.runs`), resolves ``--ckpt_path last`` and writes ``metrics.json``
@@ -184,13 +194,7 @@ class IConCLI(LightningCLI):
         trainer, run_dir, cfg = self.trainer, self.run_dir, self._run_config()
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-        live = {f"head_{int(i)}" for i in self.model.head_ids}  # a pruned head's last values live in "pruning"
-        metrics = {
-            k: v
-            for k, v in metrics.items()
-            if not k.rsplit("/", 1)[-1].startswith("head_") or k.rsplit("/", 1)[-1] in live
-        }
+        metrics = live_head_metrics(trainer.callback_metrics, self.model.head_ids)
         watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
         convergence = watcher.report() if watcher is not None and self.subcommand == "fit" else None
         saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))
