@@ -108,9 +108,7 @@ def live_head_metrics(callback_metrics, head_ids) -> dict[str, float]:
     values are in the ``pruning`` history, not reported as if it were still trained."""
     live = {f"head_{int(i)}" for i in head_ids}
     scalars = {k: float(v) for k, v in callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
-    return {
-        k: v for k, v in scalars.items() if not k.rsplit("/", 1)[-1].startswith("head_") or k.rsplit("/", 1)[-1] in live
-    }
+    return {k: v for k, v in scalars.items() if not (last := k.rsplit("/", 1)[-1]).startswith("head_") or last in live}
 
 
 class IConCLI(LightningCLI):
