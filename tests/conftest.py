@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -130,3 +131,15 @@ def float64():
 
 def to_np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64)
+
+
+class EndProcessGroup(L.Callback):
+    """For ``ddp_spawn`` tests: at teardown, after the fit's last collective, every worker meets the others at a
+    barrier and closes the gloo process group itself. A worker that exits with the group still open races its
+    peer's socket shutdown at interpreter exit, and gloo can then abort it (CI saw "process 1 terminated with
+    signal SIGABRT" after a fit that had finished)."""
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from icon_lightning.callbacks import Convergence
 from icon_lightning.callbacks.convergence import auto_step_budget
+from tests.conftest import EndProcessGroup
 
 
 class Scripted(L.LightningModule):
@@ -176,7 +177,7 @@ def test_two_processes_agree_on_the_plateau_from_the_mean_loss(tmp_path):
         devices=2,
         strategy="ddp_spawn",
         max_epochs=-1,
-        callbacks=[convergence, _Record(str(tmp_path), convergence)],
+        callbacks=[convergence, _Record(str(tmp_path), convergence), EndProcessGroup()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

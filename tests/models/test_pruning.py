@@ -17,6 +17,7 @@ from icon_lightning.models import IConModule
 from icon_lightning.models.heads import ClusterHeads, keep_heads
 from icon_lightning.models.parts import HeadPruning, carry_optimizer_state
 from icon_lightning.recipes import load_recipe
+from tests.conftest import EndProcessGroup
 
 
 @pytest.mark.parametrize("hidden", [None, 5])
@@ -234,7 +235,7 @@ def test_two_processes_prune_the_same_heads_and_train_on_in_sync(tmp_path):
         strategy="ddp_spawn",
         max_steps=20,
         max_epochs=-1,
-        callbacks=[_RecordHeads(str(tmp_path))],
+        callbacks=[_RecordHeads(str(tmp_path)), EndProcessGroup()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
