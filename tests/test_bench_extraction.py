@@ -26,4 +26,18 @@ def test_the_default_run_measures_the_pretrained_backbone(tmp_path):
     extraction.main(["--tar", str(TAR), "--limit", "8", "--batch-size", "4", "--image-size", "64", "--out", str(out)])
     row = json.loads(out.read_text())
     assert row["images"] == 8 and row["backbone"] == extraction.DEFAULT_BACKBONE
-    assert row["pipeline_s"] > 0 and row["bare_s"] > 0
+    assert row["pipeline_s"] > 0 and row["bare_s"] > 0 and row["cpu_tuning"] == "on"
+    assert row["pipeline_user_s"] > 0 and row["pipeline_minor_faults"] >= 0 and row["bare_sys_s"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TAR.exists(), reason="needs ../shared/data/cifar10")
+def test_compare_runs_before_and_after_in_their_own_processes(tmp_path):
+    out = tmp_path / "tuning.json"
+    extraction.main(
+        ["--compare", "--tar", str(TAR), "--limit", "6", "--batch-size", "3", "--sizes", "64", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert [(r["image_size"], r["cpu_tuning"]) for r in result["runs"]] == [(64, "off"), (64, "on")]
+    assert all(r["images"] == 6 and r["pipeline_user_s"] > 0 and r["pipeline_sys_s"] >= 0 for r in result["runs"])
+    assert result["speedup"]["64"] > 0
