@@ -55,7 +55,8 @@ def _rss() -> int:
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt")
 def test_freed_blocks_are_reused_inside_and_handed_back_on_leaving():
     """Six 20 MiB blocks (below glibc's 32 MiB mmap cap) allocated, written and freed, twice: inside, the second
-    round touches no new pages (30,720 would be fresh); on leaving, the kept 120 MiB go back to the kernel."""
+    round reuses the freed span (30,720 pages would be fresh; in a long-lived process small allocations can carve
+    the span so that one block, 5,120 pages, is fresh: CI saw that); on leaving, the kept memory goes back."""
 
     def round_trip() -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -66,7 +67,7 @@ def test_freed_blocks_are_reused_inside_and_handed_back_on_leaving():
     with reuse_freed_memory() as applied:
         assert applied
         round_trip()
-        assert round_trip() < 1000
+        assert round_trip() <= 5120 + 1000
         kept = _rss()
     assert kept - _rss() > 100 << 20
 
