@@ -4,10 +4,13 @@
     python -m benchmarks.clustering --dataset cifar10_test      (needs CIFAR-10: --cifar10-tar-dir or ../shared)
     python -m benchmarks.clustering --dataset cifar10_train_test
     python -m benchmarks.clustering --dataset fashion_mnist_test (Debian's dataset-fashion-mnist)
+    python -m benchmarks.clustering --features X.npz            → clustering_X.json (a user's features file)
     python -m benchmarks.clustering --table                     → the README table from the JSON files
 
-Features come from the project's own pipeline (``cached_features``: EfficientNet-Lite0, ImageNet weights),
-centred by the fitting split's mean and L2-normalised. Methods that fit on one split and score another
+Features come from the project's own pipeline (``cached_features``: EfficientNet-Lite0, ImageNet weights). The
+head-based methods (I-Con, its ablations, SCAN, TEMI) are ``icon fit`` on them, built by the one builder
+(``HeadClusterer``), which centres them by the fitting split's mean and L2-normalises them; the classical methods
+get the same preparation. Methods that fit on one split and score another
 (``cifar10_train_test``) fit on train and predict test. Labels only score; no method or hyper-parameter is
 chosen by them. Per-seed values, means and standard deviations go to the JSON.
 """
@@ -15,6 +18,7 @@ chosen by them. Per-seed values, means and standard deviations go to the JSON.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -26,15 +30,14 @@ import torch
 from sklearn.cluster import KMeans
 
 from benchmarks.common import RESULTS, write_result
-from icon_lightning.baselines import FaissKMeans, HeadClusterer, KNNSpectralClustering, SCANLoss, TEMILoss
-from icon_lightning.data.datasets import DigitsDataset, IdxDataset, IndexedDataset, TarImageFolder
+from icon_lightning.baselines import FaissKMeans, KNNSpectralClustering
+from icon_lightning.data.datasets import DigitsDataset, FeaturesFile, IdxDataset, IndexedDataset, TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, cached_features
 from icon_lightning.data.neighbours import centred_unit_rows
 from icon_lightning.data.transforms import eval_transform
-from icon_lightning.loss import Objective
+from icon_lightning.estimator import HeadClusterer
 from icon_lightning.metrics import METRICS, score_assignments
-from icon_lightning.recipes import build_objective, recipe_config
-from icon_lightning.supervisory import KNNGraph
+from icon_lightning.recipes import CONFIG_DIR, recipe_config
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -42,7 +45,9 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 @dataclass(frozen=True)
 class Split:
-    """Features to fit on and to score (the same array for transductive datasets)."""
+    """Features to fit on and to score (the same array for transductive datasets), as extracted: the head-based
+    methods get them as a user's features file gives them to ``icon fit``, whose DataModule centres them by the fit
+    split's mean and L2-normalises them; the classical methods get that same preparation here (``prepared``)."""
 
     name: str
     fit_x: np.ndarray
@@ -54,18 +59,25 @@ class Split:
     def num_classes(self) -> int:
         return int(self.score_y.max()) + 1
 
+    @property
+    def transductive(self) -> bool:
+        return self.score_x is self.fit_x
 
-# One protocol for every head-based method (I-Con, its ablations, SCAN, TEMI): ``HeadClusterer``'s defaults, which are
-# ``icon fit``'s. Full batch up to 4,096 items (digits), else 4,096 anchors a step each with one sampled neighbour;
-# Adam at 1e-2; the ``Convergence`` callback halves the LR on training-loss plateaus (relative improvement < 1e-3
-# over 25 steps) and stops at the third, within a budget of 30 passes in steps clamped to [1,000, 20,000]. Heads are
-# selected by training loss. Labels chose none of this. ``BUDGET`` overrides HeadClusterer keywords (tests shrink
-# it); a run records its protocol in the JSON.
-PROTOCOL = (
-    "converging defaults: batch auto (full ≤ 4096, else 4096 + 1 neighbour), Adam 1e-2, plateau stop, N-scaled cap"
-)
-BUDGET: dict = {}
+    def prepared(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fit, score) centred by the fit split's mean and L2-normalised, as ``icon fit`` prepares features."""
+        mean = self.fit_x.mean(0, keepdims=True)
+        fit = centred_unit_rows(self.fit_x, mean)
+        return fit, (fit if self.transductive else centred_unit_rows(self.score_x, mean))
+
+
+# One protocol for every head-based method (I-Con, its ablations, SCAN, TEMI): ``icon fit``'s, built by the one
+# builder through ``HeadClusterer`` (README's first command on the split's features, the method's config and its
+# overrides). ``BUDGET``: overrides appended to every head-based run (tests shrink it); a run records its protocol
+# in the JSON.
+PROTOCOL = "icon fit defaults (one builder): features file, views clean, the method's config + overrides"
+BUDGET: list[str] = []
 DATASETS = ("digits", "cifar10_test", "cifar10_train_test", "fashion_mnist_test", "mnist_test")
+PEERS = CONFIG_DIR / "peers"
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -73,13 +85,17 @@ def _image_features(dataset: IndexedDataset, image_size: int, cache_dir: str, gr
     from icon_lightning.data.backbones import EfficientNetLite0
 
     transform = eval_transform(image_size, grayscale_to_rgb=gray)
-    return np.asarray(cached_features(FeatureStore(cache_dir), EfficientNetLite0(), dataset, transform))
+    return np.asarray(cached_features(FeatureStore(cache_dir), EfficientNetLite0(), dataset, transform), np.float32)
 
 
 def load_split(name: str, args: argparse.Namespace) -> Split:
+    if name.endswith(".npz"):  # --features PATH: a user's features file, as `icon fit` reads it
+        data = FeaturesFile(name)
+        x = data.features.numpy()
+        return Split(Path(name).stem, x, x, data.labels, f"features file {name}")
     if name == "digits":
         data = DigitsDataset()
-        x = centred_unit_rows(data.data.numpy())
+        x = data.data.numpy().astype(np.float32)
         return Split(name, x, x, data.labels, "scikit-learn digits, 64 raw pixels")
     if name in ("cifar10_test", "cifar10_train_test"):
         tars = Path(args.cifar10_tar_dir)
@@ -87,35 +103,27 @@ def load_split(name: str, args: argparse.Namespace) -> Split:
         test_x = _image_features(test, 128, args.cache_dir)
         source = "CIFAR-10 JPEG tar, EfficientNet-Lite0 (ImageNet) features at 128 px"
         if name == "cifar10_test":
-            x = centred_unit_rows(test_x)
-            return Split(name, x, x, test.labels, source + ", test split")
+            return Split(name, test_x, test_x, test.labels, source + ", test split")
         train = TarImageFolder(tars / "cifar10_jpeg_train.tar", split="train")
         train_x = _image_features(train, 128, args.cache_dir)
-        mean = train_x.mean(0, keepdims=True)
-        return Split(
-            name,
-            centred_unit_rows(train_x, mean),
-            centred_unit_rows(test_x, mean),
-            test.labels,
-            source + ": fit on train (50 000), scored on test (10 000)",
-        )
+        return Split(name, train_x, test_x, test.labels, source + ": fit on train (50 000), scored on test (10 000)")
     if name == "fashion_mnist_test":
         data = IdxDataset(args.fashion_dir, prefix="t10k")
-        x = centred_unit_rows(_image_features(data, args.fashion_size, args.cache_dir, gray=True))
+        x = _image_features(data, args.fashion_size, args.cache_dir, gray=True)
         return Split(
             name, x, x, data.labels, f"Fashion-MNIST test, EfficientNet-Lite0 features at {args.fashion_size} px"
         )
     if name == "mnist_test":
         data = IdxDataset(args.mnist_dir, prefix="t10k")
-        x = centred_unit_rows(_image_features(data, args.fashion_size, args.cache_dir, gray=True))
+        x = _image_features(data, args.fashion_size, args.cache_dir, gray=True)
         return Split(name, x, x, data.labels, f"MNIST test, EfficientNet-Lite0 features at {args.fashion_size} px")
-    raise ValueError(f"dataset: expected one of {DATASETS}, got {name!r}")
+    raise ValueError(f"dataset: expected one of {DATASETS} or an .npz path, got {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def icon_loss(alpha_p: float, alpha_q: float, walks: int) -> Objective:
-    """configs/recipes/icon_clustering.yaml (k-NN, k = 3, + walks, debiased by α), read as a config, and its
-    ablations edited into that config: α of p or q (0 drops the debiasing), ``walks``: extra walk steps beyond the
+def icon_loss(alpha_p: float, alpha_q: float, walks: int) -> dict:
+    """configs/recipes/icon_clustering.yaml's ``model.loss`` (k-NN, k = 3, + walks, debiased by α), read as a
+    config, with an ablation edited in: α of p or q (0 drops the debiasing), ``walks``: walk steps beyond the
     neighbours (``Propagated(steps=1 + walks)``; 0 drops propagation)."""
     config = recipe_config("icon_clustering")
     propagated = config["init_args"]["p"]["init_args"]["base"]
@@ -128,7 +136,7 @@ def icon_loss(alpha_p: float, alpha_q: float, walks: int) -> Objective:
             config["init_args"][side]["init_args"]["alpha"] = alpha
         else:
             config["init_args"][side] = config["init_args"][side]["init_args"]["base"]
-    return build_objective(config)
+    return config
 
 
 SPECTRAL_ARPACK_MAX = 20_000
@@ -136,20 +144,29 @@ ALPHA = 0.6  # the recipe's α (configs/recipes/icon_clustering.yaml); the paper
 OVERCLUSTER = 3  # over-clustering rows use 3× the classes
 
 
-def methods(k: int, num_fit: int = 0) -> dict[str, tuple[str, Callable[[int], object], int]]:
+def self_label(consensus: bool) -> str:
+    callback = {"class_path": "icon_lightning.callbacks.SelfLabel", "init_args": {"consensus": consensus}}
+    return f"--trainer.callbacks+={json.dumps(callback)}"
+
+
+def methods(
+    k: int, num_fit: int = 0, cache_dir: str = ".cache/icon_lightning"
+) -> dict[str, tuple[str, Callable[[int], object], int]]:
     """name → (description, seed → estimator, clusters). Spectral clustering solves with LOBPCG above 20 000 points:
     ARPACK's shift-invert LU had not finished on CIFAR-10 train's 50 000-point graph after 30 min; on CIFAR-10
     test both solvers give the same partition (accuracy 0.476), LOBPCG in 9 s against 81 s. Rows whose clusters
-    exceed the classes (over-clustering) are scored by over-clustering accuracy."""
+    exceed the classes (over-clustering) are scored by over-clustering accuracy. Head-based rows are ``icon fit``
+    with a config and overrides (``HeadClusterer``)."""
     solver = "lobpcg" if num_fit > SPECTRAL_ARPACK_MAX else None
-
-    def heads(loss, clusters: int = k, **kw) -> Callable[[int], object]:
-        return lambda seed: HeadClusterer(loss, n_clusters=clusters, random_state=seed, **{**kw, **BUDGET})
-
-    def icon(alpha_p: float = ALPHA, alpha_q: float = ALPHA, walks: int = 1, **kw) -> Callable[[int], object]:
-        return heads(icon_loss(alpha_p, alpha_q, walks), walk_steps=max(1, walks), **kw)
-
     over = OVERCLUSTER * k
+
+    def fit(*overrides: str, config: str | Path = "icon_clustering", clusters: int = k) -> Callable[[int], object]:
+        words = [*overrides, *BUDGET]
+        return lambda seed: HeadClusterer(config, words, clusters, seed, cache_dir=cache_dir)
+
+    def ablation(alpha_p: float, alpha_q: float, walks: int) -> str:
+        return f"--model.loss={json.dumps(icon_loss(alpha_p, alpha_q, walks))}"
+
     table = {
         "kmeans_sklearn": ("k-means, scikit-learn, n_init=10", lambda s: KMeans(k, n_init=10, random_state=s)),
         "kmeans_faiss": ("k-means, FAISS, n_init=10 (all points)", lambda s: FaissKMeans(k, n_init=10, random_state=s)),
@@ -158,59 +175,55 @@ def methods(k: int, num_fit: int = 0) -> dict[str, tuple[str, Callable[[int], ob
             lambda s: KNNSpectralClustering(k, 10, eigen_solver=solver, random_state=s),
         ),
         "scan": (
-            "SCAN: top-20 neighbours, entropy weight 5, 10 linear heads at random (SCAN's), no self-labelling",
-            heads(SCANLoss(KNNGraph(k=20), entropy_weight=5.0), k=20, num_heads=10, head_init=[]),
+            "SCAN (configs/peers/scan.yaml): top-20 neighbours, entropy weight 5",
+            fit(config=PEERS / "scan.yaml"),
         ),
         "temi": (
-            "TEMI: β-PMI (β = 0.6), EMA teacher 0.996, EMA prior 0.9, top-50 neighbours, 16 MLP heads (hidden 512)",
-            heads(
-                TEMILoss(KNNGraph(k=50, symmetric=True), beta=0.6, prior_momentum=0.9),
-                k=50,
-                num_heads=16,
-                head_hidden_dim=512,
-                ema_momentum=0.996,
-                teacher_candidates=True,
-            ),
+            "TEMI (configs/peers/temi.yaml): β-PMI 0.6, EMA teacher, 16 MLP heads",
+            fit(config=PEERS / "temi.yaml"),
         ),
-        "icon": (f"I-Con default: k-NN (k = 3) + 1-step walks, α = {ALPHA}, 10 heads, one from k-means", icon()),
-        "icon_random_heads": ("I-Con ablation: 10 heads, all at random", icon(head_init=[])),
-        "icon_3_heads": ("I-Con ablation: 3 heads, one from k-means", icon(num_heads=3)),
+        "icon": (f"I-Con defaults (icon fit): k-NN (k = 3) + 1-step walks, α = {ALPHA}", fit()),
+        "icon_random_heads": ("I-Con ablation: every head at random", fit("--model.head_init=[]")),
+        "icon_3_heads": ("I-Con ablation: 3 heads, one from k-means", fit("--model.num_heads=3")),
+        "icon_one_head": ("I-Con ablation: one head, from k-means", fit("--model.num_heads=1")),
         "icon_spectral_head": (
-            "I-Con option: 10 heads, one from k-means, one from spectral",
-            icon(head_init=["kmeans", "spectral"]),
+            "I-Con option: one head from k-means, one from spectral",
+            fit("--model.head_init=[kmeans,spectral]"),
         ),
-        "icon_self_label": (
-            "I-Con option: + self-labelling (confident half of the selected head, class-balanced; logistic regr.)",
-            icon(self_label="selected"),
-        ),
-        "icon_consensus_self_label": (
-            "I-Con option: + self-labelling on the consensus of the 10 heads (ICCE style)",
-            icon(self_label="consensus"),
-        ),
-        "icon_mlp_heads": ("I-Con option: 10 MLP heads (hidden 512), at random", icon(head_hidden_dim=512)),
+        "icon_self_label": ("I-Con option: + self-labelling of the selected head", fit(self_label(False))),
+        "icon_consensus_self_label": ("I-Con option: + self-labelling on the heads' consensus", fit(self_label(True))),
+        "icon_mlp_heads": ("I-Con option: MLP heads (hidden 512)", fit("--model.head_hidden_dim=512")),
         f"icon_overcluster_{OVERCLUSTER}x": (
             f"I-Con option: {OVERCLUSTER}×{k} clusters, scored by over-clustering accuracy",
-            icon(clusters=over),
+            fit(clusters=over),
         ),
-        "icon_no_debias": ("I-Con ablation: α = 0", icon(0.0, 0.0)),
-        "icon_debias_p_only": (f"I-Con ablation: α = {ALPHA} on p only", icon(ALPHA, 0.0)),
-        "icon_no_walks": ("I-Con ablation: k-NN only, no walks", icon(walks=0)),
-        "icon_walks2": ("I-Con ablation: two extra walk steps (Propagated(steps=3))", icon(walks=2)),
+        "icon_no_debias": ("I-Con ablation: α = 0", fit(ablation(0.0, 0.0, 1))),
+        "icon_debias_p_only": (f"I-Con ablation: α = {ALPHA} on p only", fit(ablation(ALPHA, 0.0, 1))),
+        "icon_no_walks": ("I-Con ablation: k-NN only, no walks", fit(ablation(ALPHA, ALPHA, 0))),
+        "icon_walks2": (
+            "I-Con ablation: two extra walk steps (Propagated(steps=3), data.walk_steps 3)",
+            fit(ablation(ALPHA, ALPHA, 2), "--data.walk_steps=3"),
+        ),
     }
     return {
         name: (desc, make, over if name.startswith("icon_overcluster") else k) for name, (desc, make) in table.items()
     }
 
 
-def run_method(split: Split, make: Callable[[int], object], seed: int, clusters: int) -> dict[str, float]:
+def run_method(split: Split, make: Callable[[int], object], seed: int, clusters: int) -> dict:
+    """One seed of one method: its scores, wall time and a hash of its assignments (int64 bytes, sha256), so a
+    row can be checked against another run of the same command."""
     torch.manual_seed(seed)
     start = time.perf_counter()
     estimator = make(seed)
-    estimator.fit(split.fit_x)
-    pred = estimator.labels_ if split.score_x is split.fit_x else estimator.predict(split.score_x)
+    pipeline = isinstance(estimator, HeadClusterer)  # `icon fit` prepares the features itself
+    fit_x, score_x = (split.fit_x, split.score_x) if pipeline else split.prepared()
+    estimator.fit(fit_x)
+    pred = np.asarray(estimator.labels_ if split.transductive else estimator.predict(score_x), dtype=np.int64)
     elapsed = time.perf_counter() - start
     result = {"seed": seed, **score_assignments(pred, split.score_y, clusters, split.num_classes), "wall_s": elapsed}
-    if hasattr(estimator, "head_losses_"):
+    result["assignments_sha256"] = hashlib.sha256(pred.tobytes()).hexdigest()
+    if pipeline:
         result["selected_head"] = estimator.selected_head_
         result["head_losses"] = [float(v) for v in estimator.head_losses_]
         result["steps"] = estimator.steps_
@@ -229,13 +242,13 @@ def summarise(runs: list[dict]) -> dict:
 def benchmark(name: str, args: argparse.Namespace) -> Path:
     split = load_split(name, args)
     k = split.num_classes
-    table = methods(k, len(split.fit_x))
+    table = methods(k, len(split.fit_x), args.cache_dir)
     chosen = args.methods or list(table)
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; expected some of {list(table)}")
-    path = RESULTS / f"clustering_{name}.json"
-    print(f"{name}: fit {split.fit_x.shape}, score {split.score_x.shape}, {k} clusters; {split.source}")
+    path = RESULTS / f"clustering_{split.name}.json"
+    print(f"{split.name}: fit {split.fit_x.shape}, score {split.score_x.shape}, {k} clusters; {split.source}")
     # Merge into an existing file, and write after every method: one method can be re-run, and an interrupted
     # run resumes with --resume (methods already in the file are skipped).
     # Every method's entry names the protocol it ran under, so rows from an earlier protocol kept in the same file
@@ -249,13 +262,13 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
         if path.exists():
             results.update({m: v for m, v in methods_on_disk(path).items() if m not in ran})
         payload = {
-            "dataset": name,
+            "dataset": split.name,
             "source": split.source,
             "fit_shape": list(split.fit_x.shape),
             "score_shape": list(split.score_x.shape),
             "num_clusters": k,
             "seeds": list(args.seeds),
-            "command": f"python -m benchmarks.clustering --dataset {name}",
+            "command": f"python -m benchmarks.clustering --{'features' if name.endswith('.npz') else 'dataset'} {name}",
             "methods": {m: results[m] for m in table if m in results},
         }
         return write_result(path.name, payload)
@@ -285,7 +298,7 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
 
 
 def current_protocol() -> str:
-    return PROTOCOL + (f"; budget overrides {dict(BUDGET)}" if BUDGET else "")
+    return PROTOCOL + (f"; budget overrides {list(BUDGET)}" if BUDGET else "")
 
 
 def methods_on_disk(path: Path) -> dict:
@@ -343,6 +356,7 @@ def markdown_table(paths: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, action="append")
+    parser.add_argument("--features", action="append", help="an .npz features file (features, labels) as a dataset")
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--cifar10-tar-dir", default=str(SHARED / "cifar10"))
@@ -355,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.seeds) < 1:
         parser.error("--seeds: at least one seed")
-    for name in args.dataset or []:
+    for name in [*(args.dataset or []), *(args.features or [])]:
         benchmark(name, args)
     if args.table:
         print(markdown_table(sorted(RESULTS.glob("clustering_*.json"))))

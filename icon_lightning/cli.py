@@ -16,6 +16,7 @@ from icon_lightning.callbacks.checkpoint import RunCheckpoint
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.io import atomic_write, atomic_write_json
 from icon_lightning.models.module import IConModule
+from icon_lightning.recipes import recipe_path
 from icon_lightning.runs import (
     RUN_DIR_ENV,
     choose_run_dir,
@@ -47,6 +48,14 @@ DEFAULT_LOGGER = {
 
 
 VALIDATE_EVERY_STEPS = 100
+# facts of the data the model is built from (linked at instantiation): data.<source> → model.<target>
+DATA_FACTS = (
+    ("feature_dim", "feature_dim"),
+    ("num_clusters", "num_clusters"),
+    ("num_classes", "num_classes"),
+    ("num_samples", "num_samples"),
+    ("online_backbone", "backbone"),
+)
 DEBUG_ENV = "ICON_DEBUG"
 
 
@@ -147,13 +156,7 @@ class IConCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(Convergence, "convergence")
-        for source, target in (
-            ("feature_dim", "feature_dim"),
-            ("num_clusters", "num_clusters"),
-            ("num_classes", "num_classes"),
-            ("num_samples", "num_samples"),
-            ("online_backbone", "backbone"),
-        ):
+        for source, target in DATA_FACTS:
             parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
 
     def _run_config(self):
@@ -216,6 +219,7 @@ class IConCLI(LightningCLI):
             "last_checkpoint": next((c.last_model_path for c in saving if c.last_model_path), None),
         }
         atomic_write_json(run_dir / "metrics.json", payload)
+        self.record = payload
         print_summary(metrics, convergence, trainer.global_step, run_dir)
         finish_wandb()
 
@@ -268,14 +272,53 @@ def parse_config(argv: list[str]):
     return cli.config[cli.config.subcommand]
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
+class AssembledRun(IConCLI):
+    """``icon <subcommand> …`` assembled and not yet run: ``model``, ``datamodule``, ``trainer`` (callbacks
+    included) and ``run_dir`` exactly as `icon` builds them. ``execute()`` then runs the subcommand as `icon` does
+    (fit: ``trainer.fit``, the final validation, ``metrics.json``, whose content is also ``record``)."""
+
+    record: dict | None = None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        self.pending = subcommand  # LightningCLI runs the subcommand at the end of __init__: keep it for execute()
+
+    def execute(self) -> AssembledRun:
+        IConCLI._run_subcommand(self, self.pending)
+        return self
+
+
+def assemble(argv: list[str] | None = None) -> AssembledRun:
+    """The one builder of a run (README "One way to build a run"): ``argv`` = [subcommand, --config …, overrides …]
+    (None: ``sys.argv``) through `icon`'s parser (recipe + data + trainer presets + overrides, defaults from the
+    classes' signatures and ``IConCLI``'s presets) into the DataModule, the module, the callbacks and the Trainer.
+    The `icon` command, `make demo`, ``HeadClusterer``, ``benchmarks/`` and ``experiments/`` all build here."""
+    return _built(AssembledRun, argv, run=True)
+
+
+def _built(cli_class: type[IConCLI], argv: list[str] | None, run: bool) -> IConCLI:
     wandb_offline_unless_logged_in()
-    return IConCLI(
+    return cli_class(
         IConModule,
         ClusteringDataModule,
-        args=args,
+        args=argv,
         run=run,
         parser_class=IConArgumentParser,
         save_config_callback=RunConfig,
         trainer_defaults={"callbacks": [ClusterAssignmentWriter()]},  # `icon predict` always writes its files
     )
+
+
+def features_command(path: str | Path, config: str | Path = "icon_clustering") -> list[str]:
+    """README's first command on a features file (``.npz`` / ``.npy``): ``config`` is a recipe name or a YAML path."""
+    return [
+        "fit",
+        f"--config={recipe_path(config)}",
+        "--data.dataset=icon_lightning.data.FeaturesFile",
+        f"--data.dataset.path={path}",
+        "--data.views=clean",
+    ]
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
+    """`icon <args>`: ``assemble``, then execute; ``run=False``: a config without a subcommand, its parts built."""
+    return assemble(args).execute() if run else _built(IConCLI, args, run=False)

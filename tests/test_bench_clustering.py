@@ -14,7 +14,7 @@ import benchmarks.common as common
 def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(bc, "RESULTS", tmp_path)
-    monkeypatch.setattr(bc, "BUDGET", {"batch_size": 256, "max_steps": 12, "num_heads": 3})
+    monkeypatch.setattr(bc, "BUDGET", ["--data.batch_size=256", "--convergence.max_steps=12", "--model.num_heads=3"])
     args = ["--dataset", "digits", "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache")]
     bc.main([*args, "--methods", "kmeans_faiss", "icon"])
     bc.main([*args, "--methods", "kmeans_sklearn", "--table"])  # merged into the same file
@@ -23,7 +23,7 @@ def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monk
     assert list(data["methods"]) == ["kmeans_sklearn", "kmeans_faiss", "icon"]  # the harness's order
     assert data["fit_shape"] == [1797, 64] and data["seeds"] == [0, 1]
     for method in data["methods"].values():
-        assert "budget overrides" in method["protocol"] and "'max_steps': 12" in method["protocol"]
+        assert "budget overrides" in method["protocol"] and "'--convergence.max_steps=12'" in method["protocol"]
     for name, method in data["methods"].items():
         accs = [r["hungarian_acc"] for r in method["runs"]]
         assert [r["seed"] for r in method["runs"]] == [0, 1]
@@ -50,7 +50,7 @@ def test_rows_of_an_earlier_protocol_keep_their_label_and_are_rerun_by_resume(tm
     # A file from before per-method protocols: one schedule at the top level for every row.
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(bc, "RESULTS", tmp_path)
-    monkeypatch.setattr(bc, "BUDGET", {})
+    monkeypatch.setattr(bc, "BUDGET", [])
     run = {"seed": 0, "hungarian_acc": 0.5, "nmi": 0.5, "ari": 0.5, "wall_s": 1.0}
     old_row = {"description": "old", "clusters": 10, "runs": [run], **bc.summarise([run])}
     old = {
@@ -75,13 +75,12 @@ def test_rows_of_an_earlier_protocol_keep_their_label_and_are_rerun_by_resume(tm
 def test_the_icon_rows_are_the_recipe_and_its_edits():
     """The benchmark rebuilt the recipe in Python; it now reads configs/recipes/icon_clustering.yaml."""
     from icon_lightning import learned, supervisory
-    from icon_lightning.recipes import load_recipe
+    from icon_lightning.recipes import build_objective, load_recipe
 
-    recipe, default = load_recipe("icon_clustering"), bc.icon_loss(bc.ALPHA, bc.ALPHA, 1)
+    icon_loss = lambda *a: build_objective(bc.icon_loss(*a))  # noqa: E731
+    recipe, default = load_recipe("icon_clustering"), icon_loss(bc.ALPHA, bc.ALPHA, 1)
     chain = lambda loss: (type(loss.p), type(loss.p.base), loss.p.base.steps, loss.p.base.base.k, loss.p.alpha)  # noqa: E731
     assert chain(default) == chain(recipe) and (type(default.q), default.q.alpha) == (type(recipe.q), recipe.q.alpha)
-    ablated = bc.icon_loss(0.0, 0.6, 0)  # no debiasing of p, no walks
+    ablated = icon_loss(0.0, 0.6, 0)  # no debiasing of p, no walks
     assert isinstance(ablated.p, supervisory.KNNGraph) and ablated.p.k == 3 and isinstance(ablated.q, learned.Debiased)
-    assert bc.icon_loss(0.6, 0.0, 2).p.base.steps == 3 and isinstance(
-        bc.icon_loss(0.6, 0.0, 2).q, learned.UniformCluster
-    )
+    assert icon_loss(0.6, 0.0, 2).p.base.steps == 3 and isinstance(icon_loss(0.6, 0.0, 2).q, learned.UniformCluster)

@@ -8,10 +8,10 @@ from sklearn.cluster import KMeans, SpectralClustering
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from icon_lightning.baselines import FaissKMeans, HeadClusterer, KNNSpectralClustering, SCANLoss, TEMILoss
+from icon_lightning.baselines import FaissKMeans, KNNSpectralClustering
 from icon_lightning.data.neighbours import centred_unit_rows
-from icon_lightning.recipes import load_recipe
-from icon_lightning.supervisory import KNNGraph
+from icon_lightning.estimator import HeadClusterer
+from icon_lightning.recipes import CONFIG_DIR
 
 
 @pytest.fixture(scope="module")
@@ -54,24 +54,21 @@ def test_bad_features_are_named(estimator):
 
 
 @pytest.mark.parametrize(
-    "name, loss, kw",
+    "config, overrides",
     [
-        ("icon", lambda: load_recipe("icon_clustering"), dict(k=3)),
-        ("scan", lambda: SCANLoss(KNNGraph(k=10)), dict(k=10)),
-        (
-            "temi",
-            lambda: TEMILoss(KNNGraph(k=10, symmetric=True)),
-            dict(k=10, ema_momentum=0.9, teacher_candidates=True),
+        ("icon_clustering", []),
+        (CONFIG_DIR / "peers" / "scan.yaml", ["--model.loss.init_args.p.init_args.k=10"]),
+        (  # linear heads on 300 points (the peer's 16 MLP heads of 512 are for real data)
+            CONFIG_DIR / "peers" / "temi.yaml",
+            ["--model.loss.init_args.p.init_args.k=10", "--model.ema_momentum=0.9", "--model.head_hidden_dim=null"],
         ),
     ],
 )
-def test_head_clusterer_recovers_separated_blobs(blobs, tmp_path, name, loss, kw):
+def test_head_clusterer_recovers_separated_blobs(blobs, tmp_path, config, overrides):
     x, y = blobs
-    x = centred_unit_rows(x)
-    est = HeadClusterer(
-        loss(), n_clusters=4, num_heads=2, num_neighbours=1, batch_size=64, lr=1e-2, lr_step_size=10,
-        cache_dir=str(tmp_path), **{"max_epochs": 15, **kw},
-    ).fit(x)  # fmt: skip
+    name = str(config)
+    small = ["--model.num_heads=2", "--data.batch_size=64", "--convergence.max_steps=150"]
+    est = HeadClusterer(config, [*small, *overrides], n_clusters=4, cache_dir=str(tmp_path)).fit(x)
     assert adjusted_rand_score(y, est.labels_) > 0.9, name
     # pruned by training loss to the default one head; the survivor keeps its number
     assert est.head_losses_.shape == (1,) and est.selected_head_ == int(np.argmin(est.head_losses_))

@@ -3,12 +3,14 @@ module every step and for every head from the teacher's current output, never ca
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.metrics import normalized_mutual_info_score
 
-from icon_lightning.baselines import HeadClusterer
+from icon_lightning.estimator import HeadClusterer
 from icon_lightning.learned import Debiased as DebiasedQ
 from icon_lightning.learned import UniformCluster
 from icon_lightning.loss import IConLoss
@@ -17,6 +19,31 @@ from icon_lightning.recipes import load_recipe
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory import Debiased, KNNGraph, Mixture, SameCluster
 from tests.models.test_ddp import global_batch
+
+TEACHER_LOSS = {  # teacher_loss() as a config, for the one builder
+    "class_path": "icon_lightning.loss.IConLoss",
+    "init_args": {
+        "p": {
+            "class_path": "icon_lightning.supervisory.Debiased",
+            "init_args": {
+                "alpha": 0.2,
+                "base": {
+                    "class_path": "icon_lightning.supervisory.Mixture",
+                    "init_args": {
+                        "components": [
+                            {"class_path": "icon_lightning.supervisory.KNNGraph", "init_args": {"k": 3}},
+                            {"class_path": "icon_lightning.supervisory.SameCluster"},
+                        ]
+                    },
+                },
+            },
+        },
+        "q": {
+            "class_path": "icon_lightning.learned.Debiased",
+            "init_args": {"alpha": 0.2, "base": {"class_path": "icon_lightning.learned.UniformCluster"}},
+        },
+    },
+}
 
 
 def teacher_loss() -> IConLoss:
@@ -96,16 +123,9 @@ def test_a_p_built_from_the_teachers_clusters_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(
         type(loss), "target", lambda self, rows, *a, **kw: calls.append(1) or target(self, rows, *a, **kw)
     )
-    est = HeadClusterer(
-        loss,
-        n_clusters=10,
-        num_heads=2,
-        keep_heads=None,
-        ema_momentum=0.9,
-        max_steps=40,
-        accelerator="cpu",
-        cache_dir=str(tmp_path),
-    )
+    overrides = [f"--model.loss={json.dumps(TEACHER_LOSS)}", "--model.num_heads=2", "--model.keep_heads=null"]
+    overrides += ["--model.ema_momentum=0.9", "--convergence.max_steps=40"]
+    est = HeadClusterer(overrides=overrides, n_clusters=10, cache_dir=str(tmp_path))
     est.fit(x)
     assert est.steps_ == 40 and len(calls) == 2 * 40  # p rebuilt for both (unpruned) heads every step
     assert np.isfinite(est.head_losses_).all()

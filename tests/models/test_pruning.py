@@ -173,14 +173,12 @@ def test_a_resumed_run_keeps_the_survivors_and_continues_as_the_uninterrupted_on
 def test_on_digits_the_pruned_run_selects_a_head_as_good_by_training_loss(tmp_path):
     from sklearn.datasets import load_digits
 
-    from icon_lightning.baselines import HeadClusterer
+    from icon_lightning.estimator import HeadClusterer
 
     x = load_digits().data.astype(np.float32)
-    x = x - x.mean(0)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
     runs = {}
     for keep in (1, None):
-        est = HeadClusterer(load_recipe("icon_clustering"), keep_heads=keep, cache_dir=str(tmp_path), accelerator="cpu")
+        est = HeadClusterer(overrides=[f"--model.keep_heads={keep or 'null'}"], cache_dir=str(tmp_path))
         runs[keep] = est.fit(x)
     pruned, full = runs[1], runs[None]
     assert len(pruned.head_losses_) == 1 and len(full.head_losses_) == 10
