@@ -14,7 +14,9 @@ dataset, where it ends far from converged. This callback makes the step, not the
 A run that ends without a plateau (the cap, ``max_epochs``, an interrupt) has not converged: the callback warns in
 the log and ``icon`` writes ``converged: false`` with the reason into ``metrics.json``. With ``stop_on_plateau``
 off (the ImageNet protocol) the LR and the length are the Trainer's and the module's, and the verdict is still
-computed from the last two windows. Labels play no part. The loss watched is the lowest head's (``IConModule``
+computed from the last two windows. A ``model.scheduler`` and the plateau halving never both set the LR: with a
+scheduler, ``lr_drops`` must be 0 (the callback then only stops) or ``stop_on_plateau`` off, else the fit ends in
+one line before the first step. Labels play no part. The loss watched is the lowest head's (``IConModule``
 reports one per head), so dropping the worse heads (``IConModule.keep_heads``) does not read as progress.
 """
 
@@ -51,6 +53,18 @@ def check_convergence(window, tol, lr_drops, lr_gamma, min_steps, max_steps, bud
         raise ValueError(f"lr_gamma: expected a value in (0, 1], got {lr_gamma}")
     if max_steps is not None and max_steps != "auto" and (isinstance(max_steps, str) or max_steps < 1):
         raise ValueError(f"max_steps: expected 'auto', None or an integer ≥ 1, got {max_steps!r}")
+
+
+def check_lr_owner(convergence, schedulers) -> None:
+    """One owner of the LR: the plateau halving (``lr_drops`` > 0 with ``stop_on_plateau``) and a scheduler would
+    both set it, so that combination is a one-line error; ``lr_drops: 0`` leaves the LR to the scheduler (the
+    callback still stops at a plateau), ``stop_on_plateau: false`` leaves it and the length to the Trainer."""
+    if schedulers and convergence.stop_on_plateau and convergence.lr_drops > 0:
+        names = ", ".join(type(c.scheduler).__name__ for c in schedulers)
+        raise ValueError(
+            f"convergence.lr_drops: {convergence.lr_drops} plateau halvings of the LR and model.scheduler ({names}) "
+            "would both set the LR; set convergence.lr_drops 0 (the scheduler owns it) or remove model.scheduler"
+        )
 
 
 def watched_loss(outputs):
@@ -136,6 +150,7 @@ class Convergence(Callback):
         self.windows.load_state_dict(state)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_lr_owner(self, trainer.lr_scheduler_configs)
         self.cap = None  # the loaders exist now: num_training_batches is known
         if self.max_steps == "auto":
             steps = trainer.num_training_batches

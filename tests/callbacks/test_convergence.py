@@ -190,3 +190,30 @@ def test_two_processes_agree_on_the_plateau_from_the_mean_loss(tmp_path):
     # mean windows fall > 1e-3 until [60, 70) vs [70, 80): LR drop at 80; the next window [80, 90) is flat: stop at 90
     assert records[0]["step"] == 90 and records[0]["converged"] and records[0]["lr_drops"] == 1
     assert records[0]["lr"] == pytest.approx(0.05)
+
+
+class Scheduled(Scripted):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 5, 0.5)}
+
+
+def _fit_scheduled(callback: Convergence) -> tuple[L.Trainer, Scripted]:
+    module = Scheduled(lambda step: 1.0)
+    trainer = L.Trainer(
+        callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu"
+    )
+    trainer.fit(module)
+    return trainer, module
+
+
+def test_a_scheduler_and_plateau_halving_never_both_own_the_lr():
+    with pytest.raises(ValueError, match=r"convergence.lr_drops: 2 plateau halvings .* model.scheduler \(StepLR\)"):
+        _fit_scheduled(Convergence(window=10, min_steps=0, max_steps=50))
+    # lr_drops 0: the scheduler owns the LR (StepLR: ×0.5 every 5 epochs of 4 steps), the callback only stops
+    trainer, _ = _fit_scheduled(Convergence(window=10, lr_drops=0, min_steps=0, max_steps=500))
+    assert trainer.global_step == 20 and trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5)
+    # stop_on_plateau off: the Trainer's length and the scheduler's LR, the verdict still recorded
+    callback = Convergence(window=10, min_steps=0, max_steps=12, stop_on_plateau=False)
+    trainer, _ = _fit_scheduled(callback)
+    assert trainer.global_step == 12 and callback.report()["lr_drops"] == 0
