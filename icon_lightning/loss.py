@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -19,11 +19,14 @@ from icon_lightning.supervisory import Supervisory
 
 @dataclass(frozen=True)
 class LossOutput:
-    """Scalars: ``loss`` is what is minimised; ``kl`` and ``cross_entropy`` are logged beside it."""
+    """Scalars: ``loss`` is what is minimised; ``kl`` and ``cross_entropy`` are the I-Con KL's parts (only a KL
+    objective fills them); ``terms`` are another objective's own parts, under their own names (SCAN's
+    ``consistency`` and ``entropy``)."""
 
     loss: Tensor
     kl: Tensor | None = None
     cross_entropy: Tensor | None = None
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 def anchors_with_positive(p: Tensor) -> Tensor:

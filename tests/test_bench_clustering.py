@@ -78,9 +78,9 @@ def test_the_icon_rows_are_the_recipe_and_its_edits():
     from icon_lightning.recipes import build_objective, load_recipe
 
     icon_loss = lambda *a: build_objective(bc.icon_loss(*a))  # noqa: E731
-    recipe, default = load_recipe("icon_clustering"), icon_loss(bc.ALPHA, bc.ALPHA, 1)
+    recipe, default = load_recipe("icon_clustering"), icon_loss(bc.ALPHA, bc.ALPHA, 2)
     chain = lambda loss: (type(loss.p), type(loss.p.base), loss.p.base.steps, loss.p.base.base.k, loss.p.alpha)  # noqa: E731
     assert chain(default) == chain(recipe) and (type(default.q), default.q.alpha) == (type(recipe.q), recipe.q.alpha)
-    ablated = icon_loss(0.0, 0.6, 0)  # no debiasing of p, no walks
+    ablated = icon_loss(0.0, 0.6, 1)  # no debiasing of p, no walks
     assert isinstance(ablated.p, supervisory.KNNGraph) and ablated.p.k == 3 and isinstance(ablated.q, learned.Debiased)
-    assert icon_loss(0.6, 0.0, 2).p.base.steps == 3 and isinstance(icon_loss(0.6, 0.0, 2).q, learned.UniformCluster)
+    assert icon_loss(0.6, 0.0, 3).p.base.steps == 3 and isinstance(icon_loss(0.6, 0.0, 3).q, learned.UniformCluster)

@@ -86,7 +86,7 @@ ABOUT = 62  # "no class or function over about 60 lines": code lines (no docstri
 # parameter) plus its hooks; the work itself is delegated (README "Layout").
 # IConModule, IConCLI and HeadClusterer grew with head pruning (issue 18); issue 19 (one builder, composition in
 # the outer layers) is where they shrink back.
-LARGER = {"ClusteringDataModule": 113, "IConModule": 113, "IConCLI": 92, "Convergence": 90}
+LARGER = {"ClusteringDataModule": 113, "IConModule": 113, "IConCLI": 92, "Convergence": 85}
 
 
 def code_lines(node: ast.AST, source: list[str]) -> int:

@@ -50,7 +50,8 @@ class SCANLoss(Objective):
             log_c = torch.log_softmax(candidates.z.to(dtype) / self.temperature, -1)
             consistency = _positive_mean(scan_consistency(log_a, log_c, p), p)
             spread = entropy(log_c.exp().mean(0))
-        return LossOutput(loss=consistency - self.entropy_weight * spread, cross_entropy=consistency)
+        terms = {"consistency": consistency, "entropy": spread}
+        return LossOutput(loss=consistency - self.entropy_weight * spread, terms=terms)
 
 
 class TEMILoss(Objective):

@@ -38,6 +38,15 @@ def auto_step_budget(
     return int(min(max(budget_epochs * max(1, steps_per_epoch), budget_min_steps), budget_max_steps))
 
 
+def step_cap(max_steps, batches_per_epoch, budget: tuple[int, int, int]) -> int | None:
+    """The run's cap in optimizer steps: ``auto_step_budget`` for ``"auto"`` (an iterable loader's inf counts as
+    one batch a pass), ``max_steps`` itself, or None (the Trainer's)."""
+    if max_steps == "auto":
+        steps = batches_per_epoch if isinstance(batches_per_epoch, int) and batches_per_epoch > 0 else 1
+        return auto_step_budget(steps, *budget)
+    return None if max_steps is None else int(max_steps)
+
+
 def check_convergence(window, tol, lr_drops, lr_gamma, min_steps, max_steps, budget) -> None:
     """One-line errors for ``Convergence``'s settings; ``budget`` is (epochs, min steps, max steps)."""
     counts = {"window": (window, 1), "lr_drops": (lr_drops, 0), "min_steps": (min_steps, 0)}
@@ -151,13 +160,7 @@ class Convergence(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         check_lr_owner(self, trainer.lr_scheduler_configs)
-        self.cap = None  # the loaders exist now: num_training_batches is known
-        if self.max_steps == "auto":
-            steps = trainer.num_training_batches
-            steps = steps if isinstance(steps, int) and steps > 0 else 1  # inf for iterable loaders: one a pass
-            self.cap = auto_step_budget(steps, *self.budget)
-        elif self.max_steps is not None:
-            self.cap = int(self.max_steps)
+        self.cap = step_cap(self.max_steps, trainer.num_training_batches, self.budget)  # the loaders exist now
         if not self.converged:
             self.reason = "still running"
 

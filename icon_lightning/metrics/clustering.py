@@ -83,13 +83,13 @@ METRICS = ("hungarian_acc", "nmi", "ari")
 def score_assignments(clusters, labels, num_clusters: int, num_classes: int | None = None) -> dict[str, float]:
     """Hungarian accuracy, NMI and ARI of (N,) cluster ids against (N,) labels, in this process alone (no
     synchronisation: the demo, the benchmarks and the ImageNet reproduction score finished assignments with it).
-    With more clusters than classes, ``hungarian_acc`` is the over-clustering accuracy (each cluster → its
-    majority class)."""
+    With more clusters than classes, ``over_clustering_acc`` (each cluster → its majority class) is added beside
+    ``hungarian_acc``, which stays the one-to-one matching's accuracy: one meaning per key."""
     num_classes = num_clusters if num_classes is None else num_classes
     metric = ClusteringMetrics(num_clusters, num_classes, sync_on_compute=False)
     metric.update(torch.as_tensor(np.asarray(clusters)).long().cpu(), torch.as_tensor(np.asarray(labels)).long().cpu())
     values = metric.compute()
     out = {name: float(values[name]) for name in METRICS if name in values}
     if num_clusters > num_classes:
-        out["hungarian_acc"] = float(values["over_clustering_acc"])
+        out["over_clustering_acc"] = float(values["over_clustering_acc"])
     return out

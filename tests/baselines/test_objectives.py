@@ -39,13 +39,17 @@ def rows(z: np.ndarray, table: np.ndarray) -> Rows:
 
 def test_scan_matches_its_formula(batch):
     n, table, z = batch
-    loss = SCANLoss(KNNGraph(k=3), entropy_weight=5.0)(rows(z, table)).loss.item()
+    out = SCANLoss(KNNGraph(k=3), entropy_weight=5.0)(rows(z, table))
     phi = softmax(z)
     p = knn_p(table, np.arange(n), 3)
     consistency = -(p * np.log(phi @ phi.T)).sum(1)
     mean = phi.mean(0)
     expected = consistency[p.sum(1) > 0].mean() + 5.0 * (mean * np.log(mean)).sum()
-    assert loss == pytest.approx(expected, rel=1e-10)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-10)
+    # its parts under SCAN's names, not as the I-Con KL's cross-entropy
+    assert out.cross_entropy is None and out.kl is None
+    assert out.terms["consistency"].item() == pytest.approx(consistency[p.sum(1) > 0].mean(), rel=1e-10)
+    assert out.terms["entropy"].item() == pytest.approx(-(mean * np.log(mean)).sum(), rel=1e-10)
 
 
 @pytest.mark.parametrize("weighted", [True, False])
