@@ -42,8 +42,8 @@ def time_fingerprint(rows: int, dim: int) -> dict:
     return {"rows": rows, "dim": dim, "dtype": "float16", "gigabytes": gb, "seconds": seconds}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=50_000)
     parser.add_argument("--d", type=int, default=384)
     parser.add_argument("--k", type=int, default=10)
@@ -51,10 +51,12 @@ def main() -> None:
     parser.add_argument("--fingerprint-rows", type=int, default=1_281_167)
     parser.add_argument("--fingerprint-dim", type=int, default=1024)
     parser.add_argument("--fingerprint-only", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="file name under benchmarks/results (knn_<device>.json)")
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.fingerprint_rows:
-        write_result(f"knn_fingerprint_{device}.json", time_fingerprint(args.fingerprint_rows, args.fingerprint_dim))
+        name = f"knn_fingerprint_{device}.json" if args.out is None else f"fingerprint_{args.out}"
+        write_result(name, time_fingerprint(args.fingerprint_rows, args.fingerprint_dim))
     if args.fingerprint_only:
         return
     x = np.random.default_rng(0).normal(size=(args.n, args.d)).astype(np.float32)
@@ -72,7 +74,9 @@ def main() -> None:
         gflops = flops / seconds / 1e9
         rows.append({"backend": name, "seconds": seconds, "gflops": gflops, "fraction_of_matmul": gflops / peak})
         print(f"{name:12s} {seconds:7.2f} s  {gflops:8.1f} GFLOP/s  {gflops / peak:.2f} of matmul ({peak:.1f})")
-    write_result(f"knn_{device}.json", {"n": args.n, "d": args.d, "k": args.k, "matmul_gflops": peak, "rows": rows})
+    write_result(
+        args.out or f"knn_{device}.json", {"n": args.n, "d": args.d, "k": args.k, "matmul_gflops": peak, "rows": rows}
+    )
 
 
 if __name__ == "__main__":

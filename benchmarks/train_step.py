@@ -358,7 +358,7 @@ def run(
     rows = []
     for b, k, h, is_extra in grid:
         row = {"B": b, "K": k, "H": h, "anchors": b // (VIEWS + NEIGHBOURS), "loss_flops": loss_flops(b, k, h)}
-        for case in ("step", "dense_step", "loss", "plain_loss", "stream"):
+        for case in CASES:
             if is_extra and case not in ("step", "stream"):  # an extra case (a target) runs the step alone,
                 row[case] = {"skipped": "extra case: the sparse step only"}
                 continue
@@ -366,22 +366,42 @@ def run(
             row[case] = measure(case, b, k, h, dim, device, budget_s, max_repeats, meter, limit)
         mm.append(matmul_gflops(matmul_n, device))  # the reference right after this row: the same machine state
         row["matmul_gflops_adjacent"] = max(mm[-2], mm[-1])
-        ms = {c: row[c].get("ms") for c in ("step", "dense_step", "loss", "plain_loss", "stream")}
-        if ms["step"] is not None:
-            row["samples_per_s"] = b / (ms["step"] / 1e3)
-            flop_bound_ms = 1e3 * row["loss_flops"] / (row["matmul_gflops_adjacent"] * 1e9)
-            row["flop_bound_ms"] = flop_bound_ms
-            row["step_over_flop_bound"] = ms["step"] / flop_bound_ms
-            if ms["stream"] is not None:
-                row["step_over_stream"] = ms["step"] / ms["stream"]
-            if ms["dense_step"] is not None:
-                row["dense_step_over_step"] = ms["dense_step"] / ms["step"]
-        if ms["loss"] is not None and ms["plain_loss"] is not None:
-            row["plain_over_loss"] = ms["plain_loss"] / ms["loss"]
-        rows.append(row)
-        print(f"B={b:6d} K={k:5d} H={h:3d}  " + "  ".join(f"{c} {_ms(row[c])}" for c in ms), flush=True)
+        rows.append(with_ratios(row))
+        print(f"B={b:6d} K={k:5d} H={h:3d}  " + "  ".join(f"{c} {_ms(row[c])}" for c in CASES), flush=True)
     if meter is not None:
         meter.close()
+    return {
+        **description(device, dim, max_repeats, budget_s),
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "matmul_n": matmul_n,
+        "matmul_gflops": {"start": mm[0], "end": mm[-1], "peak": max(mm)},
+        "rows": rows,
+        "targets": targets(rows),
+    }
+
+
+CASES = ("step", "dense_step", "loss", "plain_loss", "stream")
+
+
+def with_ratios(row: dict) -> dict:
+    """``row`` with its throughput and ratios (to the FLOP bound, the stream, dense / sparse, plain / sparse)."""
+    ms = {c: row[c].get("ms") for c in CASES}
+    if ms["step"] is not None:
+        row["samples_per_s"] = row["B"] / (ms["step"] / 1e3)
+        flop_bound_ms = 1e3 * row["loss_flops"] / (row["matmul_gflops_adjacent"] * 1e9)
+        row["flop_bound_ms"] = flop_bound_ms
+        row["step_over_flop_bound"] = ms["step"] / flop_bound_ms
+        if ms["stream"] is not None:
+            row["step_over_stream"] = ms["step"] / ms["stream"]
+        if ms["dense_step"] is not None:
+            row["dense_step_over_step"] = ms["dense_step"] / ms["step"]
+    if ms["loss"] is not None and ms["plain_loss"] is not None:
+        row["plain_over_loss"] = ms["plain_loss"] / ms["loss"]
+    return row
+
+
+def description(device: str, dim: int, max_repeats: int, budget_s: float) -> dict:
+    """What every result of this benchmark states about its setting."""
     return {
         "device": device,
         "dtype": "float32",
@@ -399,11 +419,6 @@ def run(
         "flops_formula": "3 * 2*B*B*K*H (the sparse loss's three B×B×K products per head)",
         "memory_method": MEMORY_METHOD["cuda" if device == "cuda" else "cpu"],
         "threads": torch.get_num_threads(),
-        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
-        "matmul_n": matmul_n,
-        "matmul_gflops": {"start": mm[0], "end": mm[-1], "peak": max(mm)},
-        "rows": rows,
-        "targets": targets(rows),
     }
 
 
@@ -466,7 +481,7 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-sizes", default="1024,4096,16384")
@@ -483,11 +498,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="print the README table of the saved JSON and exit")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.table:
-        from benchmarks.common import RESULTS
+        from benchmarks import common
 
-        result = json.loads((RESULTS / (args.out or f"train_step_{args.device}.json")).read_text())
+        result = json.loads((common.RESULTS / (args.out or f"train_step_{args.device}.json")).read_text())
         print(table(result["rows"]))
         print(json.dumps(result["targets"], indent=1))
         return

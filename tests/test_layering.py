@@ -80,7 +80,8 @@ def test_the_core_imports_no_lightning_wandb_or_faiss():
 
 
 # ---------------------------------------------------------------------------------------------- sizes
-ABOUT = 62  # "no class or function over about 60 lines": code lines (no docstrings, comments or blank lines)
+ABOUT = 62  # "no class or function over about 60 lines": code lines (no docstrings, comments or blank lines), in
+# the package, benchmarks/ and experiments/
 # Measured ceilings of the classes still above it, so that they can only shrink. Each is a Lightning or scikit-learn
 # surface whose constructor is the flat config users type (every `--data.*` / `--model.*` / estimator key is a
 # parameter) plus its hooks; the work itself is delegated (README "Layout").
@@ -109,15 +110,15 @@ def code_lines(node: ast.AST, source: list[str]) -> int:
 
 def test_no_class_or_function_is_over_about_sixty_lines():
     over = []
-    for path in PACKAGE.rglob("*.py"):
+    outer = [p for folder in ("benchmarks", "experiments") for p in (PACKAGE.parent / folder).rglob("*.py")]
+    for path in [*PACKAGE.rglob("*.py"), *outer]:
         text = path.read_text()
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 size, limit = code_lines(node, text.splitlines()), LARGER.get(node.name, ABOUT)
                 if size > limit:
-                    over.append(
-                        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} has {size} code lines (> {limit})"
-                    )
+                    where = f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                    over.append(f"{where} {node.name} has {size} code lines (> {limit})")
     assert not over, over
 
 

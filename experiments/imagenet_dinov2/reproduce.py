@@ -346,25 +346,11 @@ def table_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> dict | None:
-    """Fit in this process, then (rank 0) score I-Con and k-means; returns the result (None on other ranks)."""
-    from icon_lightning.cli import cli_main
-    from icon_lightning.data.neighbours import faiss_gpus
-    from icon_lightning.io import atomic_write_json
-    from icon_lightning.metrics import score_assignments
-
-    run = plan(args, n_gpus)
-    started = time.time()
-    with warnings.catch_warnings():
-        # sys.argv holds this script's flags on purpose: Lightning's DDP launcher re-runs it once per extra GPU.
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        cli = cli_main(icon_fit_args(args, run, passthrough))
-    fit_s = time.time() - started
-    trainer, model, data = cli.trainer, cli.model, cli.datamodule
-    if not trainer.is_global_zero:
-        return None
-
+def score_icon(trainer, model, data, run: dict) -> tuple[dict, float]:
+    """The selected head's scores on the validation features (and the last in-fit validation's accuracy)."""
     import torch
+
+    from icon_lightning.metrics import score_assignments
 
     device = torch.device("cuda", torch.cuda.current_device()) if run["accelerator"] == "gpu" else torch.device("cpu")
     val_features, val_labels = data.val_data.features, data.val_data.labels
@@ -376,9 +362,16 @@ def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> 
     icon["head_losses"] = [float(x) for x in model.head_losses]
     last_val = trainer.callback_metrics.get("val/hungarian_acc/best")
     icon["last_validation_hungarian_acc"] = None if last_val is None else float(last_val)
-    eval_s = time.time() - started
+    return icon, time.time() - started
+
+
+def score_kmeans(data, args: argparse.Namespace, run: dict) -> tuple[dict, float]:
+    """FAISS k-means of the same cached features, scored on the validation split."""
+    from icon_lightning.data.neighbours import faiss_gpus
+    from icon_lightning.metrics import score_assignments
 
     started = time.time()
+    val_features, val_labels = data.val_data.features, data.val_data.labels
     use_gpu = run["accelerator"] == "gpu" and faiss_gpus() > 0
     fit_features = data.train_features if args.kmeans_fit == "train" else val_features
     clusters, fitted_on, per_centroid = kmeans_clusters(
@@ -398,7 +391,27 @@ def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> 
             "features": "the cached clean features the heads train on (centred by the train mean, L2-normalised)",
         }
     )
-    kmeans_s = time.time() - started
+    return kmeans, time.time() - started
+
+
+def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> dict | None:
+    """Fit in this process, then (rank 0) score I-Con and k-means; returns the result (None on other ranks)."""
+    from icon_lightning.cli import cli_main
+    from icon_lightning.io import atomic_write_json
+
+    run = plan(args, n_gpus)
+    started = time.time()
+    with warnings.catch_warnings():
+        # sys.argv holds this script's flags on purpose: Lightning's DDP launcher re-runs it once per extra GPU.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        cli = cli_main(icon_fit_args(args, run, passthrough))
+    fit_s = time.time() - started
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    if not trainer.is_global_zero:
+        return None
+
+    icon, eval_s = score_icon(trainer, model, data, run)
+    kmeans, kmeans_s = score_kmeans(data, args, run)
 
     run_dir = Path(cli.run_dir)  # this fit's own folder (icon_lightning.runs)
     result = {
@@ -415,7 +428,7 @@ def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> 
             "k-means": {"this_run": kmeans["hungarian_acc"], "paper": PAPER_TABLE2[args.model]["kmeans"]},
         },
         "train_items": int(data.num_samples),
-        "val_items": int(len(val_labels)),
+        "val_items": int(len(data.val_data.labels)),
         "classes": int(data.num_classes),
         "epochs": args.epochs,
         "alpha": args.alpha,
