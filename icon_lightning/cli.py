@@ -224,7 +224,7 @@ class IConCLI(LightningCLI):
         finish_wandb()
 
     def after_fit(self) -> None:
-        if getattr(self.model, "validated_at_step", None) != self.trainer.global_step and not self.trainer.interrupted:
+        if self.model.needs_final_validation() and not self.trainer.interrupted:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self._finish()
 

@@ -138,9 +138,9 @@ class ClusteringPlots(Callback):
         out.mkdir(parents=True, exist_ok=True)
         epoch = trainer.current_epoch
         paths = []
-        scores = pl_module.scores
-        if "val" in scores.last_confusion:
-            confusion, sizes = scores.last_confusion["val"], scores.last_cluster_sizes["val"]
+        last = pl_module.last_scores("val")
+        if last is not None:
+            confusion, sizes = last
             paths.append(
                 self._guard("confusion", lambda: plot_confusion(confusion, out / f"confusion_epoch{epoch}.png"))
             )

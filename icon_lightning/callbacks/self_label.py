@@ -78,8 +78,7 @@ class SelfLabel(Callback):
 
     @torch.no_grad()
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        heads = pl_module.heads
-        if not heads.is_linear:
+        if pl_module.hparams.get("head_hidden_dim") is not None:
             raise ValueError("SelfLabel: the classifier replaces a linear head; MLP heads (head_hidden_dim) have none")
         features = getattr(trainer.datamodule, "train_features", None)
         if features is None:
@@ -89,19 +88,18 @@ class SelfLabel(Callback):
         probs = pl_module(x).softmax(-1).transpose(0, 1).double().cpu().numpy()  # (H, N, K)
         chosen = consensus_probabilities(probs, best) if self.consensus else probs[best]
         index, label = confident_balanced(chosen, self.fraction)
-        self.fit_head(heads, best, x.cpu().numpy()[index], label)
+        pl_module.replace_head(best, *self.fit_head(pl_module.hparams.num_clusters, x.cpu().numpy()[index], label))
         moved = float((pl_module(x)[:, best].argmax(-1).cpu().numpy() != probs[best].argmax(1)).mean())
         self.summary = {"pseudo_labelled": len(index), "consensus": self.consensus, "changed_assignments": moved}
-        pl_module.validated_at_step = None  # the selected head changed: the last validation no longer scores it
         rank_zero_info(
             f"self-labelling: {len(index)} confident, class-balanced pseudo-labels"
             f"{' (consensus of heads)' if self.consensus else ''}; {moved:.1%} of the assignments changed"
         )
 
-    def fit_head(self, heads, head: int, x: np.ndarray, label: np.ndarray) -> None:
+    def fit_head(self, k: int, x: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, D) weight and (K,) bias of a logistic regression on the pseudo-labels, as logits of K clusters."""
         from sklearn.linear_model import LogisticRegression
 
-        k = heads.num_clusters
         classifier = LogisticRegression(C=self.C, max_iter=self.max_iter).fit(x, label)
         weight = np.zeros((k, x.shape[1]))
         bias = np.full(k, -1e4)  # a cluster left without pseudo-labels is never predicted
@@ -109,7 +107,4 @@ class SelfLabel(Callback):
         bias[classifier.classes_] = classifier.intercept_ if len(classifier.classes_) > 2 else 0.0
         if len(classifier.classes_) == 2:  # scikit-learn's binary form: one row for the second class
             weight[classifier.classes_[1]], bias[classifier.classes_[1]] = classifier.coef_[0], classifier.intercept_[0]
-        rows = slice(head * k, (head + 1) * k)
-        scale = heads.temperature  # forward divides by it
-        heads.linear.weight[rows] = torch.as_tensor(weight * scale, dtype=heads.linear.weight.dtype)
-        heads.linear.bias[rows] = torch.as_tensor(bias * scale, dtype=heads.linear.bias.dtype)
+        return torch.from_numpy(weight), torch.from_numpy(bias)

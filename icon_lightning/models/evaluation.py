@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from icon_lightning.data.batch import ClusteringBatch
+from icon_lightning.models.heads import set_linear_head
 
 SPLITS = ("val", "train")  # validation dataloader 0 scores the val split, 1 (when present) the train split
 
@@ -15,8 +16,13 @@ SPLITS = ("val", "train")  # validation dataloader 0 scores the val split, 1 (wh
 class ClusterEvaluation(L.LightningModule):
     """Scores the H heads of ``self(features) -> (B, H, K)`` on labelled splits into ``self.scores`` (a
     ``SplitScores``) and logs them, the head ``self.selected_head`` also without its suffix. The subclass provides
-    ``features(batch)``, ``scores``, ``selected_head``, ``head_ids``, ``loss`` and
-    ``hparams.num_clusters/num_classes``."""
+    ``features(batch)``, ``heads`` (``ClusterHeads``), ``scores``, ``selected_head``, ``head_ids``, ``loss`` and
+    ``hparams.num_clusters/num_classes``.
+
+    Callbacks and the CLI reach it through the methods below (``assign``, ``replace_head``, ``last_scores``,
+    ``needs_final_validation``), never through its attributes."""
+
+    validated_at_step: int | None = None  # the global step of the last validation (None: none since a change)
 
     def validation_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.scores.split(SPLITS[dataloader_idx]) is not None:
@@ -43,6 +49,23 @@ class ClusterEvaluation(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_split("test")
+
+    def needs_final_validation(self) -> bool:
+        """Whether the metrics on record do not score the model as it is now (no validation since the last step or
+        since a head was replaced): the CLI validates once more after fitting."""
+        return self.validated_at_step != self.global_step
+
+    def replace_head(self, head: int, weight: Tensor, bias: Tensor) -> None:
+        """Replace the weights of linear head ``head`` (a position among the live heads) by logits ``x @ weight.T +
+        bias`` (a second stage such as ``SelfLabel``); the last validation no longer scores it."""
+        set_linear_head(self.heads, head, weight, bias)
+        self.validated_at_step = None
+
+    def last_scores(self, split: str) -> tuple[Tensor, Tensor] | None:
+        """(confusion (K, C), cluster sizes (K,)) of the selected head at the last scoring of ``split``, or None."""
+        if split not in self.scores.last_confusion:
+            return None
+        return self.scores.last_confusion[split], self.scores.last_cluster_sizes[split]
 
     def selected(self, features: Tensor) -> Tensor:
         """(N, K) logits of the selected head."""

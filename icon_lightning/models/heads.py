@@ -97,10 +97,27 @@ class ClusterHeads(nn.Module):
         means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], x.mean(0, keepdim=True))
         weight, bias = 2 * means, -(means * means).sum(1)
         spread = (x @ weight.T + bias).std(1).mean().clamp_min(1e-12)
-        scale = sharpness * self.temperature / spread  # forward divides by the temperature
-        rows = slice(head * k, (head + 1) * k)
-        self.linear.weight[rows] = (weight * scale).to(self.linear.weight.device)
-        self.linear.bias[rows] = (bias * scale).to(self.linear.bias.device)
+        set_linear_head(self, head, weight, bias, stored_scale=sharpness * self.temperature / spread)
+
+
+@torch.no_grad()
+def set_linear_head(
+    cluster_heads: ClusterHeads, head: int, weight: Tensor, bias: Tensor, stored_scale: Tensor | float | None = None
+) -> None:
+    """Linear head ``head`` of ``cluster_heads`` computes the logits ``x @ weight.T + bias`` ((K, D), (K,)); forward
+    divides by the temperature, so they are stored times it (or times ``stored_scale``, which then includes it)."""
+    linear, k = cluster_heads.linear, cluster_heads.num_clusters
+    if linear is None:
+        raise ValueError("replace_head: only linear heads can be replaced; MLP heads (head_hidden_dim) have none")
+    if tuple(weight.shape) != (k, linear.in_features) or tuple(bias.shape) != (k,):
+        raise ValueError(
+            f"replace_head: expected weight ({k}, {linear.in_features}) and bias ({k},), got "
+            f"{tuple(weight.shape)} and {tuple(bias.shape)}"
+        )
+    rows = slice(head * k, (head + 1) * k)
+    scale = cluster_heads.temperature if stored_scale is None else stored_scale
+    linear.weight[rows] = (weight * scale).to(linear.weight)
+    linear.bias[rows] = (bias * scale).to(linear.bias)
 
 
 @torch.no_grad()

@@ -104,3 +104,16 @@ def test_bad_head_arguments():
     assert IConModule(recipe, feature_dim=4, head_hidden_dim=8).head_init == []  # MLP heads start at random
     with pytest.raises(ValueError, match="scheduler_interval"):
         IConModule(recipe, feature_dim=4, scheduler_interval="batch")
+
+
+def test_replace_head_sets_the_logits_and_marks_the_last_validation_stale():
+    model = IConModule(load_recipe("icon_clustering"), feature_dim=4, num_clusters=3, num_heads=2, head_init=[])
+    model.validated_at_step = model.global_step
+    assert not model.needs_final_validation()
+    weight, bias = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    model.replace_head(1, weight, bias)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(model(x)[:, 1], (x.double() @ weight.T + bias).float(), rtol=1e-5, atol=1e-5)
+    assert model.needs_final_validation() and model.last_scores("val") is None
+    with pytest.raises(ValueError, match=r"replace_head: expected weight \(3, 4\) and bias \(3,\)"):
+        model.replace_head(0, weight[:2], bias)
