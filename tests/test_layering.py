@@ -85,9 +85,9 @@ ABOUT = 62  # "no class or function over about 60 lines": code lines (no docstri
 # Measured ceilings of the classes still above it, so that they can only shrink. Each is a Lightning or scikit-learn
 # surface whose constructor is the flat config users type (every `--data.*` / `--model.*` / estimator key is a
 # parameter) plus its hooks; the work itself is delegated (README "Layout").
-# IConModule, IConCLI and HeadClusterer grew with head pruning (issue 18); issue 19 (one builder, composition in
-# the outer layers) is where they shrink back.
-LARGER = {"ClusteringDataModule": 113, "IConModule": 113, "IConCLI": 92, "Convergence": 85}
+# HeadClusterer is gone under the ceiling (it is README's first command through the one builder); the others shrank
+# with issue 19's declared methods and helpers and can only shrink further.
+LARGER = {"ClusteringDataModule": 113, "IConModule": 111, "IConCLI": 91, "Convergence": 85}
 
 
 def code_lines(node: ast.AST, source: list[str]) -> int:

@@ -21,7 +21,6 @@ from icon_lightning.data.loaders import AnchorBatches
 from icon_lightning.data.neighbours import NeighbourIndex, NeighbourTable, label_agreement
 from icon_lightning.data.prepare import FeaturePrep
 from icon_lightning.data.sampling import AnchorDataset
-from icon_lightning.supervisory.graph import table_width
 
 DEFAULT_K = 3  # the paper's k-NN
 
@@ -144,9 +143,10 @@ class ClusteringDataModule(AnchorBatches):
 
     @property
     def table_width(self) -> int:
-        """k of the k-NN table: ``k``, or the widest ``KNNGraph`` of the attached model's objective (≥ 3)."""
+        """k of the k-NN table: ``k``, or the widest ``KNNGraph`` the attached model's objective reads, as the model
+        declares it (``data_needs()["knn_width"]``; at least 3)."""
         model = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        needed = table_width(getattr(model, "loss", None))
+        needed = int(model.data_needs().get("knn_width", 0)) if hasattr(model, "data_needs") else 0
         if self.k is not None and self.k < needed:
             raise ValueError(
                 f"k: the objective's KNNGraph reads {needed} neighbours of each k-NN table row, but data.k is "

@@ -25,8 +25,10 @@ from icon_lightning.models.parts import (
     global_batch,
     heads_of_state,
     keep_module_heads,
+    register_head_state,
     start_heads,
 )
+from icon_lightning.supervisory.graph import table_width
 
 DEFAULT_LR = 1e-2
 DEFAULT_KEEP_HEADS = 1  # heads left by pruning: the run reports one head, and each survivor costs a head's price
@@ -98,10 +100,7 @@ class IConModule(ClusterEvaluation):
         linear = self.heads.is_linear and projection_dim is None
         self.head_init = check_head_init((["kmeans"] if linear else []) if head_init is None else head_init, self.heads)
         self.teacher = ema_teacher(self.heads, ema_momentum, teacher_candidates)
-        self.register_buffer("head_ids", torch.arange(num_heads))  # each head's number before any pruning
-        self.register_buffer("head_losses", torch.zeros(num_heads))
-        self.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
-        self.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))  # head_init ran (checkpointed)
+        register_head_state(self, num_heads)
         self.selection, self.targets = HeadSelection(num_heads), TargetCache()
         self.pruning = HeadPruning(keep_heads, prune_every)
         self.register_load_state_dict_pre_hook(heads_of_state)  # weights of pruned heads shrink the heads first
@@ -122,6 +121,11 @@ class IConModule(ClusterEvaluation):
         if self.teacher is not None:  # the EMA teacher starts where the heads start
             self.teacher.module.load_state_dict(self.heads.state_dict())
         self.heads_started.fill_(True)
+
+    def data_needs(self) -> dict:
+        """What the objective needs from the data, for the DataModule to ask: ``knn_width``, the widest k-NN table
+        row its p reads (0: none)."""
+        return {"knn_width": table_width(self.loss)}
 
     def features(self, batch: ClusteringBatch) -> Tensor:
         if batch.inputs.ndim > 2 and self.backbone is None:

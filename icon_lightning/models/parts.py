@@ -35,6 +35,15 @@ def _spectral(x, k: int, seed: int):
 HEAD_INITS: dict[str, Callable] = {"kmeans": _kmeans, "spectral": _spectral}
 
 
+def register_head_state(module: nn.Module, num_heads: int) -> None:
+    """The head bookkeeping a module checkpoints: ``head_ids`` (each head's number before any pruning),
+    ``head_losses``, ``selected_head`` and ``heads_started`` (``head_init`` ran)."""
+    module.register_buffer("head_ids", torch.arange(num_heads))
+    module.register_buffer("head_losses", torch.zeros(num_heads))
+    module.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
+    module.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))
+
+
 def check_head_init(head_init: Sequence[str], heads: ClusterHeads) -> list[str]:
     """The ``head_init`` list, checked against the heads it starts."""
     head_init = list(head_init)
