@@ -29,6 +29,7 @@ from icon_lightning.data.cpu_forward import (
     reuse_freed_memory,
 )
 from icon_lightning.data.datasets import IndexedDataset
+from icon_lightning.distributed import rank_zero_first
 from icon_lightning.distributed import world as distributed_world
 from icon_lightning.io import atomic_write_json, publishing, remove_stale_temporaries, reserve, write_error
 
@@ -274,10 +275,10 @@ def cached_features(
             precision=precision,
             cpu_tuning=cpu_tuning,
         )
-        if rank == 0:
-            store.write(key, feats.shape, lambda out: out.__setitem__(slice(None), feats))
-        torch.distributed.barrier()
-        return store.load(key)
+        return rank_zero_first(
+            lambda: store.write(key, feats.shape, lambda out: out.__setitem__(slice(None), feats)),
+            then=lambda: store.load(key),
+        )
     dim = backbone.feature_dim or int(np.prod(source[0][0].shape))
     return store.write(
         key,

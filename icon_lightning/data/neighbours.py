@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from icon_lightning.distributed import rank_zero_first
 from icon_lightning.io import atomic_write
 
 
@@ -198,11 +198,6 @@ class NeighbourIndex:
         """From the cached table under ``folder`` (built there if missing). Under torch.distributed, rank 0 builds
         or loads it first and the other processes then load the file it wrote."""
         fingerprint = NeighbourTable.fingerprint(features)  # a hash of every byte: once for both calls below
-        distributed, table = dist.is_available() and dist.is_initialized(), None
-        if not distributed or dist.get_rank() == 0:
-            table = NeighbourTable.in_folder(features, k, folder, backend, fingerprint)
-        if distributed:
-            dist.barrier()
-        table = table if table is not None else NeighbourTable.in_folder(features, k, folder, backend, fingerprint)
+        table = rank_zero_first(lambda: NeighbourTable.in_folder(features, k, folder, backend, fingerprint))
         indices = torch.as_tensor(table.indices)
         return cls(indices, torch.from_numpy(symmetric_degree(table.indices)), walks(table.indices, walk_steps))

@@ -7,13 +7,13 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from icon_lightning.data.backbones import FrozenBackbone
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore, cached_features, shared_views
 from icon_lightning.data.neighbours import centred_unit_rows
 from icon_lightning.data.transforms import augment_transform, eval_transform
+from icon_lightning.distributed import rank_zero_first
 
 
 class FeaturePrep:
@@ -68,11 +68,7 @@ class FeaturePrep:
         if in_memory:
             return torch.stack([torch.from_numpy(self.prepared(raw, mean)) for raw in raws])
         mean = mean if self.normalize else None
-        distributed = dist.is_available() and dist.is_initialized()
-        views = shared_views(self.store.root, raws, mean) if not distributed or dist.get_rank() == 0 else None
-        if distributed:
-            dist.barrier()  # rank 0 has written the map; the others now only open it
-        views = views if views is not None else shared_views(self.store.root, raws, mean)
+        views = rank_zero_first(lambda: shared_views(self.store.root, raws, mean))  # the others then open the map
         with warnings.catch_warnings():  # read-only on purpose: batches copy the rows they gather
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(views)
