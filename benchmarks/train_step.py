@@ -149,7 +149,6 @@ def build(case: str, b: int, k: int, dim: int, heads: int, device: str) -> Calla
     from icon_lightning.recipes import load_recipe
 
     warnings.filterwarnings("ignore", message=r"You are trying to `self\.log\(\)`")  # no Trainer: no-op
-    warnings.filterwarnings("ignore", message=r"Attribute 'loss' is an instance of `nn\.Module`")
     if case == "stream":
         x = torch.ones(b, b, device=device)
 

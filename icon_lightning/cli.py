@@ -25,6 +25,7 @@ from icon_lightning.runs import (
     experiment_key,
     resolve_checkpoint,
 )
+from icon_lightning.settings import one_line_parse_error
 
 
 def wandb_offline_unless_logged_in() -> bool:
@@ -97,7 +98,7 @@ class IConArgumentParser(LightningArgumentParser):
             return super().error(message, ex)
         words = (getattr(ex, "subcommand_parser", None) or self).prog.replace(" [options]", "").split()
         prog = " ".join(["icon", *words[1:]])
-        sys.stderr.write(f"icon: error: {' '.join(str(message).split())}  ({prog} --help lists the options)\n")
+        sys.stderr.write(f"icon: error: {one_line_parse_error(message)}  ({prog} --help lists the options)\n")
         sys.exit(2)
 
 

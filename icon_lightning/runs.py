@@ -115,11 +115,12 @@ EVALUATING = ("validate", "test", "predict")
 
 
 def launched_rank() -> int:
-    """This process's rank as its launcher set it (Lightning's DDP launcher, torchrun or SLURM); 0 when alone."""
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
+    """This process's rank as its launcher set it (Lightning's DDP launcher, torchrun, SLURM, LSF); 0 when alone.
+    Lightning's own lookup (the order in which it reads ``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``, …), read at
+    call time: ``rank_zero_only.rank`` is fixed at import, before a test or launcher may have set the variables."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
 
 
 def resolve_checkpoint(ckpt: str | None, subcommand: str, root: str, key: str, allow_untrained: bool) -> str | None:

@@ -247,6 +247,14 @@ CLI_CASES = {
         "member 'b/1.jpg': not a readable image",
     ),
     "sweep file missing": (lambda d: ["sweep", str(d / "sweep.yaml")], "no file at"),
+    "a count below its annotation's limit (jsonargparse, at parse time)": (
+        lambda d: ["fit", "--config", DIGITS_CONFIG, "--model.num_heads=0"],
+        "model.num_heads: expected a value > 0, got 0",
+    ),
+    "a momentum outside (0, 1) in an optional setting": (
+        lambda d: ["fit", "--config", DIGITS_CONFIG, "--model.ema_momentum=1.5"],
+        "model.ema_momentum: expected a value > 0 and < 1 (or another listed form), got 1.5",
+    ),
 }
 
 

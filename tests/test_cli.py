@@ -87,7 +87,7 @@ def test_fast_dev_run_of_each_digits_recipe(recipe, tmp_path):
     )
     # k is set once, in the recipe: the table is as wide as its widest KNNGraph (normalized cuts: 10), else 3
     graphs = [m.k for m in cli.model.loss.modules() if isinstance(m, KNNGraph)]
-    assert cli.datamodule.table.shape[1] == max(graphs + [3])
+    assert cli.datamodule.prepared.table.shape[1] == max(graphs + [3])
 
 
 def test_a_table_narrower_than_the_recipes_knn_graph_is_one_line(tmp_path):

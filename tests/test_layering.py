@@ -20,6 +20,7 @@ LAYER = {
     "divergence": 1,
     "metrics": 1,
     "runs": 1,
+    "settings": 1,
     "supervisory": 2,
     "learned": 2,
     "loss": 3,

@@ -353,7 +353,7 @@ def score_icon(trainer, model, data, run: dict) -> tuple[dict, float]:
     from icon_lightning.metrics import score_assignments
 
     device = torch.device("cuda", torch.cuda.current_device()) if run["accelerator"] == "gpu" else torch.device("cpu")
-    val_features, val_labels = data.val_data.features, data.val_data.labels
+    val_features, val_labels = data.prepared.val.features, data.prepared.val.labels
     started = time.time()
     icon = score_assignments(
         icon_clusters(model, val_features, device), val_labels, model.hparams.num_clusters, data.num_classes
@@ -371,7 +371,7 @@ def score_kmeans(data, args: argparse.Namespace, run: dict) -> tuple[dict, float
     from icon_lightning.metrics import score_assignments
 
     started = time.time()
-    val_features, val_labels = data.val_data.features, data.val_data.labels
+    val_features, val_labels = data.prepared.val.features, data.prepared.val.labels
     use_gpu = run["accelerator"] == "gpu" and faiss_gpus() > 0
     fit_features = data.train_features if args.kmeans_fit == "train" else val_features
     clusters, fitted_on, per_centroid = kmeans_clusters(
@@ -428,7 +428,7 @@ def reproduce(args: argparse.Namespace, passthrough: list[str], n_gpus: int) -> 
             "k-means": {"this_run": kmeans["hungarian_acc"], "paper": PAPER_TABLE2[args.model]["kmeans"]},
         },
         "train_items": int(data.num_samples),
-        "val_items": int(len(data.val_data.labels)),
+        "val_items": int(len(data.prepared.val.labels)),
         "classes": int(data.num_classes),
         "epochs": args.epochs,
         "alpha": args.alpha,

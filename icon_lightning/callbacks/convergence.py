@@ -30,6 +30,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from icon_lightning.settings import NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFraction, check_arguments
+
 
 def auto_step_budget(
     steps_per_epoch: int, budget_epochs: int = 30, budget_min_steps: int = 1000, budget_max_steps: int = 20000
@@ -47,21 +49,13 @@ def step_cap(max_steps, batches_per_epoch, budget: tuple[int, int, int]) -> int 
     return None if max_steps is None else int(max_steps)
 
 
-def check_convergence(window, tol, lr_drops, lr_gamma, min_steps, max_steps, budget) -> None:
-    """One-line errors for ``Convergence``'s settings; ``budget`` is (epochs, min steps, max steps)."""
-    counts = {"window": (window, 1), "lr_drops": (lr_drops, 0), "min_steps": (min_steps, 0)}
-    counts |= {"budget_epochs": (budget[0], 1), "budget_min_steps": (budget[1], 1)}
-    for name, (value, low) in counts.items():
-        if value < low:
-            raise ValueError(f"{name}: expected at least {low}, got {value}")
+def check_convergence(tol, budget) -> None:
+    """One-line errors for what ``Convergence``'s annotations do not say (a setting's own limits are its
+    annotation: ``settings.check_arguments``); ``budget`` is (epochs, min steps, max steps)."""
+    if not math.isfinite(tol):
+        raise ValueError(f"tol: expected a finite number ≥ 0, got {tol}")
     if budget[2] < budget[1]:
         raise ValueError(f"budget_max_steps: expected ≥ budget_min_steps ({budget[1]}), got {budget[2]}")
-    if not (math.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol: expected a finite number ≥ 0, got {tol}")
-    if not 0 < lr_gamma <= 1:
-        raise ValueError(f"lr_gamma: expected a value in (0, 1], got {lr_gamma}")
-    if max_steps is not None and max_steps != "auto" and (isinstance(max_steps, str) or max_steps < 1):
-        raise ValueError(f"max_steps: expected 'auto', None or an integer ≥ 1, got {max_steps!r}")
 
 
 def check_lr_owner(convergence, schedulers) -> None:
@@ -123,26 +117,23 @@ class Convergence(Callback):
 
     def __init__(
         self,
-        window: int = 25,
-        tol: float = 1e-3,
-        lr_drops: int = 2,
-        lr_gamma: float = 0.5,
-        min_steps: int = 100,
-        max_steps: int | Literal["auto"] | None = "auto",
-        budget_epochs: int = 30,
-        budget_min_steps: int = 1000,
-        budget_max_steps: int = 20000,
+        window: PositiveInt = 25,
+        tol: NonNegativeFloat = 1e-3,
+        lr_drops: NonNegativeInt = 2,
+        lr_gamma: UnitFraction = 0.5,
+        min_steps: NonNegativeInt = 100,
+        max_steps: PositiveInt | Literal["auto"] | None = "auto",
+        budget_epochs: PositiveInt = 30,
+        budget_min_steps: PositiveInt = 1000,
+        budget_max_steps: PositiveInt = 20000,
         stop_on_plateau: bool = True,
     ) -> None:
+        check_arguments(Convergence.__init__, locals())
         budget = (budget_epochs, budget_min_steps, budget_max_steps)
-        check_convergence(window, tol, lr_drops, lr_gamma, min_steps, max_steps, budget)
+        check_convergence(tol, budget)
         self.window, self.tol, self.lr_drops, self.lr_gamma = window, float(tol), lr_drops, float(lr_gamma)
-        self.min_steps, self.max_steps, self.stop_on_plateau, self.budget = (
-            min_steps,
-            max_steps,
-            stop_on_plateau,
-            budget,
-        )
+        self.min_steps, self.max_steps = min_steps, max_steps
+        self.stop_on_plateau, self.budget = stop_on_plateau, budget
         self.windows, self.cap, self.drops = Windows(window, tol), None, 0
         self.converged, self.reason = False, "not started"
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.functional.matching import hungarian_accuracy
 
 
@@ -148,7 +149,7 @@ class ClusteringPlots(Callback):
                 self._guard("cluster_sizes", lambda: plot_cluster_sizes(sizes, out / f"cluster_sizes_epoch{epoch}.png"))
             )
         datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "val_data"):
+        if isinstance(datamodule, ClusteringDataModule):  # its declared ``prepared`` items
             paths.append(self._guard("embedding", lambda: self._embedding(pl_module, datamodule, out, epoch)))
             paths.append(self._guard("neighbourhoods", lambda: self._neighbourhoods(pl_module, datamodule, out, epoch)))
         paths = [p for p in paths if p is not None]
@@ -165,7 +166,7 @@ class ClusteringPlots(Callback):
 
     @torch.no_grad()
     def _embedding(self, pl_module, datamodule, out: Path, epoch: int) -> Path:
-        feats = datamodule.val_data.features[: self.max_points].to(pl_module.device)
+        feats = datamodule.prepared.val.features[: self.max_points].to(pl_module.device)
         clusters = pl_module.assign(feats).cpu().numpy()
         return plot_embedding(feats.float().cpu().numpy(), clusters, out / f"embedding_epoch{epoch}.png")
 

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from scipy.optimize import linear_sum_assignment
 
-from icon_lightning.functional import check_positive
+from icon_lightning.settings import PositiveFloat, PositiveInt, UnitFraction, check_arguments
 
 
 def align_to(reference: np.ndarray, other: np.ndarray, k: int) -> np.ndarray:
@@ -65,15 +65,11 @@ class SelfLabel(Callback):
     """After fit: confident, class-balanced pseudo-labels (optionally a consensus of heads) train a logistic
     regression that replaces the selected head (module doc)."""
 
-    def __init__(self, fraction: float = 0.5, consensus: bool = True, C: float = 1.0, max_iter: int = 1000) -> None:
-        if not 0 < fraction <= 1:
-            raise ValueError(f"fraction: expected a value in (0, 1], got {fraction}")
-        self.fraction, self.consensus, self.C, self.max_iter = (
-            float(fraction),
-            consensus,
-            check_positive("C", C),
-            max_iter,
-        )
+    def __init__(
+        self, fraction: UnitFraction = 0.5, consensus: bool = True, C: PositiveFloat = 1.0, max_iter: PositiveInt = 1000
+    ) -> None:
+        check_arguments(SelfLabel.__init__, locals())
+        self.fraction, self.consensus, self.C, self.max_iter = float(fraction), consensus, float(C), max_iter
         self.summary: dict = {}
 
     @torch.no_grad()

@@ -3,33 +3,36 @@ views and sampled neighbours (I-Con §4: each image with 2 augmentations and 2 n
 
 It composes small parts: ``FeaturePrep`` (extraction, cache, normalisation), ``NeighbourIndex`` (k-NN table,
 degrees, walk pool), ``AnchorDataset``/``AnchorSampler``/``OnlineViews`` (which rows a step draws) and the
-collators (``FeatureCollate``, ``OnlineCollate``, ``EvalDataset``)."""
+collators (``FeatureCollate``, ``OnlineCollate``, ``EvalDataset``). ``setup`` builds one ``PreparedData`` (features,
+table, views, anchors, evaluation items; ``prepared``) and ``Loaders`` serves every DataLoader from it."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
 
 from icon_lightning.data.backbones import FrozenBackbone, Identity
 from icon_lightning.data.collate import EvalDataset
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore
-from icon_lightning.data.loaders import AnchorBatches
+from icon_lightning.data.loaders import Loaders, PreparedData
 from icon_lightning.data.neighbours import NeighbourIndex, NeighbourTable, label_agreement
 from icon_lightning.data.prepare import FeaturePrep
 from icon_lightning.data.sampling import AnchorDataset
+from icon_lightning.settings import NonNegativeInt, PositiveInt, check_arguments
 
 DEFAULT_K = 3  # the paper's k-NN
 
 
-def check_settings(dataset: IndexedDataset, backbone, views: str, view_pool: int, num_clusters, **counts) -> None:
-    """One-line errors for the DataModule's settings; ``counts`` maps name → (value, least allowed)."""
-    for name, (value, low) in counts.items():
-        if value is not None and value < low:
-            raise ValueError(f"{name}: expected at least {low}, got {value}")
+def check_settings(dataset: IndexedDataset, backbone, views: str, num_clusters) -> None:
+    """One-line errors for the DataModule's settings that depend on the data or on each other (a setting's own
+    limits are its annotation: ``settings.check_arguments``, and `icon` at parse time)."""
     if num_clusters is not None and not 2 <= num_clusters <= len(dataset):
         raise ValueError(
             f"num_clusters: expected 2 ≤ K ≤ N = {len(dataset)} items (or null for the number of classes), "
@@ -37,13 +40,11 @@ def check_settings(dataset: IndexedDataset, backbone, views: str, view_pool: int
         )
     if views not in ("cached", "online", "clean"):
         raise ValueError(f"views: expected 'cached', 'online' or 'clean', got {views!r}")
-    if views == "cached" and view_pool < 1:
-        raise ValueError(f"view_pool: expected at least 1 cached view, got {view_pool}")
     if views != "clean" and backbone is None:
         raise ValueError(f"views: {views!r} augments images and needs a backbone; use views='clean' for features")
 
 
-class ClusteringDataModule(AnchorBatches):
+class ClusteringDataModule(L.LightningDataModule):
     """Frozen features, cached once; k-NN table (+ walks); batches of anchors with views and neighbours.
 
     dataset / val_dataset: ``IndexedDataset``s (val: scored only; None → validate on the train items).
@@ -77,20 +78,20 @@ class ClusteringDataModule(AnchorBatches):
         val_dataset: IndexedDataset | None = None,
         backbone: FrozenBackbone | None = None,
         cache_dir: str = ".cache/icon_lightning",
-        image_size: int = 224,
+        image_size: PositiveInt = 224,
         grayscale_to_rgb: bool = False,
         views: Literal["cached", "online", "clean"] = "cached",
-        view_pool: int = 4,
-        num_views: int | None = None,
-        num_neighbours: int = 2,
-        k: int | None = None,
-        walk_steps: int = 1,
+        view_pool: PositiveInt = 4,
+        num_views: PositiveInt | None = None,
+        num_neighbours: NonNegativeInt = 2,
+        k: PositiveInt | None = None,
+        walk_steps: PositiveInt = 1,
         knn_backend: Literal["auto", "faiss", "torch"] = "auto",
         normalize: bool = True,
-        batch_size: int | Literal["auto"] = "auto",
-        val_batch_size: int = 1024,
-        num_workers: int = 0,
-        extract_batch_size: int = 256,
+        batch_size: PositiveInt | Literal["auto"] = "auto",
+        val_batch_size: PositiveInt = 1024,
+        num_workers: NonNegativeInt = 0,
+        extract_batch_size: PositiveInt = 256,
         seed: int = 0,
         distributed_extraction: bool = False,
         extract_precision: Literal["bf16", "fp32"] = "bf16",
@@ -99,13 +100,9 @@ class ClusteringDataModule(AnchorBatches):
         views_in_memory: bool = False,
     ) -> None:
         super().__init__()
+        check_arguments(ClusteringDataModule.__init__, locals())
+        check_settings(dataset, backbone, views, num_clusters)
         num_views = (1 if views == "clean" else 2) if num_views is None else num_views
-        check_settings(
-            dataset, backbone, views, view_pool, num_clusters, num_views=(num_views, 1),
-            num_neighbours=(num_neighbours, 0), k=(k, 1), walk_steps=(walk_steps, 1),
-            batch_size=(1 if batch_size == "auto" else batch_size, 1), val_batch_size=(val_batch_size, 1),
-            extract_batch_size=(extract_batch_size, 1),
-        )  # fmt: skip
         self.dataset, self.val_dataset, self.views, self.view_pool = dataset, val_dataset, views, view_pool
         self.backbone = backbone if backbone is not None else Identity()
         self.store = FeatureStore(cache_dir)
@@ -114,10 +111,10 @@ class ClusteringDataModule(AnchorBatches):
             batch_size=extract_batch_size, num_workers=num_workers, precision=extract_precision,
         )  # fmt: skip
         self.num_views, self.num_neighbours, self.k, self.walk_steps = num_views, num_neighbours, k, walk_steps
-        self.knn_backend, self.batch_size, self.val_batch_size = knn_backend, batch_size, val_batch_size
-        self.num_workers, self.seed, self.distributed_extraction = num_workers, seed, distributed_extraction
-        self._num_clusters, self.evaluate_train, self.views_in_memory = num_clusters, evaluate_train, views_in_memory
-        self.knn_agreement: float | None = None
+        self.knn_backend, self.seed, self.distributed_extraction = knn_backend, seed, distributed_extraction
+        self._num_clusters, self.views_in_memory = num_clusters, views_in_memory
+        self.loaders = Loaders(batch_size, val_batch_size, num_workers, seed, evaluate_train)
+        self._prepared: PreparedData | None = None  # built by ``setup``
 
     # ------------------------------------------------------------------ facts the CLI links into the model
     @property
@@ -164,31 +161,49 @@ class ClusteringDataModule(AnchorBatches):
     def setup(self, stage: str | None = None) -> None:
         if self.distributed_extraction:
             self.prep.extract_all(self.dataset, self.view_pool if self.views == "cached" else 0, self.val_dataset)
+        self._prepared = self._prepare()
+
+    def _prepare(self) -> PreparedData:
         raw = np.asarray(self.prep.raw(self.dataset, "clean"), dtype=np.float32)
         mean = raw.mean(0, keepdims=True)
         clean = self.prep.prepared(raw, mean)
         index = NeighbourIndex.build(clean, self.table_width, self.walk_steps, self.store.root, self.knn_backend)
-        self.table, self.degree = index.table, index.degree
         labels = torch.as_tensor(self.dataset.labels, dtype=torch.long)
+        agreement = None
         if (labels >= 0).all():
-            self.knn_agreement = label_agreement(index.table.numpy(), self.dataset.labels)  # diagnostic only
+            agreement = label_agreement(index.table.numpy(), self.dataset.labels)  # diagnostic only
             rank_zero_info(
-                f"{index.table.shape[1]}-NN label agreement of the train features: {self.knn_agreement:.3f} "
+                f"{index.table.shape[1]}-NN label agreement of the train features: {agreement:.3f} "
                 "(diagnostic; labels never train)"
             )
-        self.train_features, self.train_labels = torch.from_numpy(clean), labels
         cached = self.views == "cached"
-        self.view_features = (
-            self.prep.views(self.dataset, self.view_pool, mean, self.views_in_memory) if cached else None
-        )
-        self.anchors = AnchorDataset(
+        views = self.prep.views(self.dataset, self.view_pool, mean, self.views_in_memory) if cached else None
+        anchors = AnchorDataset(
             len(clean), index.pool, self.num_views, self.view_pool if cached else 0, self._neighbours(), self.seed
         )
-        self.train_eval_data = EvalDataset(self.train_features, labels, self.table, self.degree)
-        self.val_data = self.train_eval_data
+        features = torch.from_numpy(clean)
+        train_eval = EvalDataset(features, labels, index.table, index.degree)
+        val = train_eval
         if self.val_dataset is not None:
-            val = self.prep.prepared(self.prep.raw(self.val_dataset, "clean"), mean)
-            self.val_data = EvalDataset(torch.from_numpy(val), torch.as_tensor(self.val_dataset.labels), None, None)
+            val_x = self.prep.prepared(self.prep.raw(self.val_dataset, "clean"), mean)
+            val = EvalDataset(torch.from_numpy(val_x), torch.as_tensor(self.val_dataset.labels), None, None)
+        return PreparedData(features, labels, index.table, index.degree, views, anchors, train_eval, val, agreement)
+
+    @property
+    def prepared(self) -> PreparedData:
+        """What ``setup`` built (features, k-NN table, views, anchors, evaluation items): one object."""
+        if self._prepared is None:
+            raise RuntimeError("ClusteringDataModule: nothing prepared yet; call setup() first (the Trainer does)")
+        return self._prepared
+
+    @property
+    def train_features(self) -> Tensor:
+        """(N, D) clean train features, as the heads see them: what head starts and second stages cluster."""
+        return self.prepared.features
+
+    @property
+    def train_labels(self) -> Tensor:
+        return self.prepared.labels
 
     def _neighbours(self) -> int:
         """Sampled neighbours per anchor: none in full-batch training, where every neighbour is a candidate."""
@@ -198,3 +213,32 @@ class ClusteringDataModule(AnchorBatches):
                 f"sampled neighbours (num_neighbours {self.num_neighbours} → 0)"
             )
         return 0 if self.full_batch else self.num_neighbours
+
+    # ------------------------------------------------------------------ loaders (``Loaders`` over ``prepared``)
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    @property
+    def anchors_per_step(self) -> int:
+        """Anchors a step on each process: ``batch_size``, or what ``auto`` resolves to."""
+        return self.loaders.anchors_per_step(self.num_samples, self.num_clusters, self._world()[0])
+
+    @property
+    def full_batch(self) -> bool:
+        """Every item is an anchor of every step (one step an epoch)."""
+        return self.loaders.full_batch(self.num_samples, self.num_clusters, self._world()[0])
+
+    def train_dataloader(self) -> DataLoader:
+        online = (self.dataset, self.prep.augment_tf) if self.views == "online" else None
+        return self.loaders.train(self.prepared, self.num_clusters, *self._world(), online=online)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self.loaders.validation(self.prepared)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loaders.evaluation(self.prepared.val)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Cluster assignments are predicted for the training items (the dataset being clustered)."""
+        return self.loaders.evaluation(self.prepared.train_eval)

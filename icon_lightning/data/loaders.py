@@ -1,16 +1,18 @@
-"""`AnchorBatches`: the loaders of a clustering DataModule: anchor batches for training (full batch when the data
-fit the paper's 4,096 anchors a step, else 128 anchors per cluster), evaluation batches of every item for
-validation, test and predict."""
+"""What a clustering DataModule's ``setup`` prepares (``PreparedData``, one object) and the loaders over it
+(``Loaders``): anchor batches for training (full batch when the data fit the paper's 4,096 anchors a step, else
+128 anchors per cluster), evaluation batches of every item for validation, test and predict."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-import lightning as L
-from torch.utils.data import DataLoader
+import numpy as np
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 from icon_lightning.data.collate import EvalDataset, FeatureCollate, OnlineCollate
-from icon_lightning.data.sampling import AnchorSampler, OnlineViews
+from icon_lightning.data.sampling import AnchorDataset, AnchorSampler, OnlineViews
 
 FULL_BATCH_MAX = 4096  # the paper's anchors a step; ``batch_size='auto'`` trains full-batch up to this size
 # Above it, ``auto`` takes this many anchors a step per cluster (at most FULL_BATCH_MAX): with each anchor's sampled
@@ -27,64 +29,77 @@ def auto_anchors(num_samples: int, num_clusters: int) -> int:
     return min(FULL_BATCH_MAX, ANCHORS_PER_CLUSTER * max(1, num_clusters), num_samples)
 
 
-class AnchorBatches(L.LightningDataModule):
-    """Loaders over what the subclass's ``setup`` prepared: ``anchors`` (an ``AnchorDataset``), ``train_features``,
-    ``view_features``, ``train_labels``, ``table``, ``degree``, ``val_data`` and ``train_eval_data``; settings
-    ``batch_size``, ``val_batch_size``, ``num_workers``, ``seed``, ``views``, ``evaluate_train``, ``num_clusters``."""
+@dataclass(frozen=True)
+class PreparedData:
+    """Everything ``setup`` builds, handed on as one object: the clean train ``features`` (N, D) and ``labels``
+    (N,; -1 unlabelled), the k-NN ``table`` (N, k) and ``degree`` (N,), the cached ``views`` (N, P, D; None unless
+    views are cached), the ``anchors``' draw, the train items for evaluation (``train_eval``) and the items
+    validation scores (``val``: the val split, or the train items again), and the k-NN label agreement (a
+    diagnostic; None without labels)."""
 
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    features: Tensor
+    labels: Tensor
+    table: Tensor
+    degree: Tensor
+    views: Tensor | np.ndarray | None
+    anchors: AnchorDataset
+    train_eval: EvalDataset
+    val: EvalDataset
+    knn_agreement: float | None = None
 
-    @property
-    def anchors_per_step(self) -> int:
+
+@dataclass(frozen=True)
+class Loaders:
+    """The DataLoaders over a ``PreparedData``. ``batch_size``: anchors a step and process, or ``auto``
+    (``auto_anchors``, split between ``world`` processes); ``evaluate_train``: validation also scores the train
+    items (a second loader, logged as ``train/…``)."""
+
+    batch_size: int | str
+    val_batch_size: int
+    num_workers: int
+    seed: int
+    evaluate_train: bool
+
+    def anchors_per_step(self, num_samples: int, num_clusters: int, world: int) -> int:
         """Anchors a step on each process: ``batch_size``, or what ``auto`` resolves to."""
         if self.batch_size != "auto":
             return int(self.batch_size)
-        return math.ceil(auto_anchors(self.num_samples, self.num_clusters) / self._world()[0])
+        return math.ceil(auto_anchors(num_samples, num_clusters) / world)
 
-    @property
-    def full_batch(self) -> bool:
+    def full_batch(self, num_samples: int, num_clusters: int, world: int) -> bool:
         """Every item is an anchor of every step (one step an epoch)."""
-        return self.anchors_per_step * self._world()[0] >= self.num_samples
+        return self.anchors_per_step(num_samples, num_clusters, world) * world >= num_samples
 
-    def train_dataloader(self) -> DataLoader:
-        if self.views == "online":
-            data = OnlineViews(self.dataset, self.prep.augment_tf, self.anchors)
-            collate = OnlineCollate(self.train_labels, self.table, self.degree)
+    def train(self, prepared: PreparedData, num_clusters: int, world: int, rank: int, online=None) -> DataLoader:
+        """Anchor batches; ``online``: (image dataset, augmentation) when the module augments and embeds the
+        images itself (``views='online'``), else the rows come from the prepared features and views."""
+        n = len(prepared.features)
+        if online is not None:
+            data: Dataset = OnlineViews(online[0], online[1], prepared.anchors)
+            collate = OnlineCollate(prepared.labels, prepared.table, prepared.degree)
         else:
-            data = self.anchors
+            data = prepared.anchors
             collate = FeatureCollate(
-                self.train_features, self.view_features, self.train_labels, self.table, self.degree
+                prepared.features, prepared.views, prepared.labels, prepared.table, prepared.degree
             )
-        world, rank = self._world()
         # One batch per epoch (full-batch training): the order of its rows changes nothing, so keep it fixed
         # and the batch is the same every step (IConModule then reuses p).
-        shuffle = not self.full_batch
-        sampler = AnchorSampler(range(self.num_samples), num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        full = self.full_batch(n, num_clusters, world)
+        sampler = AnchorSampler(range(n), num_replicas=world, rank=rank, shuffle=not full, seed=self.seed)
         return DataLoader(
             data,
-            batch_size=self.anchors_per_step,
+            batch_size=self.anchors_per_step(n, num_clusters, world),
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
-            drop_last=not self.full_batch,
+            drop_last=not full,
             persistent_workers=self.num_workers > 0,
         )
 
-    def _eval_loader(self, data: EvalDataset) -> DataLoader:
+    def evaluation(self, data: EvalDataset) -> DataLoader:
+        """Every item of ``data`` once, in order."""
         return DataLoader(data, batch_size=self.val_batch_size, collate_fn=data.collate, num_workers=0, shuffle=False)
 
-    def val_dataloader(self) -> list[DataLoader]:
-        """[val split, train split]: the module logs them as ``val/...`` and ``train/...``."""
-        loaders = [self._eval_loader(self.val_data)]
-        if self.evaluate_train:
-            loaders.append(self._eval_loader(self.train_eval_data))
-        return loaders
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_data)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Cluster assignments are predicted for the training items (the dataset being clustered)."""
-        return self._eval_loader(self.train_eval_data)
+    def validation(self, prepared: PreparedData) -> list[DataLoader]:
+        """[val items, train items]: the module logs them as ``val/...`` and ``train/...``."""
+        return [self.evaluation(prepared.val)] + ([self.evaluation(prepared.train_eval)] if self.evaluate_train else [])

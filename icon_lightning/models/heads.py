@@ -8,20 +8,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from icon_lightning.functional import check_positive
+from icon_lightning.settings import PositiveFloat, PositiveInt, check_arguments
 
 
-def check_heads(feature_dim, num_clusters, num_heads, temperature, projection_dim, hidden_dim) -> None:
-    """One-line errors for ``ClusterHeads``' settings."""
-    if feature_dim < 1:
-        raise ValueError(f"feature_dim: expected ≥ 1, got {feature_dim}")
-    if num_heads < 1:
-        raise ValueError(f"num_heads: expected ≥ 1, got {num_heads}")
-    check_positive("temperature", temperature)
+def check_heads(num_clusters, projection_dim) -> None:
+    """The one-line error ``ClusterHeads``' annotations do not say (their limits: ``settings.check_arguments``)."""
     if num_clusters < 1 and projection_dim is None:
         raise ValueError("num_clusters: expected ≥ 1 (or a projection_dim for representation learning)")
-    if hidden_dim is not None and hidden_dim < 1:
-        raise ValueError(f"hidden_dim: expected ≥ 1 or None (linear heads), got {hidden_dim}")
 
 
 class ClusterHeads(nn.Module):
@@ -35,15 +28,16 @@ class ClusterHeads(nn.Module):
 
     def __init__(
         self,
-        feature_dim: int,
+        feature_dim: PositiveInt,
         num_clusters: int,
-        num_heads: int = 1,
-        temperature: float = 1.0,
-        projection_dim: int | None = None,
-        hidden_dim: int | None = None,
+        num_heads: PositiveInt = 1,
+        temperature: PositiveFloat = 1.0,
+        projection_dim: PositiveInt | None = None,
+        hidden_dim: PositiveInt | None = None,
     ) -> None:
         super().__init__()
-        check_heads(feature_dim, num_clusters, num_heads, temperature, projection_dim, hidden_dim)
+        check_arguments(ClusterHeads.__init__, locals())
+        check_heads(num_clusters, projection_dim)
         self.num_heads, self.num_clusters, self.temperature = num_heads, num_clusters, float(temperature)
         dim = feature_dim
         self.projection = nn.Identity()

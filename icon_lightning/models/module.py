@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # the CLI's config, when given
 from torch import Tensor
 
 from icon_lightning.data.backbones import FrozenBackbone
@@ -28,6 +29,7 @@ from icon_lightning.models.parts import (
     register_head_state,
     start_heads,
 )
+from icon_lightning.settings import OpenUnitInterval, PositiveFloat, PositiveInt, check_arguments
 from icon_lightning.supervisory.graph import table_width
 
 DEFAULT_LR = 1e-2
@@ -69,24 +71,28 @@ class IConModule(ClusterEvaluation):
         num_clusters: int = 10,
         num_classes: int = 0,
         num_samples: int = 0,
-        num_heads: int = 10,
-        head_temperature: float = 1.0,
-        projection_dim: int | None = None,
-        head_hidden_dim: int | None = None,
+        num_heads: PositiveInt = 10,
+        head_temperature: PositiveFloat = 1.0,
+        projection_dim: PositiveInt | None = None,
+        head_hidden_dim: PositiveInt | None = None,
         head_init: list[Literal["kmeans", "spectral"]] | None = None,
         backbone: FrozenBackbone | None = None,
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
-        ema_momentum: float | None = None,
+        ema_momentum: OpenUnitInterval | None = None,
         teacher_candidates: bool = False,
         with_labels: bool = False,
-        keep_heads: int | None = DEFAULT_KEEP_HEADS,
-        prune_every: int = DEFAULT_PRUNE_EVERY,
+        keep_heads: PositiveInt | None = DEFAULT_KEEP_HEADS,
+        prune_every: PositiveInt = DEFAULT_PRUNE_EVERY,
     ) -> None:
         super().__init__()
+        check_arguments(IConModule.__init__, locals())  # the annotations' limits, as `icon` checks them at parse time
         num_heads = num_heads if num_clusters >= 1 else 1  # a projection for representations is one output
-        self.save_hyperparameters()  # under `icon` the CLI stores the resolved config, so checkpoints rebuild it
+        # Under `icon` (LightningCLI) the hyper-parameters are the resolved config (the loss and backbone as
+        # class_path dicts), so a checkpoint rebuilds the module; built in Python, the loss and backbone are module
+        # objects, which the checkpoint's weights already hold: not hyper-parameters (Lightning's advice).
+        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["loss", "backbone"])
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(f"scheduler_interval: expected 'step' or 'epoch', got {scheduler_interval!r}")
         self.loss, self.backbone, self.optimizer, self.scheduler = loss, backbone, optimizer, scheduler

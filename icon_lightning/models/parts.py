@@ -75,8 +75,6 @@ def ema_teacher(heads: nn.Module, momentum: float | None, teacher_candidates: bo
         raise ValueError("teacher_candidates: needs an EMA teacher (set ema_momentum, e.g. 0.996)")
     if momentum is None:
         return None
-    if not 0.0 < momentum < 1.0:
-        raise ValueError(f"ema_momentum: expected a value in (0, 1), got {momentum}")
     return AveragedModel(heads, multi_avg_fn=get_ema_multi_avg_fn(momentum), use_buffers=True)
 
 
@@ -192,11 +190,7 @@ class HeadPruning:
     worse half of the heads by their mean training loss since the last pruning (averaged over processes) is
     dropped, until ``keep`` heads remain (``keep`` None: no pruning). ``history`` records each pruning."""
 
-    def __init__(self, keep: int | None, every: int) -> None:
-        if keep is not None and keep < 1:
-            raise ValueError(f"keep_heads: expected at least 1 (or null: no pruning), got {keep}")
-        if every < 1:
-            raise ValueError(f"prune_every: expected at least 1 optimizer step, got {every}")
+    def __init__(self, keep: int | None, every: int) -> None:  # their limits: IConModule's keep_heads, prune_every
         self.keep, self.every = keep, every
         self.window = HeadSelection(0)
         self.history: list[dict] = []

@@ -33,14 +33,14 @@ def test_batch_layout_and_neighbour_membership(tmp_path):
     assert (batch.view[: b * v] >= 0).all() and (batch.view[b * v :] == -1).all()  # anchor views, then neighbours
     anchors = batch.index[:b]
     assert torch.equal(batch.index[b : 2 * b], anchors)  # view 1 of the same anchors
-    pool = walks(dm.table.numpy(), 2)  # neighbours come from 1- and 2-step walks
+    pool = walks(dm.prepared.table.numpy(), 2)  # neighbours come from 1- and 2-step walks
     for row in range(b * v, len(batch)):
         anchor = int(anchors[(row - b * v) % b])  # row V·B + s·B + j is anchor j's s-th neighbour
         assert int(batch.index[row]) in pool[anchor]
-    assert torch.equal(batch.neighbours, dm.table[batch.index])
+    assert torch.equal(batch.neighbours, dm.prepared.table[batch.index])
     assert torch.equal(batch.label, torch.as_tensor(dm.dataset.labels)[batch.index])
     assert dm.feature_dim == 64 and dm.num_samples == 1797 and dm.num_classes == 10
-    assert dm.knn_agreement > 0.9  # digits' 3-NN mostly share the label
+    assert dm.prepared.knn_agreement > 0.9  # digits' 3-NN mostly share the label
 
 
 def test_reproducible_from_the_seed_and_fresh_each_epoch(tmp_path):
@@ -135,11 +135,11 @@ def test_cached_views_are_extracted_once_and_used(tmp_path):
     dm = tiny_module(
         tmp_path, views="cached", view_pool=3, cache_dir=str(tmp_path / "cache"), batch_size=8, normalize=False
     )
-    assert dm.view_features.shape == (3, 24, 3) and len(list((tmp_path / "cache").glob("*.npy"))) == 4
+    assert dm.prepared.views.shape == (3, 24, 3) and len(list((tmp_path / "cache").glob("*.npy"))) == 4
     batch = next(iter(dm.train_dataloader()))
     anchor_rows = torch.arange(len(batch)) < 8 * 2  # B anchors × V views first, then the neighbours
     assert (batch.view[anchor_rows] >= 0).all() and (batch.view[~anchor_rows] == -1).all()
-    expected = dm.view_features[batch.view[anchor_rows], batch.index[anchor_rows]].float()
+    expected = dm.prepared.views[batch.view[anchor_rows], batch.index[anchor_rows]].float()
     assert torch.equal(batch.inputs[anchor_rows], expected)
 
 
@@ -216,17 +216,17 @@ def test_cached_views_are_one_shared_float16_map_equal_to_the_float32_copy(tmp_p
     shared.setup("fit")
     copy = ClusteringDataModule(tiny_images(tmp_path), views_in_memory=True, **common)
     copy.setup("fit")
-    assert shared.view_features.dtype == torch.float16 and copy.view_features.dtype == torch.float32
+    assert shared.prepared.views.dtype == torch.float16 and copy.prepared.views.dtype == torch.float32
     (views_file,) = (tmp_path / "cache").glob("*.views16")
-    assert mapped_file(shared.view_features.data_ptr()) == str(views_file)  # pages of the file, not a copy
-    assert mapped_file(copy.view_features.data_ptr()) != str(views_file)
+    assert mapped_file(shared.prepared.views.data_ptr()) == str(views_file)  # pages of the file, not a copy
+    assert mapped_file(copy.prepared.views.data_ptr()) != str(views_file)
     raws = np.stack([np.asarray(shared.prep.raw(shared.dataset, f"aug{v}"), dtype=np.float64) for v in range(3)])
     clean = np.asarray(shared.prep.raw(shared.dataset, "clean"), dtype=np.float64)
     reference = raws - clean.mean(0)  # centred by the clean train mean, then L2-normalised, in float64
     reference /= np.linalg.norm(reference, axis=-1, keepdims=True)
-    np.testing.assert_allclose(shared.view_features.double().numpy(), reference, atol=1e-3)
-    np.testing.assert_allclose(copy.view_features.double().numpy(), reference, atol=1e-4)  # float32 centring
+    np.testing.assert_allclose(shared.prepared.views.double().numpy(), reference, atol=1e-3)
+    np.testing.assert_allclose(copy.prepared.views.double().numpy(), reference, atol=1e-4)  # float32 centring
     stamp = views_file.stat().st_mtime_ns
     again = ClusteringDataModule(tiny_images(tmp_path), **common)
     again.setup("fit")  # a second process of the node: maps the same file, writes nothing
-    assert views_file.stat().st_mtime_ns == stamp and torch.equal(again.view_features, shared.view_features)
+    assert views_file.stat().st_mtime_ns == stamp and torch.equal(again.prepared.views, shared.prepared.views)

@@ -18,7 +18,7 @@ def _rank(rank: int, world: int, port: int, cache_dir: str, queue) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dm = ClusteringDataModule(DigitsDataset(), views="clean", cache_dir=cache_dir, distributed_extraction=True, k=3)
     dm.setup("fit")
-    table = dm.table.numpy()  # a digest through the queue: a pipe holds too little for the table itself
+    table = dm.prepared.table.numpy()  # a digest through the queue: a pipe holds too little for the table itself
     queue.put((rank, len(builds), table.shape, hashlib.sha256(table.tobytes()).hexdigest()))
     torch.distributed.destroy_process_group()
 
