@@ -204,7 +204,7 @@ class IConCLI(LightningCLI):
         payload = {
             "subcommand": self.subcommand,
             "metrics": metrics,
-            "selected_head": self.model.selected_head_id,
+            "selected_head": self.model.live_head_ids()[self.model.selected_position()],
             "heads": [int(i) for i in self.model.head_ids],
             "head_losses": [float(x) for x in self.model.head_losses],
             "pruning": self.model.pruning.history,

@@ -73,10 +73,10 @@ def describe(hint) -> str:
 
 
 def _accepts(hint, value) -> bool | None:
-    """Whether ``value`` conforms to ``hint``; None when the annotation holds no restricted number (not checked
-    here: the class checks it, or it is a plain type)."""
+    """Whether ``value`` conforms to ``hint``; None when the annotation holds neither a restricted number nor a
+    ``Literal`` (not checked here: a plain type, or one the class checks itself)."""
     options = typing.get_args(hint) if typing.get_origin(hint) in UNIONS else (hint,)
-    if not any(_restrictions(o) is not None for o in options):
+    if not any(_restrictions(o) is not None or typing.get_origin(o) is typing.Literal for o in options):
         return None
     for option in options:
         if option is NONE_TYPE and value is None:

@@ -83,12 +83,12 @@ def test_the_core_imports_no_lightning_wandb_or_faiss():
 # ---------------------------------------------------------------------------------------------- sizes
 ABOUT = 62  # "no class or function over about 60 lines": code lines (no docstrings, comments or blank lines), in
 # the package, benchmarks/ and experiments/
-# Measured ceilings of the classes still above it, so that they can only shrink. Each is a Lightning or scikit-learn
-# surface whose constructor is the flat config users type (every `--data.*` / `--model.*` / estimator key is a
-# parameter) plus its hooks; the work itself is delegated (README "Layout").
-# HeadClusterer is gone under the ceiling (it is README's first command through the one builder); the others shrank
-# with issue 19's declared methods and helpers and can only shrink further.
-LARGER = {"ClusteringDataModule": 113, "IConModule": 111, "IConCLI": 91, "Convergence": 85}
+# Measured ceilings of the classes still above it, so that they can only shrink. Each is a Lightning surface whose
+# constructor is the flat config users type (every `--data.*` / `--model.*` / `--convergence.*` key is an annotated
+# parameter: about 25 of the DataModule's and the module's lines are their signatures) plus its hooks; the work is in
+# owned parts (README "Layout"): the DataModule's `PreparedData`/`Loaders`, the module's `Evaluation`, pruning,
+# selection and objective, the CLI's run records.
+LARGER = {"ClusteringDataModule": 108, "IConModule": 110, "IConCLI": 91, "Convergence": 82}
 
 
 def code_lines(node: ast.AST, source: list[str]) -> int:

@@ -12,19 +12,16 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
-import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from icon_lightning.data.backbones import FrozenBackbone, Identity
-from icon_lightning.data.collate import EvalDataset
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore
-from icon_lightning.data.loaders import Loaders, PreparedData
-from icon_lightning.data.neighbours import NeighbourIndex, NeighbourTable, label_agreement
+from icon_lightning.data.loaders import Loaders
+from icon_lightning.data.neighbours import NeighbourTable
 from icon_lightning.data.prepare import FeaturePrep
-from icon_lightning.data.sampling import AnchorDataset
+from icon_lightning.data.prepared import PreparedData, prepare
 from icon_lightning.settings import NonNegativeInt, PositiveInt, check_arguments
 
 DEFAULT_K = 3  # the paper's k-NN
@@ -38,10 +35,19 @@ def check_settings(dataset: IndexedDataset, backbone, views: str, num_clusters) 
             f"num_clusters: expected 2 ≤ K ≤ N = {len(dataset)} items (or null for the number of classes), "
             f"got {num_clusters}"
         )
-    if views not in ("cached", "online", "clean"):
-        raise ValueError(f"views: expected 'cached', 'online' or 'clean', got {views!r}")
     if views != "clean" and backbone is None:
         raise ValueError(f"views: {views!r} augments images and needs a backbone; use views='clean' for features")
+
+
+def knn_width(k: int | None, needed: int) -> int:
+    """k of the k-NN table: ``k``, or ``needed`` (the widest ``KNNGraph`` the objective reads; at least 3); a ``k``
+    below what the objective reads is one line."""
+    if k is not None and k < needed:
+        raise ValueError(
+            f"k: the objective's KNNGraph reads {needed} neighbours of each k-NN table row, but data.k is {k}; "
+            "leave k unset (null) to size the table from the objective"
+        )
+    return k if k is not None else max(DEFAULT_K, needed)
 
 
 class ClusteringDataModule(L.LightningDataModule):
@@ -143,13 +149,7 @@ class ClusteringDataModule(L.LightningDataModule):
         """k of the k-NN table: ``k``, or the widest ``KNNGraph`` the attached model's objective reads, as the model
         declares it (``data_needs()["knn_width"]``; at least 3)."""
         model = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        needed = int(model.data_needs().get("knn_width", 0)) if hasattr(model, "data_needs") else 0
-        if self.k is not None and self.k < needed:
-            raise ValueError(
-                f"k: the objective's KNNGraph reads {needed} neighbours of each k-NN table row, but data.k is "
-                f"{self.k}; leave k unset (null) to size the table from the objective"
-            )
-        return self.k if self.k is not None else max(DEFAULT_K, needed)
+        return knn_width(self.k, int(model.data_needs().get("knn_width", 0)) if hasattr(model, "data_needs") else 0)
 
     # ------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
@@ -161,33 +161,14 @@ class ClusteringDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.distributed_extraction:
             self.prep.extract_all(self.dataset, self.view_pool if self.views == "cached" else 0, self.val_dataset)
-        self._prepared = self._prepare()
-
-    def _prepare(self) -> PreparedData:
-        raw = np.asarray(self.prep.raw(self.dataset, "clean"), dtype=np.float32)
-        mean = raw.mean(0, keepdims=True)
-        clean = self.prep.prepared(raw, mean)
-        index = NeighbourIndex.build(clean, self.table_width, self.walk_steps, self.store.root, self.knn_backend)
-        labels = torch.as_tensor(self.dataset.labels, dtype=torch.long)
-        agreement = None
-        if (labels >= 0).all():
-            agreement = label_agreement(index.table.numpy(), self.dataset.labels)  # diagnostic only
-            rank_zero_info(
-                f"{index.table.shape[1]}-NN label agreement of the train features: {agreement:.3f} "
-                "(diagnostic; labels never train)"
-            )
-        cached = self.views == "cached"
-        views = self.prep.views(self.dataset, self.view_pool, mean, self.views_in_memory) if cached else None
-        anchors = AnchorDataset(
-            len(clean), index.pool, self.num_views, self.view_pool if cached else 0, self._neighbours(), self.seed
+        sampled = self.loaders.sampled_neighbours(
+            self.num_neighbours, self.num_samples, self.num_clusters, self._world()[0]
         )
-        features = torch.from_numpy(clean)
-        train_eval = EvalDataset(features, labels, index.table, index.degree)
-        val = train_eval
-        if self.val_dataset is not None:
-            val_x = self.prep.prepared(self.prep.raw(self.val_dataset, "clean"), mean)
-            val = EvalDataset(torch.from_numpy(val_x), torch.as_tensor(self.val_dataset.labels), None, None)
-        return PreparedData(features, labels, index.table, index.degree, views, anchors, train_eval, val, agreement)
+        self._prepared = prepare(
+            self.prep, self.dataset, self.val_dataset, width=self.table_width, walk_steps=self.walk_steps,
+            backend=self.knn_backend, views=self.views, view_pool=self.view_pool, views_in_memory=self.views_in_memory,
+            num_views=self.num_views, num_neighbours=sampled, seed=self.seed,
+        )  # fmt: skip
 
     @property
     def prepared(self) -> PreparedData:
@@ -204,15 +185,6 @@ class ClusteringDataModule(L.LightningDataModule):
     @property
     def train_labels(self) -> Tensor:
         return self.prepared.labels
-
-    def _neighbours(self) -> int:
-        """Sampled neighbours per anchor: none in full-batch training, where every neighbour is a candidate."""
-        if self.full_batch and self.num_neighbours:
-            rank_zero_info(
-                f"full batch ({self.num_samples} anchors a step): every neighbour is a candidate already, so no "
-                f"sampled neighbours (num_neighbours {self.num_neighbours} → 0)"
-            )
-        return 0 if self.full_batch else self.num_neighbours
 
     # ------------------------------------------------------------------ loaders (``Loaders`` over ``prepared``)
     def _world(self) -> tuple[int, int]:

@@ -1,5 +1,5 @@
-"""What a clustering DataModule's ``setup`` prepares (``PreparedData``, one object) and the loaders over it
-(``Loaders``): anchor batches for training (full batch when the data fit the paper's 4,096 anchors a step, else
+"""The loaders over what a clustering DataModule's ``setup`` prepared (``Loaders`` over a ``PreparedData``): anchor
+batches for training (full batch when the data fit the paper's 4,096 anchors a step, else
 128 anchors per cluster), evaluation batches of every item for validation, test and predict."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from icon_lightning.data.collate import EvalDataset, FeatureCollate, OnlineCollate
-from icon_lightning.data.sampling import AnchorDataset, AnchorSampler, OnlineViews
+from icon_lightning.data.prepared import PreparedData
+from icon_lightning.data.sampling import AnchorSampler, OnlineViews
 
 FULL_BATCH_MAX = 4096  # the paper's anchors a step; ``batch_size='auto'`` trains full-batch up to this size
 # Above it, ``auto`` takes this many anchors a step per cluster (at most FULL_BATCH_MAX): with each anchor's sampled
@@ -27,25 +27,6 @@ def auto_anchors(num_samples: int, num_clusters: int) -> int:
     if num_samples <= FULL_BATCH_MAX:
         return num_samples
     return min(FULL_BATCH_MAX, ANCHORS_PER_CLUSTER * max(1, num_clusters), num_samples)
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """Everything ``setup`` builds, handed on as one object: the clean train ``features`` (N, D) and ``labels``
-    (N,; -1 unlabelled), the k-NN ``table`` (N, k) and ``degree`` (N,), the cached ``views`` (N, P, D; None unless
-    views are cached), the ``anchors``' draw, the train items for evaluation (``train_eval``) and the items
-    validation scores (``val``: the val split, or the train items again), and the k-NN label agreement (a
-    diagnostic; None without labels)."""
-
-    features: Tensor
-    labels: Tensor
-    table: Tensor
-    degree: Tensor
-    views: Tensor | np.ndarray | None
-    anchors: AnchorDataset
-    train_eval: EvalDataset
-    val: EvalDataset
-    knn_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +50,18 @@ class Loaders:
     def full_batch(self, num_samples: int, num_clusters: int, world: int) -> bool:
         """Every item is an anchor of every step (one step an epoch)."""
         return self.anchors_per_step(num_samples, num_clusters, world) * world >= num_samples
+
+    def sampled_neighbours(self, requested: int, num_samples: int, num_clusters: int, world: int = 1) -> int:
+        """Sampled neighbours per anchor: ``requested``, or none in full-batch training, where every neighbour
+        already is a candidate (said once)."""
+        if not self.full_batch(num_samples, num_clusters, world):
+            return requested
+        if requested:
+            rank_zero_info(
+                f"full batch ({num_samples} anchors a step): every neighbour is a candidate already, so no "
+                f"sampled neighbours (num_neighbours {requested} → 0)"
+            )
+        return 0
 
     def train(self, prepared: PreparedData, num_clusters: int, world: int, rank: int, online=None) -> DataLoader:
         """Anchor batches; ``online``: (image dataset, augmentation) when the module augments and embeds the

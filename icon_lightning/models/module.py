@@ -11,19 +11,16 @@ from torch import Tensor
 
 from icon_lightning.data.backbones import FrozenBackbone
 from icon_lightning.data.batch import ClusteringBatch
-from icon_lightning.distributed import world
 from icon_lightning.loss import Objective
-from icon_lightning.models.evaluation import SPLITS, ClusterEvaluation
-from icon_lightning.models.heads import ClusterHeads
+from icon_lightning.models.evaluation import ClusterEvaluation
+from icon_lightning.models.heads import ClusterHeads, set_linear_head
 from icon_lightning.models.parts import (
-    GlobalRows,
     HeadPruning,
     HeadSelection,
-    SplitScores,
     TargetCache,
     check_head_init,
     ema_teacher,
-    global_batch,
+    global_head_losses,
     heads_of_state,
     keep_module_heads,
     register_head_state,
@@ -86,15 +83,13 @@ class IConModule(ClusterEvaluation):
         keep_heads: PositiveInt | None = DEFAULT_KEEP_HEADS,
         prune_every: PositiveInt = DEFAULT_PRUNE_EVERY,
     ) -> None:
-        super().__init__()
         check_arguments(IConModule.__init__, locals())  # the annotations' limits, as `icon` checks them at parse time
         num_heads = num_heads if num_clusters >= 1 else 1  # a projection for representations is one output
+        super().__init__(num_heads, num_clusters, num_classes)  # owns ``evaluation``
         # Under `icon` (LightningCLI) the hyper-parameters are the resolved config (the loss and backbone as
         # class_path dicts), so a checkpoint rebuilds the module; built in Python, the loss and backbone are module
         # objects, which the checkpoint's weights already hold: not hyper-parameters (Lightning's advice).
         self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["loss", "backbone"])
-        if scheduler_interval not in ("step", "epoch"):
-            raise ValueError(f"scheduler_interval: expected 'step' or 'epoch', got {scheduler_interval!r}")
         self.loss, self.backbone, self.optimizer, self.scheduler = loss, backbone, optimizer, scheduler
         # the started heads' clustering seed, drawn first (after seed_everything): what data preparation draws from
         # torch's generator (a fresh extraction, a cached one) and the other heads' random weights (their number)
@@ -110,7 +105,6 @@ class IConModule(ClusterEvaluation):
         self.selection, self.targets = HeadSelection(num_heads), TargetCache()
         self.pruning = HeadPruning(keep_heads, prune_every)
         self.register_load_state_dict_pre_hook(heads_of_state)  # weights of pruned heads shrink the heads first
-        self.scores = SplitScores((*SPLITS, "test"), num_heads, num_clusters, num_classes)
 
     def setup(self, stage: str) -> None:
         """Start the ``head_init`` heads from clusterings of the DataModule's clean train features, once (a
@@ -123,9 +117,7 @@ class IConModule(ClusterEvaluation):
         self.start_heads(features)
 
     def start_heads(self, features: Tensor) -> None:
-        start_heads(self.heads, features, self.head_init, self.init_seed)
-        if self.teacher is not None:  # the EMA teacher starts where the heads start
-            self.teacher.module.load_state_dict(self.heads.state_dict())
+        start_heads(self.heads, features, self.head_init, self.init_seed, self.teacher)
         self.heads_started.fill_(True)
 
     def data_needs(self) -> dict:
@@ -142,25 +134,36 @@ class IConModule(ClusterEvaluation):
         """(B, D) features → (B, H, K) logits (or (B, 1, D') embeddings)."""
         return self.heads(features)
 
+    def selected_position(self) -> int:
+        return int(self.selected_head)
+
+    def live_head_ids(self) -> list[int]:
+        return self.head_ids.tolist()
+
+    def replace_head(self, head: int, weight: Tensor, bias: Tensor) -> None:
+        """Replace the weights of linear head ``head`` (a position among the live heads) by logits ``x @ weight.T +
+        bias`` (a second stage such as ``SelfLabel``); the last validation no longer scores it."""
+        set_linear_head(self.heads, head, weight, bias)
+        self.evaluation.validated_at_step = None
+
+    @torch.no_grad()
+    def neighbourhoods(self, batch: ClusteringBatch, n: int) -> tuple[Tensor, Tensor] | None:
+        """p and q of the first ``n`` anchors of ``batch`` under the selected head; None for objectives that are
+        not one KL (``IConLoss.neighbourhoods``)."""
+        if not hasattr(self.loss, "neighbourhoods"):
+            return None
+        z = self.selected(self.features(batch))
+        return self.loss.neighbourhoods(batch.rows(z, self.hparams.with_labels), n)
+
     # ------------------------------------------------------------------ the objective over the global batch
     def objective(self, batch: ClusteringBatch, z: Tensor, teacher_z: Tensor | None = None) -> Tensor:
-        """(H,) loss of each head. Under DDP the candidates are the global batch (gathered with gradients)
-        and p is built on the global rows, so cluster sizes, softmax denominators and debiasing use it.
-        teacher_z: the EMA teacher's output of these rows: the candidates' z with ``teacher_candidates``, and
-        what a p that reads the model's output reads."""
-        rank, size = world()
-        meta = batch if size == 1 else global_batch(batch, lambda x: self._gather(x, size))
-        gathered = self._gather(z, size, sync_grads=True)
-        teacher = None if teacher_z is None else self._gather(teacher_z.detach(), size)
-        candidates_z = teacher if self.hparams.teacher_candidates and teacher is not None else gathered
-        reuse = 0 < self.hparams.num_samples <= len(meta) and meta.inputs.ndim == 2  # a full batch of features
-        rows = GlobalRows(batch, meta, rank * len(batch), self.hparams.with_labels)
-        return rows.head_losses(
-            self.loss, self.targets, z, candidates_z, gathered if teacher is None else teacher, reuse
-        )
-
-    def _gather(self, x: Tensor, size: int, sync_grads: bool = False) -> Tensor:
-        return x if size == 1 else self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
+        """(H,) loss of each head over the global batch (``parts.global_head_losses``); ``teacher_z``: the EMA
+        teacher's output of these rows."""
+        hp = self.hparams
+        return global_head_losses(
+            self.loss, self.targets, batch, z, teacher_z, self.all_gather, hp.teacher_candidates, hp.num_samples,
+            hp.with_labels,
+        )  # fmt: skip
 
     def training_step(self, batch: ClusteringBatch, batch_idx: int) -> Tensor:
         feats = self.features(batch)
@@ -181,11 +184,6 @@ class IConModule(ClusterEvaluation):
         kept = self.pruning.survivors(self.global_step, self.head_ids, gather)
         if kept is not None:
             keep_module_heads(self, kept)  # only the heads at ``kept`` (best first) go on
-
-    @property
-    def selected_head_id(self) -> int:
-        """The selected head's number before any pruning (its name in logs and records)."""
-        return int(self.head_ids[int(self.selected_head)])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["head_pruning"] = self.pruning.state_dict()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from icon_lightning.data.batch import ClusteringBatch
+from icon_lightning.distributed import world
 from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.loss import Objective
 from icon_lightning.metrics import ClusteringMetrics
@@ -58,13 +59,17 @@ def check_head_init(head_init: Sequence[str], heads: ClusterHeads) -> list[str]:
 
 
 @torch.no_grad()
-def start_heads(heads: ClusterHeads, features: Tensor, head_init: Sequence[str], seed: int) -> None:
+def start_heads(
+    heads: ClusterHeads, features: Tensor, head_init: Sequence[str], seed: int, teacher: AveragedModel | None = None
+) -> None:
     """Head h starts at the nearest-centroid rule of the ``head_init[h]`` clustering of ``features`` (N, D), with
-    seed ``seed + h``."""
+    seed ``seed + h``; an EMA ``teacher`` starts where the heads start."""
     x = features.detach().float().cpu()
     for head, method in enumerate(head_init):
         assignment = HEAD_INITS[method](x.numpy(), heads.num_clusters, seed + head)
         heads.init_from_partition(head, x, torch.as_tensor(assignment))
+    if teacher is not None:
+        teacher.module.load_state_dict(heads.state_dict())
 
 
 # ---------------------------------------------------------------------- the EMA teacher
@@ -161,6 +166,35 @@ class GlobalRows:
 
 
 # ---------------------------------------------------------------------- label-free head selection
+def global_head_losses(
+    loss: Objective,
+    targets: TargetCache,
+    batch: ClusteringBatch,
+    z: Tensor,
+    teacher_z: Tensor | None,
+    all_gather: Callable,
+    teacher_candidates: bool,
+    num_samples: int,
+    with_labels: bool,
+) -> Tensor:
+    """(H,) loss of each head. Under DDP the candidates are the global batch (``all_gather``, with gradients for
+    z) and p is built on the global rows, so cluster sizes, softmax denominators and debiasing use it.
+    teacher_z: the EMA teacher's output of these rows: the candidates' z with ``teacher_candidates``, and what a
+    p that reads the model's output reads. A full batch of feature rows (``num_samples`` of them) reuses p."""
+    rank, size = world()
+
+    def gather(x: Tensor, sync_grads: bool = False) -> Tensor:
+        return x if size == 1 else all_gather(x, sync_grads=sync_grads).flatten(0, 1)
+
+    meta = batch if size == 1 else global_batch(batch, gather)
+    gathered = gather(z, sync_grads=True)
+    teacher = None if teacher_z is None else gather(teacher_z.detach())
+    candidates_z = teacher if teacher_candidates and teacher is not None else gathered
+    reuse = 0 < num_samples <= len(meta) and meta.inputs.ndim == 2
+    rows = GlobalRows(batch, meta, rank * len(batch), with_labels)
+    return rows.head_losses(loss, targets, z, candidates_z, gathered if teacher is None else teacher, reuse)
+
+
 class HeadSelection:
     """Running mean of each head's training loss over an epoch; the selected head has the lowest."""
 
@@ -278,7 +312,7 @@ def keep_module_heads(module, positions: Tensor) -> None:
     module.head_losses = module.head_losses[index.to(module.head_losses.device)]
     module.selected_head.fill_(0)
     module.selection.keep(index)
-    module.scores.keep(index)
+    module.evaluation.keep(index)
     if trainer is not None and trainer.optimizers:
         rewrap_ddp(trainer.strategy)
 

@@ -108,7 +108,7 @@ def test_bad_head_arguments():
 
 def test_replace_head_sets_the_logits_and_marks_the_last_validation_stale():
     model = IConModule(load_recipe("icon_clustering"), feature_dim=4, num_clusters=3, num_heads=2, head_init=[])
-    model.validated_at_step = model.global_step
+    model.evaluation.validated_at_step = model.global_step
     assert not model.needs_final_validation()
     weight, bias = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     model.replace_head(1, weight, bias)
