@@ -3,8 +3,10 @@ benchmark harness's I-Con row are one computation (the same predictions, bit for
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +66,30 @@ def test_the_builder_assembles_what_icon_fit_runs_without_running_it(digits_file
     assert run.trainer.global_step == 0 and not (run.run_dir / "metrics.json").exists()
     assert run.model.hparams.num_heads == 10 and run.datamodule.views == "clean"  # the one set of defaults
     assert run.pending == "fit"
+
+
+def test_each_experiment_runs_the_i_con_recipe_it_names():
+    """jsonargparse has no include for a config file, and a recipe file (``model: loss:``) is not a sub-config of
+    ``model.loss``, so the experiments spell the recipe out; this pins each to the recipe it names, so that the
+    recipe stays the one place its settings live: digits runs ``icon_clustering`` itself, the two image experiments
+    the paper's p (their augmented views ∪ the recipe's k-NN and walks) with the recipe's q and α."""
+    import yaml
+
+    from icon_lightning.recipes import recipe_config
+
+    recipe = recipe_config("icon_clustering")
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    loss = {name: yaml.safe_load((root / name / "config.yaml").read_text())["model"]["loss"] for name in EXPERIMENTS}
+    assert loss["digits"] == recipe
+    for name in ("cifar10_effnet", "imagenet_dinov2"):
+        views = copy.deepcopy(recipe)
+        knn = views["init_args"]["p"]["init_args"]["base"]
+        mixture = [{"class_path": "icon_lightning.supervisory.Augmentation"}, knn]
+        views["init_args"]["p"]["init_args"]["base"] = {
+            "class_path": "icon_lightning.supervisory.Mixture",
+            "init_args": {"components": mixture},
+        }
+        assert loss[name] == views, name
+
+
+EXPERIMENTS = ("digits", "cifar10_effnet", "imagenet_dinov2")
