@@ -74,7 +74,7 @@ def worker(rank: int, world: int, port: int, folder: str, n: int, d: int, views:
     module.setup("fit")
     for v in range(views):  # every view row read once, as over a long run
         for s in range(0, n, 65536):
-            module.view_features[v, s : s + 65536].float().sum()
+            module.prepared.views[v, s : s + 65536].float().sum()
     dist.barrier()
     result = {"rank": rank, "before_setup": start, "after_setup_and_reads": memory_mb()}
     (Path(folder) / f"rank{rank}_{int(in_memory)}.json").write_text(json.dumps(result))
