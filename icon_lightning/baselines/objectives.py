@@ -7,10 +7,13 @@ head selection), so the comparison isolates the loss. p (which candidates are an
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from icon_lightning.functional import beta_pmi, check_alpha, check_positive, entropy, scan_consistency
+from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.loss import LossOutput, Objective, Pairs, anchors_with_positive
 from icon_lightning.supervisory import Supervisory
 from icon_lightning.supervisory.base import target_dtype
@@ -21,11 +24,13 @@ def _positive_mean(per_anchor: Tensor, p: Tensor) -> Tensor:
 
 
 class SCANLoss(Objective):
-    """SCAN (Van Gansbeke et al., ECCV 2020): −mean_i Σ_j p_ij log⟨φ_i, φ_j⟩ − w · H(mean_j φ_j).
+    """SCAN (Van Gansbeke et al., ECCV 2020): −mean_i Σ_j p_ij log⟨φ_i, φ_j⟩ − w · H(mean_i φ_i).
 
     φ = softmax(z / temperature). The paper samples one neighbour per anchor from the top-20; here p is
     uniform over the anchor's top-k neighbours present among the candidates (the expectation of that
-    sample). The entropy is of the mean assignment over the candidates: the global batch under DDP.
+    sample). entropy_over: ``anchors`` (the released code, ``losses.py``'s ``SCANLoss``: the mean assignment of
+    this process's B anchors, without their sampled neighbours) or ``candidates`` (every row the anchors are
+    compared with: 2B in a square batch of anchors and sampled neighbours, the global batch under DDP).
     entropy_weight: w (5 in the paper). SCAN's second stage (self-labelling) is not part of this loss.
     In I-Con's terms the consistency term is the cross-entropy of the k-NN p against the unnormalised
     cluster affinity ⟨φ_i, φ_j⟩; the entropy term stands in for the normalisation that q would add.
@@ -33,11 +38,20 @@ class SCANLoss(Objective):
 
     shares_target = True
 
-    def __init__(self, p: Supervisory, entropy_weight: float = 5.0, temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        p: Supervisory,
+        entropy_weight: float = 5.0,
+        temperature: float = 1.0,
+        entropy_over: Literal["anchors", "candidates"] = "anchors",
+    ) -> None:
         super().__init__()
         check_positive("temperature", temperature)
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight: expected ≥ 0, got {entropy_weight}")
+        if entropy_over not in ("anchors", "candidates"):
+            raise ValueError(f"entropy_over: expected 'anchors' or 'candidates', got {entropy_over!r}")
+        self.entropy_over = entropy_over
         self.p = p
         self.entropy_weight = float(entropy_weight)
         self.temperature = float(temperature)
@@ -49,9 +63,17 @@ class SCANLoss(Objective):
             log_a = torch.log_softmax(anchors.z.to(dtype) / self.temperature, -1)
             log_c = torch.log_softmax(candidates.z.to(dtype) / self.temperature, -1)
             consistency = _positive_mean(scan_consistency(log_a, log_c, p), p)
-            spread = entropy(log_c.exp().mean(0))
+            spread = entropy(self.spread_rows(anchors, log_a, log_c).exp().mean(0))
         terms = {"consistency": consistency, "entropy": spread}
         return LossOutput(loss=consistency - self.entropy_weight * spread, terms=terms)
+
+    def spread_rows(self, anchors, log_a: Tensor, log_c: Tensor) -> Tensor:
+        """The log-assignments the entropy term averages: the anchor rows (``view`` ≥ 0; a batch's sampled
+        neighbours have view −1; all rows where none is marked), or every candidate."""
+        if self.entropy_over == "candidates":
+            return log_c
+        marked = None if anchors.view is None else anchors.view >= 0
+        return log_a if marked is None or not bool(marked.any()) else log_a[marked]
 
 
 class TEMILoss(Objective):
@@ -63,7 +85,10 @@ class TEMILoss(Objective):
     of the teacher's mean assignment over the candidates, one per head. ``weighted``: w_ij = ⟨t_i, t_j⟩,
     the teacher's agreement on the pair (TEMI's weighted MI); otherwise w = 1 (plain β-PMI).
     TEMI samples a neighbour per image and symmetrises the pair; here p is the (symmetric) k-NN graph over
-    the batch, so both directions of a pair appear. The paper's heads are MLPs; here they are the same
+    the batch, so both directions of a pair appear. head_weight: with several heads, ``mean`` (the released code,
+    ``losses/multihead_losses.py``'s ``compute_weight``) weights every head's pairs by the teacher agreement
+    averaged over the heads, ⟨t^h_i, t^h_j⟩ averaged over h; ``own`` weights head h by its own agreement.
+    The paper's heads are MLPs; here they are the same
     linear heads as every other method in the harness. Both temperatures default to 0.1: a sharper teacher
     (0.04, DINO's) merged clusters of well-separated blobs in ``tests/baselines``.
     """
@@ -78,8 +103,12 @@ class TEMILoss(Objective):
         student_temperature: float = 0.1,
         teacher_temperature: float = 0.1,
         weighted: bool = True,
+        head_weight: Literal["mean", "own"] = "mean",
     ) -> None:
         super().__init__()
+        if head_weight not in ("mean", "own"):
+            raise ValueError(f"head_weight: expected 'mean' or 'own', got {head_weight!r}")
+        self.head_weight = head_weight
         if not 0 < beta <= 1:
             raise ValueError(f"beta: expected a value in (0, 1], got {beta}")
         check_alpha("prior_momentum", prior_momentum)
@@ -108,9 +137,41 @@ class TEMILoss(Objective):
             self.prior = grown
         return self.prior[head]
 
-    def compute(self, pairs: Pairs) -> LossOutput:
+    def forward_heads(self, anchors, candidates=None, p=None, self_offset=None, first_head: int = 0):
+        """Every head at once when the teacher agreement is averaged over the heads (``head_weight='mean'``)."""
+        if not self.weighted or self.head_weight == "own" or len(anchors) == 1:
+            return super().forward_heads(anchors, candidates, p, self_offset, first_head)
+        if p is None:
+            p = self.target(anchors[0], None if candidates is None else candidates[0], self_offset)
+        p = p.to_dense() if isinstance(p, SparseTarget) else p
+        per_head = [
+            self.pair_up(a, None if candidates is None else candidates[h], p, self_offset, first_head + h)
+            for h, a in enumerate(anchors)
+        ]
+        weight = torch.stack([self.agreement(pairs) for pairs in per_head]).mean(0)
+        return [self.weighted_pmi(pairs, weight) for pairs in per_head]
+
+    @torch.no_grad()
+    def agreement(self, pairs: Pairs) -> Tensor:
+        """(B, M) ⟨t_i, t_j⟩: the teacher's agreement on each anchor-candidate pair of one head."""
+        self.check_candidates(pairs)
+        dtype = target_dtype(pairs.anchors)
+        with torch.autocast(pairs.anchors.z.device.type, enabled=False):
+            t = torch.softmax(pairs.candidates.z.to(dtype) / self.teacher_temperature, -1)
+            start = pairs.self_offset or 0
+            return t[start : start + len(pairs.anchors)] @ t.T
+
+    @staticmethod
+    def check_candidates(pairs: Pairs) -> None:
         if pairs.square:
             raise ValueError("candidates: TEMI needs the teacher's outputs as candidates (teacher_candidates=True)")
+
+    def compute(self, pairs: Pairs) -> LossOutput:
+        return self.weighted_pmi(pairs, self.agreement(pairs) if self.weighted else None)
+
+    def weighted_pmi(self, pairs: Pairs, weight: Tensor | None) -> LossOutput:
+        """−mean_i Σ_j p_ij w_ij β-PMI_ij of one head (``weight`` None: w = 1), updating its prior π."""
+        self.check_candidates(pairs)
         anchors, candidates, p = pairs.anchors, pairs.candidates, pairs.p
         dtype = target_dtype(anchors)  # float32 or wider, also under autocast
         with torch.autocast(anchors.z.device.type, enabled=False):
@@ -120,12 +181,8 @@ class TEMILoss(Objective):
                 prior = self._prior(pairs.head, log_t)
                 if self.training:
                     prior.mul_(self.prior_momentum).add_((1 - self.prior_momentum) * log_t.exp().mean(0))
-                weight = torch.ones_like(p)
-                if self.weighted:
-                    start = pairs.self_offset or 0
-                    weight = log_t[start : start + len(anchors)].exp() @ log_t.exp().T
             pmi = beta_pmi(log_s, log_t, prior.log(), self.beta)
-            pairs = p * weight
-            per_anchor = -torch.where(pairs > 0, pairs * pmi, torch.zeros_like(pmi)).sum(1)
+            weighted = p if weight is None else p * weight.to(p.dtype)
+            per_anchor = -torch.where(weighted > 0, weighted * pmi, torch.zeros_like(pmi)).sum(1)
             loss = _positive_mean(per_anchor, p)
         return LossOutput(loss=loss)

@@ -1,4 +1,5 @@
-"""SCAN and TEMI objectives against losses written out term by term (numpy, float64)."""
+"""SCAN and TEMI objectives against losses written out term by term (numpy, float64), and against the formulas
+of the authors' released code (their defaults)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,92 @@ def test_temi_needs_teacher_candidates(batch):
     n, table, z = batch
     with pytest.raises(ValueError, match="teacher"):
         TEMILoss(KNNGraph(k=3))(rows(z, table))
+
+
+# ------------------------------------------------------------------ the authors' released formulas, written out
+def released_scan(anchors: np.ndarray, neighbors: np.ndarray, entropy_weight: float) -> float:
+    """SCAN's released ``SCANLoss.forward(anchors, neighbors)`` (losses/losses.py): BCE of ⟨φ(a_b), φ(n_b)⟩
+    against 1, minus w · the entropy of the mean of the B anchors' assignments."""
+    a, n = softmax(anchors), softmax(neighbors)
+    similarity = (a * n).sum(1)
+    consistency = -np.log(similarity).mean()
+    mean = a.mean(0)
+    return consistency - entropy_weight * -(mean * np.log(mean)).sum()
+
+
+def scan_square_batch(b: int = 6, k: int = 5, seed: int = 0):
+    """A square batch as the DataModule builds it: B anchors (view 0) then their sampled neighbours (view −1);
+    anchor b's one table neighbour is neighbour row b, and the neighbour rows' table rows point outside the batch
+    (they are candidates only, as in the released code)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(2 * b, k)) * 2
+    index = np.arange(2 * b)
+    table = np.concatenate([index[b:, None], 100 + index[:b, None]])  # outside: ids ≥ 100
+    view = np.concatenate([np.zeros(b, int), -np.ones(b, int)])
+    rows_ = Rows(
+        z=torch.tensor(z, dtype=torch.float64),
+        index=torch.as_tensor(index),
+        neighbours=torch.as_tensor(table),
+        view=torch.as_tensor(view),
+    )
+    return rows_, z[:b], z[b:]
+
+
+def test_scan_defaults_to_the_released_entropy_over_the_anchors():
+    batch, anchors, neighbours = scan_square_batch()
+    out = SCANLoss(KNNGraph(k=1), entropy_weight=5.0)(batch)
+    assert out.loss.item() == pytest.approx(released_scan(anchors, neighbours, 5.0), rel=1e-12)
+    # the other form stays available by name: the entropy of all 2B rows' mean assignment
+    wide = SCANLoss(KNNGraph(k=1), entropy_weight=5.0, entropy_over="candidates")(batch)
+    mean = softmax(np.concatenate([anchors, neighbours])).mean(0)
+    consistency = -np.log((softmax(anchors) * softmax(neighbours)).sum(1)).mean()
+    assert wide.loss.item() == pytest.approx(consistency + 5.0 * (mean * np.log(mean)).sum(), rel=1e-12)
+    assert abs(wide.loss.item() - out.loss.item()) > 1e-6  # the two forms differ on this batch
+
+
+def released_temi(student: list, teacher: list, prior: np.ndarray, beta: float, momentum: float, temps) -> list:
+    """TEMI's released multi-head loss on one (image, neighbour) pair batch (losses/multihead_losses.py,
+    ``MultiHeadWeightProbBase.forward`` with ``TEMI.weight = sim_weight``): every head's prior π^h is updated
+    first, the weight is the teacher agreement ⟨t^h(x_b), t^h(n_b)⟩ averaged over the heads, and head h's loss is
+    the weighted −β-PMI of each student view against the other teacher view, averaged."""
+    s_temp, t_temp = temps
+    probs = [(softmax(s[0] / s_temp), softmax(s[1] / s_temp)) for s in student]
+    teach = [(softmax(t[0] / t_temp), softmax(t[1] / t_temp)) for t in teacher]
+    prior = prior.copy()
+    for h, (t0, t1) in enumerate(teach):
+        prior[h] = momentum * prior[h] + (1 - momentum) * np.concatenate([t0, t1]).mean(0)
+    weight = np.mean([(t0 * t1).sum(1) for t0, t1 in teach], axis=0)
+    losses = []
+    for h, ((s0, s1), (t0, t1)) in enumerate(zip(probs, teach)):
+        pmi = [np.log(((s * t) ** beta / prior[h]).sum(1)) for s, t in ((s1, t0), (s0, t1))]
+        losses.append(np.mean([(weight * -pmi[0]).mean(), (weight * -pmi[1]).mean()]))
+    return losses
+
+
+def test_temi_defaults_to_the_released_head_weight_averaged_over_heads():
+    """A batch of B images and their B neighbours (rows 0..B-1 and B..2B-1, each the other's table neighbour):
+    our symmetric pair p gives, for each head, the mean of the two directions of the released loss."""
+    rng = np.random.default_rng(3)
+    b, k, heads = 5, 4, 3
+    index = np.arange(2 * b)
+    table = np.concatenate([index[b:], index[:b]])[:, None]
+    student = [rng.normal(size=(2 * b, k)) for _ in range(heads)]
+    teacher = [s + rng.normal(size=s.shape) * 0.5 for s in student]
+    objective = TEMILoss(KNNGraph(k=1), beta=0.6, prior_momentum=0.9).double()
+
+    def as_rows(z):
+        return Rows(
+            z=torch.tensor(z, dtype=torch.float64), index=torch.as_tensor(index), neighbours=torch.as_tensor(table)
+        )
+
+    outs = objective.forward_heads([as_rows(z) for z in student], [as_rows(z) for z in teacher], None, 0)
+    prior = np.full((heads, k), 1 / k)
+    split = [(z[:b], z[b:]) for z in student], [(z[:b], z[b:]) for z in teacher]
+    expected = released_temi(*split, prior, 0.6, 0.9, (0.1, 0.1))
+    np.testing.assert_allclose([o.loss.item() for o in outs], expected, rtol=1e-10)
+    # the other form by name: each head weighted by its own agreement, which differs here
+    own = TEMILoss(KNNGraph(k=1), beta=0.6, prior_momentum=0.9, head_weight="own").double()
+    own_losses = [
+        o.loss.item() for o in own.forward_heads([as_rows(z) for z in student], [as_rows(z) for z in teacher], None, 0)
+    ]
+    assert max(abs(a - e) for a, e in zip(own_losses, expected)) > 1e-4
