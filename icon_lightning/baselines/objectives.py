@@ -15,6 +15,7 @@ from torch import Tensor
 from icon_lightning.functional import beta_pmi, check_alpha, check_positive, entropy, scan_consistency
 from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.loss import LossOutput, Objective, Pairs, anchors_with_positive
+from icon_lightning.settings import PositiveFloat, UnitFraction, check_arguments
 from icon_lightning.supervisory import Supervisory
 from icon_lightning.supervisory.base import target_dtype
 
@@ -76,6 +77,33 @@ class SCANLoss(Objective):
         return log_a if marked is None or not bool(marked.any()) else log_a[marked]
 
 
+def _check_teacher_candidates(pairs: Pairs) -> None:
+    if pairs.square:
+        raise ValueError("candidates: TEMI needs the teacher's outputs as candidates (teacher_candidates=True)")
+
+
+@torch.no_grad()
+def teacher_agreement(pairs: Pairs, temperature: float) -> Tensor:
+    """(B, M) ⟨t_i, t_j⟩ with t = softmax(candidates.z / temperature): a teacher's agreement on each pair."""
+    _check_teacher_candidates(pairs)
+    dtype = target_dtype(pairs.anchors)
+    with torch.autocast(pairs.anchors.z.device.type, enabled=False):
+        t = torch.softmax(pairs.candidates.z.to(dtype) / temperature, -1)
+        start = pairs.self_offset or 0
+        return t[start : start + len(pairs.anchors)] @ t.T
+
+
+def _grown_prior(prior: Tensor, head: int, like: Tensor) -> Tensor:
+    """``prior`` (H, K) with a uniform row for each head up to ``head``; all rows uniform if K changed."""
+    num_clusters = like.shape[1]
+    if prior.shape[0] > head and prior.shape[1] == num_clusters:
+        return prior
+    grown = like.new_full((head + 1, num_clusters), 1.0 / num_clusters)
+    if prior.shape[1] == num_clusters:
+        grown[: prior.shape[0]] = prior
+    return grown
+
+
 class TEMILoss(Objective):
     """TEMI (Adaloglou et al., BMVC 2023): −mean_i Σ_j p_ij w_ij β-PMI(student_i, teacher_j).
 
@@ -98,28 +126,21 @@ class TEMILoss(Objective):
     def __init__(
         self,
         p: Supervisory,
-        beta: float = 0.6,
+        beta: UnitFraction = 0.6,
         prior_momentum: float = 0.9,
-        student_temperature: float = 0.1,
-        teacher_temperature: float = 0.1,
+        student_temperature: PositiveFloat = 0.1,
+        teacher_temperature: PositiveFloat = 0.1,
         weighted: bool = True,
         head_weight: Literal["mean", "own"] = "mean",
     ) -> None:
         super().__init__()
-        if head_weight not in ("mean", "own"):
-            raise ValueError(f"head_weight: expected 'mean' or 'own', got {head_weight!r}")
-        self.head_weight = head_weight
-        if not 0 < beta <= 1:
-            raise ValueError(f"beta: expected a value in (0, 1], got {beta}")
+        check_arguments(TEMILoss.__init__, locals())
         check_alpha("prior_momentum", prior_momentum)
-        check_positive("student_temperature", student_temperature)
-        check_positive("teacher_temperature", teacher_temperature)
-        self.p = p
+        self.p, self.head_weight, self.weighted = p, head_weight, weighted
         self.beta = float(beta)
         self.prior_momentum = float(prior_momentum)
         self.student_temperature = float(student_temperature)
         self.teacher_temperature = float(teacher_temperature)
-        self.weighted = weighted
         self.register_buffer("prior", torch.empty(0, 0))  # (H, K), grown on first use, checkpointed
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -129,12 +150,7 @@ class TEMILoss(Objective):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _prior(self, head: int, like: Tensor) -> Tensor:
-        num_clusters = like.shape[1]
-        if self.prior.shape[0] <= head or self.prior.shape[1] != num_clusters:
-            grown = like.new_full((head + 1, num_clusters), 1.0 / num_clusters)
-            if self.prior.shape[1] == num_clusters:
-                grown[: self.prior.shape[0]] = self.prior
-            self.prior = grown
+        self.prior = _grown_prior(self.prior, head, like)
         return self.prior[head]
 
     def forward_heads(self, anchors, candidates=None, p=None, self_offset=None, first_head: int = 0):
@@ -151,27 +167,16 @@ class TEMILoss(Objective):
         weight = torch.stack([self.agreement(pairs) for pairs in per_head]).mean(0)
         return [self.weighted_pmi(pairs, weight) for pairs in per_head]
 
-    @torch.no_grad()
     def agreement(self, pairs: Pairs) -> Tensor:
         """(B, M) ⟨t_i, t_j⟩: the teacher's agreement on each anchor-candidate pair of one head."""
-        self.check_candidates(pairs)
-        dtype = target_dtype(pairs.anchors)
-        with torch.autocast(pairs.anchors.z.device.type, enabled=False):
-            t = torch.softmax(pairs.candidates.z.to(dtype) / self.teacher_temperature, -1)
-            start = pairs.self_offset or 0
-            return t[start : start + len(pairs.anchors)] @ t.T
-
-    @staticmethod
-    def check_candidates(pairs: Pairs) -> None:
-        if pairs.square:
-            raise ValueError("candidates: TEMI needs the teacher's outputs as candidates (teacher_candidates=True)")
+        return teacher_agreement(pairs, self.teacher_temperature)
 
     def compute(self, pairs: Pairs) -> LossOutput:
         return self.weighted_pmi(pairs, self.agreement(pairs) if self.weighted else None)
 
     def weighted_pmi(self, pairs: Pairs, weight: Tensor | None) -> LossOutput:
         """−mean_i Σ_j p_ij w_ij β-PMI_ij of one head (``weight`` None: w = 1), updating its prior π."""
-        self.check_candidates(pairs)
+        _check_teacher_candidates(pairs)
         anchors, candidates, p = pairs.anchors, pairs.candidates, pairs.p
         dtype = target_dtype(anchors)  # float32 or wider, also under autocast
         with torch.autocast(anchors.z.device.type, enabled=False):
