@@ -46,7 +46,7 @@ def test_unknown_method_is_named(tmp_path, monkeypatch):
         bc.main(["--dataset", "digits", "--methods", "nope", "--cache-dir", str(tmp_path)])
 
 
-def test_rows_of_an_earlier_protocol_keep_their_label_and_are_rerun_by_resume(tmp_path, monkeypatch, capsys):
+def test_rows_of_an_earlier_protocol_are_removed_never_shown_beside_this_one(tmp_path, monkeypatch, capsys):
     # A file from before per-method protocols: one schedule at the top level for every row.
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     monkeypatch.setattr(bc, "RESULTS", tmp_path)
@@ -59,17 +59,38 @@ def test_rows_of_an_earlier_protocol_keep_their_label_and_are_rerun_by_resume(tm
         "command": "python -m benchmarks.clustering --dataset digits",
         "methods": {"kmeans_faiss": old_row, "scan": old_row},
     }  # fmt: skip
-    (tmp_path / "clustering_digits.json").write_text(json.dumps(old))
+    path = tmp_path / "clustering_digits.json"
+    path.write_text(json.dumps(old))
+    assert "not run under this protocol yet" in bc.markdown_table([path])  # old rows alone: none shown
+    assert "| scan |" not in bc.markdown_table([path])
+
     args = ["--dataset", "digits", "--seeds", "0", "--cache-dir", str(tmp_path / "cache"), "--resume"]
     bc.main([*args, "--methods", "kmeans_faiss", "--table"])
-
-    data = json.loads((tmp_path / "clustering_digits.json").read_text())
+    data = json.loads(path.read_text())
+    assert list(data["methods"]) == ["kmeans_faiss"]  # the earlier protocol's scan row is gone
     assert data["methods"]["kmeans_faiss"]["runs"][0]["hungarian_acc"] != 0.5  # --resume re-ran the old row
     assert data["methods"]["kmeans_faiss"]["protocol"] == bc.PROTOCOL
-    assert data["methods"]["scan"]["protocol"] == "earlier fixed schedule {'max_epochs': 15}"  # not relabelled
     table = capsys.readouterr().out
-    assert "| scan [2] |" in table and "| kmeans_faiss [1] |" in table
-    assert "[2] earlier fixed schedule" in table
+    assert "| kmeans_faiss |" in table and "| scan" not in table
+    assert "the I-Con default has not run under this protocol" in table
+
+
+def test_the_gap_line_names_the_best_and_the_i_con_default():
+    def row(acc, clusters=10):
+        return {"clusters": clusters, "hungarian_acc": {"mean": acc, "std": 0.0}}
+
+    rows = {"spectral": row(0.881), "icon": row(0.845), "icon_overcluster_3x": row(0.95, 30)}
+    assert bc.gap_line(rows, "spectral") == (
+        "Best: spectral 0.881; I-Con default 0.845; I-Con's default -3.6 points from it."
+    )
+    assert bc.gap_line({"icon": row(0.9)}, "icon").endswith("I-Con's default is the best.")
+
+
+def test_the_table_methods_are_the_issue_s_and_all_exist():
+    table = bc.methods(10)
+    assert set(bc.TABLE_METHODS) <= set(table)
+    for peer in ("scan", "temi", "turtle"):
+        assert peer in bc.TABLE_METHODS
 
 
 def test_the_icon_rows_are_the_recipe_and_its_edits():
