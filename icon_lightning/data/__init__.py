@@ -4,6 +4,7 @@ from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.data.datamodule import ClusteringDataModule
 from icon_lightning.data.datasets import (
     DigitsDataset,
+    DigitsImages,
     FeaturesArray,
     FeaturesFile,
     IdxDataset,
@@ -19,6 +20,7 @@ __all__ = [
     "ClusteringBatch",
     "ClusteringDataModule",
     "DigitsDataset",
+    "DigitsImages",
     "FeatureKey",
     "FeatureStore",
     "FeaturesArray",

@@ -321,6 +321,19 @@ class DigitsDataset(IndexedDataset):
         return "sklearn:digits"
 
 
+class DigitsImages(DigitsDataset):
+    """The same digits as 8 × 8 grayscale images (pixel values 0–16 scaled to 0–255), for a frozen backbone:
+    ``--data.backbone … --data.grayscale_to_rgb true``. ``make demo`` runs EfficientNet-Lite0 on them."""
+
+    def load(self, i: int):
+        pixels = (self.data[i].reshape(8, 8).numpy() * (255 / 16)).round().astype(np.uint8)
+        return Image.fromarray(pixels, mode="L")
+
+    @property
+    def cache_key(self) -> str:
+        return "sklearn:digits:images"
+
+
 class FeaturesFile(IndexedDataset):
     """Precomputed features: an ``.npz`` with ``features`` (N, D) and optional ``labels`` (N,) and ``classes``."""
 
