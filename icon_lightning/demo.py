@@ -8,7 +8,7 @@ them), I-Con cluster heads fitted on them. Block 2: the same job on the 64 raw p
    ``icon_clustering`` recipe (k-NN k = 3 + one-step walks, shared cluster likelihood, α = 0.6 on both sides) with
    ``--data.views clean``: every default is the command's (full batch, 10 heads, one from k-means, pruned by
    training loss to one; Adam 1e-2 halved on training-loss plateaus until the third), plus a CSV logger and the
-   ``ClusteringPlots`` callback; the run's folder holds its ``metrics.json`` and ``plots/``;
+   ``ClusteringPlots`` callback (the first block only); the run's folder holds ``metrics.json`` and ``plots/``;
 2. the final validation (the command's): Hungarian accuracy, NMI and ARI of the selected head (label-free);
 3. k-means and spectral clustering on the same centred, L2-normalised features, scored the same way;
 4. a table of the three, headed by the pipeline it is. Labels only score.
@@ -78,8 +78,10 @@ PIPELINES = {
 BACKBONE = "icon_lightning.data.backbones.EfficientNetLite0"
 
 
-def command(args: argparse.Namespace, overrides: list[str], pipeline: str = "features") -> list[str]:
-    """The `icon fit` words of one block."""
+def command(
+    args: argparse.Namespace, overrides: list[str], pipeline: str = "features", plots: bool = True
+) -> list[str]:
+    """The `icon fit` words of one block; ``plots``: with the ``ClusteringPlots`` callback."""
     if args.cifar10:
         dataset, data = cifar10_test_split(args.cifar10), [f"--data.backbone={BACKBONE}"]
     elif pipeline == "features":
@@ -89,7 +91,6 @@ def command(args: argparse.Namespace, overrides: list[str], pipeline: str = "fea
         dataset, data = {"class_path": "icon_lightning.data.DigitsDataset"}, []
     if data:
         data.append(f"--data.image_size={args.image_size}")
-    plots = {"class_path": "icon_lightning.callbacks.ClusteringPlots"}
     words = [
         "fit",
         f"--config={recipe_path(args.recipe)}",
@@ -107,8 +108,9 @@ def command(args: argparse.Namespace, overrides: list[str], pipeline: str = "fea
         "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
-        f"--trainer.callbacks+={json.dumps(plots)}",
     ]
+    if plots:
+        words.append(f"--trainer.callbacks+={json.dumps({'class_path': 'icon_lightning.callbacks.ClusteringPlots'})}")
     words += [] if args.heads is None else [f"--model.num_heads={args.heads}"]
     words += [] if args.max_steps is None else [f"--convergence.max_steps={args.max_steps}"]
     return words + overrides
@@ -143,17 +145,17 @@ def report(args, title: str, run: AssembledRun, results: dict, fit_s: float) -> 
     for key, label in names.items():
         r = results[key]
         print(f"{label:<32}{r['hungarian_acc']:>14.3f}{r['nmi']:>8.3f}{r['ari']:>8.3f}")
-    plots = next(c for c in run.trainer.callbacks if isinstance(c, ClusteringPlots))
-    plot_dir = plots.written[0].parent if plots.written else None
-    print(f"plots: {plot_dir} ({', '.join(p.name for p in plots.written)})")
+    plots = next((c.written for c in run.trainer.callbacks if isinstance(c, ClusteringPlots)), [])
+    if plots:
+        print(f"plots: {plots[0].parent} ({', '.join(p.name for p in plots)})")
     print(f"metrics: {run.run_dir / 'metrics.json'}")
-    results["plots"] = [str(p) for p in plots.written]
+    results["plots"] = [str(p) for p in plots]
 
 
-def block(args, overrides: list[str], pipeline: str, title: str) -> dict:
+def block(args, overrides: list[str], pipeline: str, title: str, plots: bool) -> dict:
     """One pipeline: `icon fit` (its fit, final validation and metrics.json), then the peers on its features."""
     start = time.perf_counter()
-    run = assemble(command(args, overrides, pipeline))
+    run = assemble(command(args, overrides, pipeline, plots))
     run.execute()
     fit_s = time.perf_counter() - start
     metrics = run.record["metrics"]
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     for number, pipeline in enumerate(chosen, 1):
         what = PIPELINES[pipeline] + (f" at {args.image_size} px, cached" if pipeline == "features" else "")
         title = f"== block {number} of {len(chosen)}: {name}, {what} =="
-        results[pipeline] = block(args, overrides, pipeline, title)
+        results[pipeline] = block(args, overrides, pipeline, title, plots=number == 1)  # plots: the first block's
     results["wall_s"] = time.perf_counter() - start
     print(f"\nwall time {results['wall_s']:.1f} s")
     return results

@@ -34,9 +34,10 @@ def test_demo_runs_the_frozen_backbone_pipeline_then_raw_pixels(capsys, tmp_path
         assert block["steps"] == 60 and not block["converged"]  # the cap ended it, and the demo says so
         record = json.loads((Path(block["run_dir"]) / "metrics.json").read_text())  # the `icon fit` record
         assert record["steps"] == 60 and record["metrics"]["val/nmi"] == pytest.approx(icon["nmi"])
-        names = {Path(p).name for p in block["plots"]}
-        assert {"confusion_epoch59.png", "cluster_sizes_epoch59.png", "embedding_epoch59.png"} <= names
-        assert all(Path(p).resolve().is_relative_to(tmp_path.resolve()) for p in block["plots"])  # not the cwd
+    names = {Path(p).name for p in features["plots"]}  # the first block's plots; the second has none
+    assert {"confusion_epoch59.png", "cluster_sizes_epoch59.png", "embedding_epoch59.png"} <= names
+    assert all(Path(p).resolve().is_relative_to(tmp_path.resolve()) for p in features["plots"])  # not the cwd
+    assert pixels["plots"] == []
     assert pixels["kmeans"]["hungarian_acc"] > 0.7 and pixels["spectral"]["hungarian_acc"] > 0.7  # sklearn's usual
     for text in ("I-Con (icon_clustering)", "k-means", "spectral", "selected head", "plots: ", "NOT CONVERGED"):
         assert text in out
