@@ -71,7 +71,7 @@ CLUSTERING_DATASETS ?= digits cifar10_test cifar10_train_test fashion_mnist_test
 bench-clustering: install ## every method x 3 seeds per dataset -> benchmarks/results/clustering_<dataset>.json
 	for d in $(CLUSTERING_DATASETS); do OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.clustering --dataset $$d \
 		--cifar10-tar-dir $(SHARED)/cifar10 || exit 1; done
-	$(BIN)/python -m benchmarks.clustering --table
+	$(BIN)/python -m benchmarks.clustering --table --readme
 
 IMAGENET_ROOT ?=
 MODEL ?= s14

@@ -5,7 +5,8 @@
     python -m benchmarks.clustering --dataset cifar10_train_test
     python -m benchmarks.clustering --dataset fashion_mnist_test (Debian's dataset-fashion-mnist)
     python -m benchmarks.clustering --features X.npz            → clustering_X.json (a user's features file)
-    python -m benchmarks.clustering --table                     → the README table from the JSON files
+    python -m benchmarks.clustering --table [--readme]          → the README table from the JSON files (--readme
+                                                                  writes it between README's two markers)
 
 Features come from the project's own pipeline (``cached_features``: EfficientNet-Lite0, ImageNet weights). The
 head-based methods (I-Con, its ablations, SCAN, TEMI) are ``icon fit`` on them, built by the one builder
@@ -344,7 +345,11 @@ def methods_of(data: dict) -> dict:
 def markdown_table(paths: list[Path]) -> str:
     """README's results: per set, the rows that ran under this protocol (rows of an earlier protocol are never
     shown beside them), then a line naming the best method, the I-Con default and the gap in points."""
-    protocol, lines = current_protocol(), []
+    protocol = current_protocol()
+    lines = [
+        f"Every head-based row: {protocol}. Regenerate with `python -m benchmarks.clustering --table --readme`.",
+        "",
+    ]
     for path in paths:
         data = json.loads(path.read_text())
         rows = {m: v for m, v in methods_of(data).items() if v["protocol"] == protocol}
@@ -378,6 +383,22 @@ def markdown_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKERS = ("<!-- clustering-results -->", "<!-- clustering-table -->")
+
+
+def readme_block(text: str) -> str:
+    """The generated part of README's results section: the text between its two markers."""
+    start, end = (text.index(m) for m in MARKERS)
+    return text[start + len(MARKERS[0]) : end].strip()
+
+
+def write_readme(table: str, path: Path = README) -> None:
+    text = path.read_text()
+    old = readme_block(text)
+    path.write_text(text.replace(old, table.strip(), 1))
+
+
 def gap_line(rows: dict, best: str) -> str:
     top = rows[best]["hungarian_acc"]["mean"]
     if "icon" not in rows:
@@ -401,13 +422,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=".cache/icon_lightning")
     parser.add_argument("--resume", action="store_true", help="skip methods already in the JSON with every seed")
     parser.add_argument("--table", action="store_true", help="print the README table from the JSON results")
+    parser.add_argument("--readme", action="store_true", help="with --table: write it into README.md's results")
     args = parser.parse_args(argv)
     if len(args.seeds) < 1:
         parser.error("--seeds: at least one seed")
     for name in [*(args.dataset or []), *(args.features or [])]:
         benchmark(name, args)
     if args.table:
-        print(markdown_table(sorted(RESULTS.glob("clustering_*.json"))))
+        table = markdown_table(sorted(RESULTS.glob("clustering_*.json")))
+        print(table)
+        if args.readme:
+            write_readme(table)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,13 @@ def test_the_icon_rows_are_the_recipe_and_its_edits():
     ablated = icon_loss(0.0, 0.6, 1)  # no debiasing of p, no walks
     assert isinstance(ablated.p, supervisory.KNNGraph) and ablated.p.k == 3 and isinstance(ablated.q, learned.Debiased)
     assert icon_loss(0.6, 0.0, 3).p.base.steps == 3 and isinstance(icon_loss(0.6, 0.0, 3).q, learned.UniformCluster)
+
+
+def test_readme_results_are_the_committed_json(tmp_path):
+    """README's results are generated from benchmarks/results/clustering_*.json, never edited by hand."""
+    table = bc.markdown_table(sorted(bc.RESULTS.glob("clustering_*.json")))
+    assert bc.readme_block(bc.README.read_text()) == table.strip()
+    copy = tmp_path / "README.md"
+    copy.write_text(f"intro\n{bc.MARKERS[0]}\nstale\n{bc.MARKERS[1]}\nrest\n")
+    bc.write_readme(table, copy)
+    assert bc.readme_block(copy.read_text()) == table.strip() and copy.read_text().endswith("rest\n")
