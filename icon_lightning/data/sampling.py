@@ -31,6 +31,8 @@ class AnchorDataset(Dataset):
     ) -> None:
         self.num_items, self.pool = num_items, pool
         self.num_views, self.view_pool, self.num_neighbours, self.seed = num_views, view_pool, num_neighbours, seed
+        self._no_views, self._no_neighbours = np.full(num_views, -1), pool[:0, :0].reshape(0)  # shared, read-only
+        self._no_views.flags.writeable = False
 
     def __len__(self) -> int:
         return self.num_items
@@ -38,7 +40,7 @@ class AnchorDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         if self.view_pool <= 0 and self.num_neighbours == 0:  # nothing to draw (full-batch, clean features)
-            return i, np.full(self.num_views, -1), self.pool[i][:0]
+            return i, self._no_views, self._no_neighbours
         rng = item_rng(self.seed, epoch, i)
         if self.view_pool > 0:
             views = rng.choice(self.view_pool, self.num_views, replace=self.num_views > self.view_pool)
