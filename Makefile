@@ -32,7 +32,7 @@ test: install ## Run the test suite (CPU; slow tests included)
 test-fast: install ## Run the test suite without tests marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: install ## The main job: fit + validate the I-Con clusterer on digits, table beside k-means and spectral
+demo: install ## The main job: I-Con on frozen EfficientNet-Lite0 features of digits (then raw pixels), beside k-means and spectral
 	$(BIN)/python -m icon_lightning.demo
 
 CIFAR10 ?=
