@@ -192,6 +192,30 @@ CLI_CASES = {
         ),
         "'labels' must be (4,)",
     ),
+    "string features": (
+        lambda d: _features_command(_npz(d, "str.npz", lambda p, np: np.savez(p, features=np.array([["a", "b"]] * 4)))),
+        "str.npz: 'features' must be numeric, got dtype <U1",
+    ),
+    "string labels": (
+        lambda d: _features_command(
+            _npz(d, "sl.npz", lambda p, np: np.savez(p, features=np.eye(4), labels=np.array(list("abcd"))))
+        ),
+        "sl.npz: 'labels' must be integer class ids (-1: unlabelled), got dtype <U1",
+    ),
+    "float labels (0.5 … 9.5)": (
+        lambda d: _features_command(
+            _npz(d, "fl.npz", lambda p, np: np.savez(p, features=np.eye(10), labels=np.arange(10) + 0.5))
+        ),
+        "fl.npz: 'labels' must be whole-number class ids (-1: unlabelled), got values such as [0.5, 1.5, 2.5]",
+    ),
+    "300 identical rows": (
+        lambda d: _features_command(
+            _npz(d, "same.npz", lambda p, np: np.savez(p, features=np.ones((300, 8)), labels=np.arange(300) % 3)),
+            "--data.num_clusters=3",
+            f"--data.cache_dir={d / 'cache'}",
+        ),
+        "same.npz: 'features' are constant (every row the same, up to 0.0001 of their size): nothing to cluster",
+    ),
     "`num_clusters 0`": (lambda d: ["fit", "--config", DIGITS_CONFIG, "--data.num_clusters=0"], "num_clusters"),
     "`num_clusters 1`": (lambda d: ["fit", "--config", DIGITS_CONFIG, "--data.num_clusters=1"], "num_clusters"),
     "`num_clusters` above N": (
@@ -295,3 +319,36 @@ if __name__ == "__main__":  # README's table
             except BaseException as error:  # noqa: BLE001 - a case that escapes is reported, not hidden
                 line = f"UNCAUGHT {type(error).__name__}: {error}"
         print(f"| {case} | `{line.replace('|', '/')}` |")
+
+
+def test_features_along_fewer_directions_than_clusters_warn_by_name(tmp_path):
+    """Rank below K still clusters (blobs on a line), so it is a named warning, not an error; the rank is that of
+    the centred features (np.linalg.matrix_rank agrees)."""
+    import numpy as np
+
+    from icon_lightning.data.prepared import check_spread
+
+    rng = np.random.default_rng(0)
+    line = np.outer(rng.normal(size=500), rng.normal(size=16)) + 3.0  # rank 1 after centring
+    assert np.linalg.matrix_rank(line - line.mean(0)) == 1
+    with pytest.warns(UserWarning, match=r"^line.npz: 'features' vary along only 1 direction\(s\), fewer than num_c"):
+        check_spread(line, line.mean(0, keepdims=True), 4, "line.npz")
+    full = rng.normal(size=(500, 16))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_spread(full, full.mean(0, keepdims=True), 10, "full.npz")  # 16 directions ≥ 10: silent
+    nearly = np.ones((300, 8)) + 1e-7 * rng.normal(size=(300, 8))
+    with pytest.raises(ValueError, match="'features' are constant"):
+        check_spread(nearly, nearly.mean(0, keepdims=True), 3, "nearly.npz")
+
+
+def test_whole_number_float_labels_are_accepted_and_others_named():
+    import numpy as np
+
+    from icon_lightning.data.datasets import FeaturesArray, integer_labels
+
+    assert integer_labels(np.array([0.0, 2.0, -1.0]), "labels").tolist() == [0, 2, -1]
+    with pytest.raises(ValueError, match=r"^labels must be whole-number class ids.*\[0\.5\]"):
+        FeaturesArray(np.eye(3), np.array([0.0, 0.5, 1.0]))

@@ -167,7 +167,7 @@ class ClusteringDataModule(L.LightningDataModule):
         self._prepared = prepare(
             self.prep, self.dataset, self.val_dataset, width=self.table_width, walk_steps=self.walk_steps,
             backend=self.knn_backend, views=self.views, view_pool=self.view_pool, views_in_memory=self.views_in_memory,
-            num_views=self.num_views, num_neighbours=sampled, seed=self.seed,
+            num_views=self.num_views, num_neighbours=sampled, seed=self.seed, num_clusters=self.num_clusters,
         )  # fmt: skip
 
     @property

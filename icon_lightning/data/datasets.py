@@ -334,6 +334,18 @@ class DigitsImages(DigitsDataset):
         return "sklearn:digits:images"
 
 
+def integer_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    """Class ids as int64 (-1: unlabelled, left out of scoring); floats only when every value is a whole number."""
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f" and np.isfinite(labels).all() and (labels == np.round(labels)).all():
+        return labels.astype(np.int64)
+    if labels.dtype.kind == "f":
+        bad = labels[~(np.isfinite(labels) & (labels == np.round(labels)))][:3].tolist()
+        raise ValueError(f"{where} must be whole-number class ids (-1: unlabelled), got values such as {bad}")
+    raise ValueError(f"{where} must be integer class ids (-1: unlabelled), got dtype {labels.dtype}")
+
+
 class FeaturesFile(IndexedDataset):
     """Precomputed features: an ``.npz`` with ``features`` (N, D) and optional ``labels`` (N,) and ``classes``."""
 
@@ -357,10 +369,13 @@ class FeaturesFile(IndexedDataset):
                 f"{self.path}: not a readable .npz (truncated or not an np.savez file: {reason}); expected "
                 "'features' (N, D) and optional 'labels' (N,), 'classes'"
             ) from None
+        if features.dtype.kind not in "biuf":
+            raise ValueError(f"{self.path}: 'features' must be numeric, got dtype {features.dtype}")
         if features.ndim != 2 or 0 in features.shape:
             raise ValueError(f"{self.path}: 'features' must be a non-empty (N, D) array, got shape {features.shape}")
         if labels.shape != (len(features),):
             raise ValueError(f"{self.path}: 'labels' must be ({len(features)},), got shape {labels.shape}")
+        labels = integer_labels(labels, f"{self.path}: 'labels'")
         if not np.isfinite(features).all():
             raise ValueError(f"{self.path}: 'features' contains NaN or inf")
         self.features = torch.from_numpy(features.astype(np.float32))
@@ -385,7 +400,11 @@ class FeaturesArray(IndexedDataset):
             raise ValueError(f"features: expected a non-empty (N, D) array, got shape {features.shape}")
         if not np.isfinite(features).all():
             raise ValueError("features: contains NaN or inf")
-        labels = np.full(len(features), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        labels = (
+            np.full(len(features), -1, dtype=np.int64)
+            if labels is None
+            else integer_labels(np.asarray(labels), "labels")
+        )
         if labels.shape != (len(features),):
             raise ValueError(f"labels: expected shape ({len(features)},), got {labels.shape}")
         self.features = torch.from_numpy(features)

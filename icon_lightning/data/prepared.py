@@ -4,6 +4,7 @@ anchors' draw and the evaluation items."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,33 @@ class PreparedData:
     knn_agreement: float | None = None
 
 
+SPREAD_TOL = 1e-4  # centred spread below this fraction of the features' own size counts as none
+
+
+def check_spread(raw: np.ndarray, mean: np.ndarray, num_clusters: int, where: object) -> None:
+    """Features that cannot be split: every row the same (up to ``SPREAD_TOL`` of their size) is an error; a spread
+    over fewer directions than ``num_clusters`` is a warning (clusters must then separate within those directions).
+    Judged on at most 4,096 evenly spaced rows through a random projection to ``num_clusters`` dimensions, whose
+    rank is min(rank, K) almost surely."""
+    sample = raw[:: max(1, len(raw) // 4096)].astype(np.float64)
+    dims = max(num_clusters, 1)
+    projection = np.random.default_rng(0).standard_normal((raw.shape[1], dims))
+    size = np.linalg.norm(sample @ projection, 2)
+    spread = np.linalg.svd((sample - mean) @ projection, compute_uv=False)
+    rank = int((spread > SPREAD_TOL * size).sum()) if size > 0 else 0
+    if rank == 0:
+        raise ValueError(
+            f"{where}: 'features' are constant (every row the same, up to {SPREAD_TOL:g} of their size): "
+            "nothing to cluster"
+        )
+    if rank < num_clusters:
+        warnings.warn(
+            f"{where}: 'features' vary along only {rank} direction(s), fewer than num_clusters={num_clusters}: "
+            "the clusters must separate within them",
+            stacklevel=2,
+        )
+
+
 def prepare(
     prep: FeaturePrep,
     dataset: IndexedDataset,
@@ -51,12 +79,14 @@ def prepare(
     num_views: int,
     num_neighbours: int,
     seed: int,
+    num_clusters: int = 0,
 ) -> PreparedData:
     """The DataModule's ``PreparedData``: its clean features through ``prep``, a k-NN table of ``width``
     (``NeighbourIndex``, in the feature store's folder), the cached views when ``views`` is ``cached``, and the
     anchors' draw (``AnchorDataset``) of ``num_views`` views and ``num_neighbours`` sampled neighbours."""
     raw = np.asarray(prep.raw(dataset, "clean"), dtype=np.float32)
     mean = raw.mean(0, keepdims=True)
+    check_spread(raw, mean, num_clusters, getattr(dataset, "path", type(dataset).__name__))
     clean = prep.prepared(raw, mean)
     table = NeighbourIndex.build(clean, width, walk_steps, prep.store.root, backend)
     labels = torch.as_tensor(dataset.labels, dtype=torch.long)
