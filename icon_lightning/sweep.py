@@ -75,8 +75,22 @@ def trials(sweep: dict, count: int | None = None, seed: int = 0) -> list[dict]:
     return out
 
 
-def trial_args(sweep: dict, trial: dict) -> list[str]:
-    """The `icon` arguments of one trial: the sweep's command with ``${args}`` expanded."""
+def resolve_config(value: str, sweep_file: Path | None) -> str:
+    """A relative ``--config`` path of a sweep's command, found from the sweep file's folder: the folder itself,
+    then each folder above it (so `experiments/digits/config.yaml` in `experiments/digits/sweep.yaml` means the
+    same file from any working directory). Absolute paths, and any path when the sweep file is unknown, stay."""
+    if sweep_file is None or Path(value).is_absolute():
+        return value
+    folder = sweep_file.resolve().parent
+    for base in (folder, *folder.parents):
+        if (base / value).is_file():
+            return str(base / value)
+    raise FileNotFoundError(f"{sweep_file}: --config {value}: not found from {folder} or any folder above it")
+
+
+def trial_args(sweep: dict, trial: dict, sweep_file: Path | None = None) -> list[str]:
+    """The `icon` arguments of one trial: the sweep's command with ``${args}`` expanded and its ``--config`` paths
+    found from the sweep file's folder (``resolve_config``)."""
     args = []
     command = list(sweep["command"])
     if command and command[0] in (sweep.get("program"), "icon"):
@@ -86,6 +100,11 @@ def trial_args(sweep: dict, trial: dict) -> list[str]:
             args += [f"--{k}={v}" for k, v in trial.items()]
         elif token not in PLACEHOLDERS:
             args.append(str(token))
+    for i, word in enumerate(args):
+        if word.startswith("--config="):
+            args[i] = "--config=" + resolve_config(word.split("=", 1)[1], sweep_file)
+        elif i and args[i - 1] == "--config":
+            args[i] = resolve_config(word, sweep_file)
     return args
 
 
@@ -141,15 +160,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     try:
         for i, trial in enumerate(trials(sweep, args.count)):
-            argv_i = trial_args(sweep, trial)
+            argv_i = trial_args(sweep, trial, Path(args.sweep))
             print(f"[{i + 1}] icon {' '.join(argv_i)}", flush=True)
             if args.dry_run:
                 continue
             rows.append({"trial": i, **trial, **trial_result(argv_i, out)})
     finally:
         if rows:
-            write_summary(rows, out, list(sweep["parameters"]))
+            write_summary(merged_with_earlier(rows, out), out, list(sweep["parameters"]))
+    failed = sum(r["status"] == "failed" for r in rows)
+    if failed:
+        raise RuntimeError(
+            f"{failed} of {len(rows)} trials failed (`error` in {out / 'sweep_summary.json'}; tracebacks in "
+            f"{out}/trial-*/failed-*.json)"
+        )
     return rows
+
+
+def merged_with_earlier(rows: list[dict], out: Path) -> list[dict]:
+    """This run's rows after the trials of earlier runs into the same ``out`` that it did not run again (matched by
+    config hash): a smaller re-run adds to the summary instead of replacing it. An unreadable summary is not
+    trusted: this run's rows replace it."""
+    path = out / "sweep_summary.json"
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        earlier = []
+    ran = {r.get("config_sha256") for r in rows}
+    kept = [r for r in earlier if isinstance(r, dict) and r.get("config_sha256") not in ran | {None}]
+    return kept + rows
 
 
 def trial_result(argv: list[str], out: Path) -> dict:
@@ -197,7 +236,7 @@ def print_table(rows: list[dict], params: list[str]) -> None:
     print("\n" + "  ".join(f"{n:>12}" for n in ["trial", *names, *shown, "status"]))
     for r in rows:
         scores = [f"{r[c]:.4f}" if c in r else "-" for c in shown]
-        cells = [str(r["trial"]), *[str(r[p]) for p in params], *scores, r["status"]]
+        cells = [str(r.get("trial", "-")), *[str(r.get(p, "-")) for p in params], *scores, r["status"]]
         print("  ".join(f"{c:>12}" for c in cells))
 
 

@@ -426,22 +426,46 @@ def test_an_edited_sweep_runs_its_new_trials_instead_of_reusing_old_results(tmp_
     assert len(fake_runs) == 6  # the two p-α = 0.2 trials ran; the p-α = 0.4 ones were reused
     assert [r["val/hungarian_acc/best"] for r in rows] == pytest.approx([0.7, 0.7, 0.9, 0.9])
     summary = json.loads((tmp_path / "out" / "sweep_summary.json").read_text())
-    assert [r["model.loss.init_args.p.init_args.alpha"] for r in summary] == [0.2, 0.2, 0.4, 0.4]
+    # merged: the earlier run's p-α = 0 trials stay in the summary (it used to be replaced by this run's 4 rows)
+    assert [r["model.loss.init_args.p.init_args.alpha"] for r in summary] == [0.0, 0.0, 0.2, 0.2, 0.4, 0.4]
+    assert len({r["config_sha256"] for r in summary}) == 6
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, fake_runs, capsys):
     from icon_lightning.sweep import main as sweep_main
 
-    rows = sweep_main([str(_alpha_sweep(tmp_path / "sweep.yaml", [0.7, 0.4])), "--out", str(tmp_path / "out")])
-    assert [r["status"] for r in rows] == ["failed", "failed", "done", "done"] and len(fake_runs) == 4
-    assert "illegal memory access" in rows[0]["error"]
+    with pytest.raises(RuntimeError, match="^2 of 4 trials failed"):  # the sweep goes on, then exits non-zero
+        sweep_main([str(_alpha_sweep(tmp_path / "sweep.yaml", [0.7, 0.4])), "--out", str(tmp_path / "out")])
+    assert len(fake_runs) == 4
     failures = list((tmp_path / "out").glob("trial-*/failed-*.json"))
     assert len(failures) == 2 and "RuntimeError" in json.loads(failures[0].read_text())["traceback"]
     summary = json.loads((tmp_path / "out" / "sweep_summary.json").read_text())
     assert [r["status"] for r in summary] == ["failed", "failed", "done", "done"]
+    assert "illegal memory access" in summary[0]["error"]
     assert "2 of 4 trials failed" in capsys.readouterr().out
-    sweep_main([str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")])  # failed trials are retried
-    assert len(fake_runs) == 6
+    from icon_lightning.entry import main as icon
+
+    with pytest.raises(SystemExit) as end:  # retried, through `icon`: a non-zero exit with the count
+        icon(["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")])
+    assert len(fake_runs) == 6 and str(end.value.code).startswith("icon: error: RuntimeError: 2 of 4 trials failed"), (
+        end.value.code
+    )
+
+
+def test_sweep_config_paths_are_found_from_the_sweep_file_folder(tmp_path, monkeypatch):
+    """`icon sweep <abs>/experiments/digits/sweep.yaml` from another folder resolved the config against the working
+    directory, and its trial failed."""
+    monkeypatch.chdir(tmp_path)
+    sweep_file = ROOT / "experiments" / "digits" / "sweep.yaml"
+    spec = load_sweep(sweep_file)
+    args = trial_args(spec, trials(spec)[0], sweep_file)
+    assert args[args.index("--config") + 1] == str(ROOT / "experiments" / "digits" / "config.yaml")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text("{}")
+    own = {"command": ["icon", "fit", "--config=mine.yaml", "${args}"]}
+    assert trial_args(own, {}, tmp_path / "sub" / "s.yaml") == ["fit", f"--config={tmp_path / 'sub' / 'mine.yaml'}"]
+    with pytest.raises(FileNotFoundError, match="s.yaml: --config other.yaml: not found from"):
+        trial_args({"command": ["icon", "fit", "--config", "other.yaml"]}, {}, tmp_path / "sub" / "s.yaml")
 
 
 def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
