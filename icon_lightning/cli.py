@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from icon_lightning.models.module import IConModule
 from icon_lightning.recipes import recipe_path
 from icon_lightning.runs import (
     RUN_DIR_ENV,
+    check_checkpoint_file,
     choose_run_dir,
     config_name,
     config_sha256,
@@ -82,12 +84,13 @@ def print_summary(metrics: dict, convergence: dict | None, steps: int, run_dir: 
     print(f"metrics.json: {run_dir / 'metrics.json'}")
 
 
-def finish_wandb() -> None:
-    """Ends this process's W&B run, so the next run in it (sweeps) starts its own."""
+def finish_wandb(exit_code: int | None = None) -> None:
+    """Ends this process's W&B run, so the next run in it (sweeps, tests) starts its own; ``exit_code`` 1 marks a
+    run that failed."""
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         if os.environ.get("WANDB_MODE") == "offline":
             print(f"W&B is offline: upload later with `wandb sync {sys.modules['wandb'].run.dir}/..`")
-        sys.modules["wandb"].finish()
+        sys.modules["wandb"].finish(exit_code=exit_code)
 
 
 class IConArgumentParser(LightningArgumentParser):
@@ -121,6 +124,64 @@ def live_head_metrics(callback_metrics, head_ids) -> dict[str, float]:
     return {k: v for k, v in scalars.items() if not (last := k.rsplit("/", 1)[-1]).startswith("head_") or last in live}
 
 
+def read_checkpoint_hparams(parse, ckpt: str | None) -> None:
+    """Lightning's ``parse`` of a checkpoint's hyper-parameters, with a file that is not a readable checkpoint
+    answered in one line naming it (torch alone says ``[Errno 22] Invalid argument``)."""
+    if not (ckpt and Path(ckpt).is_file()):
+        return parse()
+    check_checkpoint_file(ckpt)
+    try:
+        parse()
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"ckpt_path: {ckpt} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+
+
+def check_takes_steps(subcommand: str | None, max_steps: int | None, steps_done: int | None) -> None:
+    """A fit that takes no optimizer step has no head to select: refused before (``trainer.max_steps 0``) or after
+    (none taken, e.g. a zero time limit) the fit, in one line; no ``metrics.json`` is written from zeros."""
+    if subcommand not in (None, "fit"):
+        return
+    if max_steps == 0:
+        raise ValueError(
+            "trainer.max_steps: 0 takes no optimizer step, so no head can be selected; expected ≥ 1, or -1 "
+            "(the convergence.* budget)"
+        )
+    if steps_done == 0:
+        raise ValueError(
+            "fit: no optimizer step was taken, so no head can be selected and no metrics.json is written "
+            "(check trainer.max_epochs, trainer.max_time, trainer.limit_train_batches)"
+        )
+
+
+def run_record(cli, trainer, cfg) -> dict:
+    """What ``metrics.json`` records of a run: its final metrics, selected head and losses, pruning, config hash,
+    seed, wall time, steps, convergence verdict and checkpoints."""
+    metrics = live_head_metrics(trainer.callback_metrics, cli.model.head_ids)
+    watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
+    convergence = watcher.report() if watcher is not None and cli.subcommand == "fit" else None
+    saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))
+    monitored = [c for c in saving if getattr(c, "monitor", None)]
+    payload = {
+        "subcommand": cli.subcommand,
+        "metrics": metrics,
+        "selected_head": cli.model.live_head_ids()[cli.model.selected_position()],
+        "heads": [int(i) for i in cli.model.head_ids],
+        "head_losses": [float(x) for x in cli.model.head_losses],
+        "pruning": cli.model.pruning.history,
+        "config_sha256": cli.config_sha256,
+        "run_dir": str(cli.run_dir),
+        "ckpt_path": cfg.get("ckpt_path"),
+        "seed": cfg.get("seed_everything"),
+        "wall_time_s": round(time.time() - getattr(cli, "_started", time.time()), 2),
+        "version": __version__,
+        "steps": trainer.global_step,
+        "convergence": convergence,
+        "best_checkpoint": next((c.best_model_path for c in monitored if c.best_model_path), None),
+        "last_checkpoint": next((c.last_model_path for c in saving if c.last_model_path), None),
+    }
+    return payload
+
+
 class IConCLI(LightningCLI):
     """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model, gives every run
     a directory of its own (`icon_lightning.runs`), resolves ``--ckpt_path last`` and writes ``metrics.json``
@@ -129,6 +190,12 @@ class IConCLI(LightningCLI):
     def init_parser(self, **kwargs):
         kwargs.setdefault("allow_abbrev", False)  # `--model.num_head` must not pass for `--model.num_heads`
         return super().init_parser(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:  # Lightning reads a given checkpoint's hyper-parameters here, before hooks
+        subcommand = self.config.get("subcommand")
+        read_checkpoint_hparams(
+            super()._parse_ckpt_path, self.config[subcommand].get("ckpt_path") if subcommand else None
+        )
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -173,6 +240,7 @@ class IConCLI(LightningCLI):
             experiment_key(plain),
             cfg.trainer.default_root_dir or "runs",
         )
+        check_takes_steps(subcommand, cfg.trainer.get("max_steps"), None)
         ckpt = resolve_checkpoint(cfg.get("ckpt_path"), subcommand, root, key, cfg.allow_untrained)
         if ckpt != cfg.get("ckpt_path"):
             cfg.ckpt_path = ckpt
@@ -194,34 +262,14 @@ class IConCLI(LightningCLI):
 
     def _finish(self) -> None:
         trainer, run_dir, cfg = self.trainer, self.run_dir, self._run_config()
+        if not trainer.interrupted:
+            check_takes_steps(self.subcommand, None, trainer.global_step)
         if not trainer.is_global_zero:
             return
-        metrics = live_head_metrics(trainer.callback_metrics, self.model.head_ids)
-        watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
-        convergence = watcher.report() if watcher is not None and self.subcommand == "fit" else None
-        saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))
-        monitored = [c for c in saving if getattr(c, "monitor", None)]
-        payload = {
-            "subcommand": self.subcommand,
-            "metrics": metrics,
-            "selected_head": self.model.live_head_ids()[self.model.selected_position()],
-            "heads": [int(i) for i in self.model.head_ids],
-            "head_losses": [float(x) for x in self.model.head_losses],
-            "pruning": self.model.pruning.history,
-            "config_sha256": self.config_sha256,
-            "run_dir": str(run_dir),
-            "ckpt_path": cfg.get("ckpt_path"),
-            "seed": cfg.get("seed_everything"),
-            "wall_time_s": round(time.time() - getattr(self, "_started", time.time()), 2),
-            "version": __version__,
-            "steps": trainer.global_step,
-            "convergence": convergence,
-            "best_checkpoint": next((c.best_model_path for c in monitored if c.best_model_path), None),
-            "last_checkpoint": next((c.last_model_path for c in saving if c.last_model_path), None),
-        }
+        payload = run_record(self, trainer, cfg)
         atomic_write_json(run_dir / "metrics.json", payload)
         self.record = payload
-        print_summary(metrics, convergence, trainer.global_step, run_dir)
+        print_summary(payload["metrics"], payload["convergence"], trainer.global_step, run_dir)
         finish_wandb()
 
     def after_fit(self) -> None:
@@ -321,5 +369,10 @@ def features_command(path: str | Path, config: str | Path = "icon_clustering") -
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> IConCLI:
-    """`icon <args>`: ``assemble``, then execute; ``run=False``: a config without a subcommand, its parts built."""
-    return assemble(args).execute() if run else _built(IConCLI, args, run=False)
+    """`icon <args>`: ``assemble``, then execute; ``run=False``: a config without a subcommand, its parts built.
+    A run that fails ends its W&B run as failed, so the next run in this process does not join it."""
+    try:
+        return assemble(args).execute() if run else _built(IConCLI, args, run=False)
+    except BaseException:
+        finish_wandb(exit_code=1)
+        raise

@@ -11,6 +11,12 @@ from icon_lightning.cli import DEBUG_ENV, cli_main
 from icon_lightning.io import one_line
 from icon_lightning.sweep import main as sweep_main
 
+SUBCOMMANDS = ("fit", "validate", "test", "predict", "sweep")
+USAGE = (
+    "usage: icon {fit,validate,test,predict} [--config FILE] [--KEY VALUE ...]\n"
+    "       icon sweep SWEEP.yaml [--count N] [--out DIR] [--dry-run]   (a W&B sweep file's trials, offline)"
+)
+
 
 def main(argv: list[str] | None = None) -> None:
     """`icon …`: errors end in one line on stderr (exit 1) naming what was wrong; ``--debug`` or ``ICON_DEBUG=1``
@@ -21,6 +27,11 @@ def main(argv: list[str] | None = None) -> None:
     before = os.environ.get(DEBUG_ENV)
     if debug:
         os.environ[DEBUG_ENV] = "1"  # the parser shows its usage page and raises where it would exit
+    if not words or (not words[0].startswith("-") and words[0] not in SUBCOMMANDS):
+        given = f"unknown subcommand {words[0]!r}" if words else "no subcommand"
+        sys.exit(f"{USAGE}\nicon: error: {given}: expected one of {', '.join(SUBCOMMANDS)}")
+    if words[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n`icon sweep --help` describes the sweep runner; below: fit/validate/test/predict.\n")
     try:
         if words and words[0] == "sweep":
             sweep_main(words[1:])

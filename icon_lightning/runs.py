@@ -123,6 +123,20 @@ def launched_rank() -> int:
     return _get_rank() or 0
 
 
+def check_checkpoint_file(path: str) -> None:
+    """A checkpoint ``torch.save`` wrote is a zip archive; a truncated or foreign file is one line naming it (its
+    central directory is read, not its tensors)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ValueError(
+            f"ckpt_path: {path} is not a readable checkpoint (truncated, or not written by torch.save: {err})"
+        ) from None
+
+
 def resolve_checkpoint(ckpt: str | None, subcommand: str, root: str, key: str, allow_untrained: bool) -> str | None:
     """``--ckpt_path``: ``last`` becomes the newest ``last.ckpt`` of this experiment under ``root``; a missing file
     or an evaluation without trained heads (unless ``allow_untrained``) is one line."""
@@ -131,6 +145,8 @@ def resolve_checkpoint(ckpt: str | None, subcommand: str, root: str, key: str, a
         print(f"ckpt_path last: {ckpt}")
     elif ckpt is not None and ckpt not in CHECKPOINT_WORDS and not Path(ckpt).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt}")
+    if ckpt is not None and ckpt not in CHECKPOINT_WORDS:
+        check_checkpoint_file(ckpt)
     if subcommand in EVALUATING and ckpt is None and not allow_untrained:
         raise ValueError(
             f"ckpt_path: `icon {subcommand}` needs trained heads: give a checkpoint file, or 'last' for the "

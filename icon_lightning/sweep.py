@@ -19,7 +19,6 @@ import argparse
 import itertools
 import json
 import random
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -128,8 +127,6 @@ def run_trial(argv: list[str], trial_dir: Path, sha: str) -> dict:
     try:
         cli_main([*argv, f"--trainer.default_root_dir={trial_dir}"])
     except (Exception, SystemExit) as error:  # a parse error exits; KeyboardInterrupt stops the sweep
-        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-            sys.modules["wandb"].finish(exit_code=1)
         message = one_line(error) if isinstance(error, Exception) else f"the CLI exited with {error.code}"
         record = {"status": "failed", "error": message, "traceback": traceback.format_exc(), "argv": argv}
         atomic_write_json(trial_dir / f"failed-{time.strftime('%Y%m%d-%H%M%S')}.json", record)

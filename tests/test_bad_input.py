@@ -133,6 +133,13 @@ def _tar_with_a_truncated_jpeg(folder, np) -> str:
     return str(path)
 
 
+def _truncated_checkpoint(folder) -> Path:
+    path = folder / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:-300])  # the end (the zip's central directory) is lost, as in a killed write
+    return path
+
+
 def _file(path) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{}")
@@ -269,6 +276,18 @@ CLI_CASES = {
             f"--data.cache_dir={d / 'cache'}",
         ],
         "member 'b/1.jpg': not a readable image",
+    ),
+    "`--trainer.max_steps 0` (no step: no head to select)": (
+        lambda d: ["fit", "--config", DIGITS_CONFIG, "--trainer.max_steps=0", f"--trainer.default_root_dir={d}"],
+        "trainer.max_steps: 0 takes no optimizer step, so no head can be selected",
+    ),
+    "a truncated checkpoint": (
+        lambda d: ["validate", "--config", DIGITS_CONFIG, f"--ckpt_path={_truncated_checkpoint(d)}"],
+        "cut.ckpt is not a readable checkpoint (truncated, or not written by torch.save",
+    ),
+    "an unknown subcommand (the usage names sweep too)": (
+        lambda d: ["fitt", "--config", DIGITS_CONFIG],
+        "unknown subcommand 'fitt': expected one of fit, validate, test, predict, sweep",
     ),
     "sweep file missing": (lambda d: ["sweep", str(d / "sweep.yaml")], "no file at"),
     "a count below its annotation's limit (jsonargparse, at parse time)": (

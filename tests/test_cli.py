@@ -214,6 +214,9 @@ def test_predict_writes_assignments_per_dataset_index(trained, tmp_path):
 
 
 def test_wandb_offline_run_writes_its_files(tmp_path, monkeypatch):
+    import wandb
+
+    wandb.teardown()  # W&B keeps its first settings per process: an earlier test's disabled mode must not leak in
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cli = cli_main(
