@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import sys
@@ -182,6 +183,61 @@ def run_record(cli, trainer, cfg) -> dict:
     return payload
 
 
+INTERRUPT_EXIT = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as a shell reports a killed job
+
+
+def interruption(end: BaseException) -> str:
+    """How a fit ended early: Lightning raises ``SIGTERMException`` on SIGTERM, and ``sys.exit(1)`` inside its
+    ``except KeyboardInterrupt`` on Ctrl-C; anything else is an error inside training."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(end, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(end, KeyboardInterrupt) or isinstance(end.__context__, KeyboardInterrupt):
+        return "SIGINT"
+    return f"{type(end).__name__}: {end}"
+
+
+def record_interrupted(cli, end: BaseException) -> int | None:
+    """The record of a fit that ended early (SIGTERM, Ctrl-C, an exception in training): ``metrics.json`` with the
+    steps done, the last training losses, ``convergence: {converged: false, reason}`` and the checkpoint to resume
+    from, and a NOT CONVERGED line. Returns the exit code for a signal (None: re-raise the error)."""
+    trainer, cfg, how = cli.trainer, cli._run_config(), interruption(end)
+    if not trainer.is_global_zero:
+        return INTERRUPT_EXIT.get(how)
+    payload = run_record(cli, trainer, cfg)
+    resume = payload["last_checkpoint"] or next(iter(sorted(Path(cli.run_dir).glob("**/last*.ckpt"))), None)
+    reason = f"interrupted by {how} at step {trainer.global_step}; resume with --ckpt_path {resume or '(none saved)'}"
+    payload.update(convergence={"converged": False, "reason": reason, "interrupted": how}, resume_from=resume)
+    if trainer.global_step == 0:
+        payload["selected_head"] = None  # no step: no head was chosen
+    atomic_write_json(Path(cli.run_dir) / "metrics.json", payload)
+    cli.record = payload
+    print(f"\nNOT CONVERGED after {trainer.global_step} steps (interrupted): {reason}", file=sys.stderr, flush=True)
+    print(f"metrics.json: {Path(cli.run_dir) / 'metrics.json'}", file=sys.stderr, flush=True)
+    finish_wandb(exit_code=1)
+    return INTERRUPT_EXIT.get(how)
+
+
+@contextlib.contextmanager
+def leaves_a_record(cli, subcommand: str):
+    """A fit the Trainer ended early (its status INTERRUPTED: SIGTERM, Ctrl-C, an exception in training) writes its
+    record (``record_interrupted``); signals then exit 143 / 130, errors propagate. Errors before or after the
+    Trainer's fit (parsing, the final checks) are left as they are."""
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    try:
+        yield
+    except BaseException as end:
+        trainer = getattr(cli, "trainer", None)
+        if subcommand != "fit" or trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        code = record_interrupted(cli, end)
+        if code is None:
+            raise
+        raise SystemExit(code) from None
+
+
 class IConCLI(LightningCLI):
     """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model, gives every run
     a directory of its own (`icon_lightning.runs`), resolves ``--ckpt_path last`` and writes ``metrics.json``
@@ -278,6 +334,10 @@ class IConCLI(LightningCLI):
         self._finish()
 
     after_validate = after_test = after_predict = _finish
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        with leaves_a_record(self, subcommand):  # SIGTERM, Ctrl-C or an error during the fit
+            super()._run_subcommand(subcommand)
 
 
 class ParseOnlyCLI(IConCLI):

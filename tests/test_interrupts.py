@@ -1,0 +1,86 @@
+"""Every end of a fit leaves a record: SIGTERM, Ctrl-C (SIGINT) and an exception inside training each write
+``metrics.json`` (steps done, last training losses, ``convergence.converged: false`` with the reason, the checkpoint
+to resume from), print NOT CONVERGED … (interrupted), and exit non-zero (143 / 130) or re-raise the error. Before,
+SIGTERM exited 0 and neither signal left a ``metrics.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from lightning.pytorch import Callback
+
+from icon_lightning.callbacks.checkpoint import RunCheckpoint
+from icon_lightning.cli import assemble
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EndAt(Callback):
+    """At optimizer step ``step``: send ``signal`` to this process, or raise ``error``."""
+
+    def __init__(self, step: int, sig: int | None = None, error: Exception | None = None) -> None:
+        self.step, self.sig, self.error = step, sig, error
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            if self.error is not None:
+                raise self.error
+            os.kill(os.getpid(), self.sig)
+
+
+def _fit(tmp_path: Path, end: EndAt):
+    run = assemble(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "recipes" / "icon_clustering.yaml"),
+            "--data.dataset=icon_lightning.data.DigitsDataset",
+            "--data.views=clean",
+            "--model.num_heads=2",
+            "--convergence.max_steps=60",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
+    run.trainer.callbacks.append(end)
+    (saver,) = [c for c in run.trainer.callbacks if isinstance(c, RunCheckpoint)]
+    saver._every_n_train_steps = 4  # a last.ckpt before the end (every 100 steps by default)
+    return run
+
+
+@pytest.fixture
+def restore_sigint():
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a Ctrl-C, for its own shutdown
+
+
+@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_during_a_fit_leaves_a_record_and_exits_non_zero(tmp_path, capsys, restore_sigint, sig, code, name):
+    run = _fit(tmp_path, EndAt(9, sig=sig))
+    with pytest.raises(SystemExit) as end:
+        run.execute()
+    assert end.value.code == code
+    record = json.loads((run.run_dir / "metrics.json").read_text())
+    assert record["steps"] == 9 and record["convergence"]["converged"] is False
+    assert record["convergence"]["interrupted"] == name
+    assert record["convergence"]["reason"].startswith(f"interrupted by {name} at step 9; resume with --ckpt_path ")
+    assert record["resume_from"] and Path(record["resume_from"]).is_file()  # last.ckpt of step 8
+    assert len(record["head_losses"]) == 2 and min(record["head_losses"]) > 0  # the last training losses (unpruned)
+    assert "NOT CONVERGED after 9 steps (interrupted)" in capsys.readouterr().err
+    assert not list(run.run_dir.glob("**/*.tmp*"))  # nothing half-written
+
+
+def test_an_error_inside_training_leaves_a_record_and_propagates(tmp_path):
+    run = _fit(tmp_path, EndAt(3, error=RuntimeError("CUDA error: an illegal memory access")))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run.execute()
+    record = json.loads((run.run_dir / "metrics.json").read_text())
+    assert record["steps"] == 3 and record["convergence"]["converged"] is False
+    assert record["convergence"]["interrupted"] == "RuntimeError: CUDA error: an illegal memory access"
