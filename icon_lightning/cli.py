@@ -157,7 +157,8 @@ def check_takes_steps(subcommand: str | None, max_steps: int | None, steps_done:
 def run_record(cli, trainer, cfg) -> dict:
     """What ``metrics.json`` records of a run: its final metrics, selected head and losses, pruning, config hash,
     seed, wall time, steps, convergence verdict and checkpoints."""
-    metrics = live_head_metrics(trainer.callback_metrics, cli.model.head_ids)
+    logged = {**getattr(cli, "_fit_metrics", {}), **trainer.callback_metrics}  # the fit's last step, then validation
+    metrics = live_head_metrics(logged, cli.model.head_ids)
     watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
     convergence = watcher.report() if watcher is not None and cli.subcommand == "fit" else None
     saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))
@@ -329,6 +330,7 @@ class IConCLI(LightningCLI):
         finish_wandb()
 
     def after_fit(self) -> None:
+        self._fit_metrics = dict(self.trainer.callback_metrics)  # the final validation resets them: train/loss kept
         if self.model.needs_final_validation() and not self.trainer.interrupted:
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
         self._finish()

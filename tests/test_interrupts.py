@@ -32,7 +32,7 @@ class EndAt(Callback):
             os.kill(os.getpid(), self.sig)
 
 
-def _fit(tmp_path: Path, end: EndAt):
+def _fit(tmp_path: Path, end: EndAt, steps: int = 60):
     run = assemble(
         [
             "fit",
@@ -41,7 +41,7 @@ def _fit(tmp_path: Path, end: EndAt):
             "--data.dataset=icon_lightning.data.DigitsDataset",
             "--data.views=clean",
             "--model.num_heads=2",
-            "--convergence.max_steps=60",
+            f"--convergence.max_steps={steps}",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
             f"--trainer.logger.save_dir={tmp_path}",
@@ -84,3 +84,13 @@ def test_an_error_inside_training_leaves_a_record_and_propagates(tmp_path):
     record = json.loads((run.run_dir / "metrics.json").read_text())
     assert record["steps"] == 3 and record["convergence"]["converged"] is False
     assert record["convergence"]["interrupted"] == "RuntimeError: CUDA error: an illegal memory access"
+
+
+def test_the_last_steps_training_loss_is_in_the_record_when_the_fit_ends_between_validations(tmp_path):
+    """A 20-step fit ends between the 100-step validations: the final validation used to reset the logged metrics,
+    so ``train/loss`` (a sweep's declared metric) was missing from ``metrics.json``."""
+    run = _fit(tmp_path, EndAt(-1), steps=20)  # never fires
+    run.execute()
+    record = json.loads((run.run_dir / "metrics.json").read_text())
+    assert record["steps"] == 20 and record["metrics"]["train/loss"] > 0
+    assert record["metrics"]["val/nmi"] > 0  # the final validation's metrics are there too
