@@ -87,10 +87,15 @@ def test_an_error_inside_training_leaves_a_record_and_propagates(tmp_path):
 
 
 def test_the_last_steps_training_loss_is_in_the_record_when_the_fit_ends_between_validations(tmp_path):
-    """A 20-step fit ends between the 100-step validations: the final validation used to reset the logged metrics,
-    so ``train/loss`` (a sweep's declared metric) was missing from ``metrics.json``."""
-    run = _fit(tmp_path, EndAt(-1), steps=20)  # never fires
-    run.execute()
-    record = json.loads((run.run_dir / "metrics.json").read_text())
+    """`icon fit … --trainer.max_steps 20` ends between the 100-step validations: the final validation used to
+    reset the logged metrics, so ``train/loss`` (a sweep's declared metric) was missing from ``metrics.json``."""
+    from icon_lightning.entry import main
+
+    recipe = str(ROOT / "configs" / "recipes" / "icon_clustering.yaml")
+    data = ["--data.dataset=icon_lightning.data.DigitsDataset", "--data.views=clean", f"--data.cache_dir={tmp_path}"]
+    main(["fit", "--config", recipe, *data, "--trainer.max_steps", "20", "--model.num_heads", "2",
+          "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.logger=false"])  # fmt: skip
+    (path,) = (tmp_path / "runs").glob("**/metrics.json")
+    record = json.loads(path.read_text())
     assert record["steps"] == 20 and record["metrics"]["train/loss"] > 0
     assert record["metrics"]["val/nmi"] > 0  # the final validation's metrics are there too
