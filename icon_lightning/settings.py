@@ -102,12 +102,22 @@ def check_arguments(function: Callable, values: dict, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{name}: expected {describe(hint)}, got {values[name]!r}")
 
 
+CLASS_EXAMPLES = {"optimizer": "torch.optim.Adam", "scheduler": "torch.optim.lr_scheduler.StepLR"}
+
+
 def one_line_parse_error(message: str) -> str:
     """jsonargparse's message for a restricted number that failed (``Parser key "model.ema_momentum": … does not
     conform to restriction v>0 and v<1 … Given value: 1.5``) as ``model.ema_momentum: expected v>0 and v<1, got
     1.5``; other messages as they are, on one line."""
     text = " ".join(str(message).split())
     key = re.search(r'Parser key "([^"]+)"', text)
+    nested = re.search(r"NestedArg\(key='([^']+)'", text)
+    if key is not None and nested is not None and "Union subtypes" in text:  # init_args of a class not chosen
+        example = CLASS_EXAMPLES.get(key.group(1).rsplit(".", 1)[-1], "<class_path>")
+        return (
+            f"{key.group(1)}: '{nested.group(1)}' was given before a class: set {key.group(1)} first (for example "
+            f"--{key.group(1)}={example}), then --{key.group(1)}.init_args.{nested.group(1)}=…"
+        )
     rule = re.search(r"(\S+)? ?does not conform to restriction (.+?)(?: - |$)", text)
     if key is None or rule is None:
         return text

@@ -289,6 +289,11 @@ CLI_CASES = {
         lambda d: ["fitt", "--config", DIGITS_CONFIG],
         "unknown subcommand 'fitt': expected one of fit, validate, test, predict, sweep",
     ),
+    "an optimizer's lr with no optimizer class (the recipe sets none)": (
+        lambda d: ["fit", "--config", "configs/recipes/icon_clustering.yaml", "--model.optimizer.init_args.lr=-0.01"],
+        "model.optimizer: 'lr' was given before a class: set model.optimizer first (for example "
+        "--model.optimizer=torch.optim.Adam)",
+    ),
     "sweep file missing": (lambda d: ["sweep", str(d / "sweep.yaml")], "no file at"),
     "a count below its annotation's limit (jsonargparse, at parse time)": (
         lambda d: ["fit", "--config", DIGITS_CONFIG, "--model.num_heads=0"],
