@@ -207,7 +207,8 @@ def record_interrupted(cli, end: BaseException) -> int | None:
     if not trainer.is_global_zero:
         return INTERRUPT_EXIT.get(how)
     payload = run_record(cli, trainer, cfg)
-    resume = payload["last_checkpoint"] or next(iter(sorted(Path(cli.run_dir).glob("**/last*.ckpt"))), None)
+    found = sorted(str(p) for p in Path(cli.run_dir).glob("**/last*.ckpt"))
+    resume = payload["last_checkpoint"] or (found[-1] if found else None)
     reason = f"interrupted by {how} at step {trainer.global_step}; resume with --ckpt_path {resume or '(none saved)'}"
     payload.update(convergence={"converged": False, "reason": reason, "interrupted": how}, resume_from=resume)
     if trainer.global_step == 0:
