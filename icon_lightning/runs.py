@@ -143,10 +143,9 @@ def resolve_checkpoint(ckpt: str | None, subcommand: str, root: str, key: str, a
     if ckpt == "last":
         ckpt = str(last_checkpoint(root, key))
         print(f"ckpt_path last: {ckpt}")
+        check_checkpoint_file(ckpt)  # a given file was checked where Lightning reads it (cli.read_checkpoint_hparams)
     elif ckpt is not None and ckpt not in CHECKPOINT_WORDS and not Path(ckpt).is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {ckpt}")
-    if ckpt is not None and ckpt not in CHECKPOINT_WORDS:
-        check_checkpoint_file(ckpt)
     if subcommand in EVALUATING and ckpt is None and not allow_untrained:
         raise ValueError(
             f"ckpt_path: `icon {subcommand}` needs trained heads: give a checkpoint file, or 'last' for the "
