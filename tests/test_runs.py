@@ -69,6 +69,10 @@ def test_ckpt_path_last_is_the_newest_checkpoint_of_that_config(two_fits, tmp_pa
     assert record(validate)["metrics"]["val/hungarian_acc/best"] == pytest.approx(
         record(second)["metrics"]["val/hungarian_acc/best"], abs=1e-6
     )
+    # The checkpoint holds the head losses the fit recorded (it held the previous epoch's: the checkpoint is written
+    # at the epoch's validation, before the epoch's losses were taken).
+    assert record(validate)["head_losses"] == record(second)["head_losses"]
+    assert record(validate)["selected_head"] == record(second)["selected_head"]
     resumed = cli_main(digits("fit", root, "--ckpt_path=last", "--convergence.max_steps=30", "--seed_everything=1"))
     assert record(resumed)["steps"] == 30 and resumed.run_dir not in (second.run_dir,)
     assert json.loads((second.run_dir / "metrics.json").read_text())["steps"] == 20  # the first fit's record stays

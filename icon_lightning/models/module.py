@@ -15,6 +15,7 @@ from icon_lightning.loss import Objective
 from icon_lightning.models.evaluation import ClusterEvaluation
 from icon_lightning.models.heads import ClusterHeads, set_linear_head
 from icon_lightning.models.parts import (
+    EndOfStep,
     HeadPruning,
     HeadSelection,
     TargetCache,
@@ -22,7 +23,6 @@ from icon_lightning.models.parts import (
     ema_teacher,
     global_head_losses,
     heads_of_state,
-    keep_module_heads,
     register_head_state,
     start_heads,
 )
@@ -177,13 +177,9 @@ class IConModule(ClusterEvaluation):
             self.log(f"train/loss/head_{h}", value, on_step=False, on_epoch=True, batch_size=len(batch))
         return {"loss": losses.sum(), "head_losses": losses.detach()}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.teacher is not None:
-            self.teacher.update_parameters(self.heads)
-        gather = self.all_gather if self._trainer is not None and self.trainer.world_size > 1 else None
-        kept = self.pruning.survivors(self.global_step, self.head_ids, gather)
-        if kept is not None:
-            keep_module_heads(self, kept)  # only the heads at ``kept`` (best first) go on
+    def configure_callbacks(self) -> list[EndOfStep]:
+        """The step's bookkeeping (EMA teacher, pruning, the epoch's head losses) runs before its checkpoint."""
+        return [EndOfStep()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["head_pruning"] = self.pruning.state_dict()
@@ -193,6 +189,7 @@ class IConModule(ClusterEvaluation):
         self.pruning.load_state_dict(checkpoint.get("head_pruning", {}))
 
     def on_train_epoch_end(self) -> None:
+        """The epoch's head losses and selected head (nothing when ``EndOfStep`` took them at its last step)."""
         mean = self.selection.epoch_mean(self.all_gather if self.trainer.world_size > 1 else None)
         if mean is not None:
             self.head_losses.copy_(mean)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
+from lightning.pytorch import Callback
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -216,6 +217,27 @@ class HeadSelection:
     def keep(self, index: Tensor) -> None:
         """Only the heads at positions ``index`` go on."""
         self.total = self.total[index.to(self.total.device)]
+
+
+class EndOfStep(Callback):
+    """An ``IConModule``'s bookkeeping after each training step, before any checkpoint of the step: Lightning runs
+    callbacks' ``on_train_batch_end`` before the module's, and checkpoint callbacks after every other callback, so
+    bookkeeping in the module's own hook came after ``last.ckpt`` was written (the checkpoint held the step's heads
+    unpruned, the teacher one update behind and the previous epoch's head losses)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs=None, batch=None, batch_idx: int = 0) -> None:
+        """The EMA teacher's update, the pruning due at this step and, at an epoch's last step or training's, the
+        epoch's head losses and selection (``trainer`` None: outside a fit, the first two only)."""
+        if pl_module.teacher is not None:
+            pl_module.teacher.update_parameters(pl_module.heads)
+        gather = pl_module.all_gather if trainer is not None and trainer.world_size > 1 else None
+        kept = pl_module.pruning.survivors(pl_module.global_step, pl_module.head_ids, gather)
+        if kept is not None:
+            keep_module_heads(pl_module, kept)  # only the heads at ``kept`` (best first) go on
+        if trainer is not None and (
+            trainer.is_last_batch or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        ):
+            pl_module.on_train_epoch_end()
 
 
 # ---------------------------------------------------------------------- label-free head pruning

@@ -7,6 +7,7 @@ import torch
 
 from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.models import IConModule
+from icon_lightning.models.parts import EndOfStep
 from icon_lightning.recipes import load_recipe
 from tests.models.test_ddp import global_batch
 
@@ -15,10 +16,10 @@ def test_ema_teacher_is_a_registered_module_that_follows_the_heads():
     model = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, ema_momentum=0.9)
     assert any(k.startswith("teacher.") for k in model.state_dict())  # checkpointed, moves with .to()
     w0 = model.heads.linear.weight.detach().clone()
-    model.on_train_batch_end(None, None, 0)  # first update copies the student
+    EndOfStep().on_train_batch_end(None, model)  # first update copies the student
     with torch.no_grad():
         model.heads.linear.weight.add_(1.0)
-    model.on_train_batch_end(None, None, 1)
+    EndOfStep().on_train_batch_end(None, model)
     expected = 0.9 * w0 + 0.1 * (w0 + 1.0)
     torch.testing.assert_close(model.teacher.module.linear.weight, expected)
 
@@ -29,7 +30,7 @@ def test_teacher_outputs_can_form_the_candidate_side():
         load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, ema_momentum=0.5, teacher_candidates=True
     )
     batch = global_batch()
-    model.on_train_batch_end(None, None, 0)
+    EndOfStep().on_train_batch_end(None, model)
     with torch.no_grad():
         model.heads.linear.weight.mul_(3.0)  # student and teacher now differ
     z = model(batch.inputs)

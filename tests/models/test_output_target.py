@@ -15,6 +15,7 @@ from icon_lightning.learned import Debiased as DebiasedQ
 from icon_lightning.learned import UniformCluster
 from icon_lightning.loss import IConLoss
 from icon_lightning.models import IConModule
+from icon_lightning.models.parts import EndOfStep
 from icon_lightning.recipes import load_recipe
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory import Debiased, KNNGraph, Mixture, SameCluster
@@ -109,7 +110,7 @@ def test_module_builds_p_from_each_teacher_head_every_step_even_in_full_batch(mo
         losses.sum().backward()
         with torch.no_grad():  # the student moves, then the teacher follows it
             model.heads.linear.weight.add_(torch.randn_like(model.heads.linear.weight))
-        model.on_train_batch_end(None, None, step)
+        EndOfStep().on_train_batch_end(None, model)
     assert not torch.equal(seen[0].argmax(-1), seen[2].argmax(-1))  # the teacher's clusters changed: p did too
 
 
