@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.pytorch import Callback
 
 from icon_lightning.callbacks.checkpoint import RunCheckpoint
@@ -61,8 +62,14 @@ def restore_sigint():
     signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a Ctrl-C, for its own shutdown
 
 
-@pytest.mark.parametrize(("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
-def test_a_signal_during_a_fit_leaves_a_record_and_exits_non_zero(tmp_path, capsys, restore_sigint, sig, code, name):
+@pytest.mark.parametrize(
+    ("sig", "code", "name", "saved"), [(signal.SIGTERM, 143, "SIGTERM", 9), (signal.SIGINT, 130, "SIGINT", 8)]
+)
+def test_a_signal_during_a_fit_leaves_a_record_and_exits_non_zero(
+    tmp_path, capsys, restore_sigint, sig, code, name, saved
+):
+    """SIGTERM arrives between steps (Lightning raises it after the step), so the step reached is saved; Ctrl-C can
+    strike inside a step, so the record names the last whole checkpoint (of step 8) and its step."""
     run = _fit(tmp_path, EndAt(9, sig=sig))
     with pytest.raises(SystemExit) as end:
         run.execute()
@@ -71,7 +78,9 @@ def test_a_signal_during_a_fit_leaves_a_record_and_exits_non_zero(tmp_path, caps
     assert record["steps"] == 9 and record["convergence"]["converged"] is False
     assert record["convergence"]["interrupted"] == name
     assert record["convergence"]["reason"].startswith(f"interrupted by {name} at step 9; resume with --ckpt_path ")
-    assert record["resume_from"] and Path(record["resume_from"]).is_file()  # last.ckpt of step 8
+    assert record["resume_from"] and Path(record["resume_from"]).is_file()
+    assert torch.load(record["resume_from"], weights_only=False)["global_step"] == saved == record["resume_step"]
+    assert record["convergence"]["reason"].endswith(f"(step {saved})")
     assert len(record["head_losses"]) == 2 and min(record["head_losses"]) > 0  # the last training losses (unpruned)
     assert "NOT CONVERGED after 9 steps (interrupted)" in capsys.readouterr().err
     assert not list(run.run_dir.glob("**/*.tmp*"))  # nothing half-written

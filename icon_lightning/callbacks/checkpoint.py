@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from icon_lightning.io import publishing
 
@@ -33,6 +34,19 @@ class RunCheckpoint(ModelCheckpoint):
         """The final model, whatever step training stopped at (Lightning saves here only if nothing was saved)."""
         if self.save_last and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A SIGTERM (a preemption, a sweep agent's kill) saves the step reached: Lightning raises it between
+        steps, on every process together, so the state is whole. Ctrl-C and errors can strike inside a step; their
+        ``last.ckpt`` stays the last whole one (the record names its step)."""
+        if isinstance(exception, SIGTERMException) and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    @staticmethod
+    def saved_step(trainer) -> int | None:
+        """The optimizer step of the run's newest ``last.ckpt`` (None: none saved)."""
+        steps = [c._last_global_step_saved for c in trainer.checkpoint_callbacks if isinstance(c, RunCheckpoint)]
+        return steps[0] if steps and steps[0] > 0 else None
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         with publishing(filepath, publish=trainer.is_global_zero) as tmp:  # rank 0 writes; every rank takes part
