@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from icon_lightning.functional import beta_pmi, check_alpha, check_positive, entropy, scan_consistency
+from icon_lightning.functional import check_alpha, check_positive, entropy, scan_consistency, weighted_beta_pmi
 from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.loss import LossOutput, Objective, Pairs, anchors_with_positive
 from icon_lightning.settings import PositiveFloat, UnitFraction, check_arguments
@@ -186,8 +186,7 @@ class TEMILoss(Objective):
                 prior = self._prior(pairs.head, log_t)
                 if self.training:
                     prior.mul_(self.prior_momentum).add_((1 - self.prior_momentum) * log_t.exp().mean(0))
-            pmi = beta_pmi(log_s, log_t, prior.log(), self.beta)
             weighted = p if weight is None else p * weight.to(p.dtype)
-            per_anchor = -torch.where(weighted > 0, weighted * pmi, torch.zeros_like(pmi)).sum(1)
+            per_anchor = -weighted_beta_pmi(weighted, log_s, log_t, prior.log(), self.beta)
             loss = _positive_mean(per_anchor, p)
         return LossOutput(loss=loss)

@@ -5,7 +5,7 @@ Shape letters: B anchors, M candidates, D dim, K clusters, k neighbours.
 
 from icon_lightning.functional.checks import check_alpha, check_finite, check_positive, check_shape
 from icon_lightning.functional.cluster import log_cluster_affinity, log_debiased_cluster_affinity, log_matmul_exp
-from icon_lightning.functional.contrastive import beta_pmi, entropy, sc_infonce, scan_consistency
+from icon_lightning.functional.contrastive import beta_pmi, entropy, sc_infonce, scan_consistency, weighted_beta_pmi
 from icon_lightning.functional.debias import debias, log_debias
 from icon_lightning.functional.distances import cosine_similarity, pairwise_sqeuclidean
 from icon_lightning.functional.divergence import kl_divergence
@@ -40,6 +40,7 @@ __all__ = [
     "propagate",
     "sc_infonce",
     "scan_consistency",
+    "weighted_beta_pmi",
     "self_pairs_valid",
     "sigma_for_perplexity",
 ]

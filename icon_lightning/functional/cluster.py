@@ -30,8 +30,26 @@ def log_matmul_exp(a: Tensor, b: Tensor) -> Tensor:
         chunk = max(1, REPAIR_ELEMENTS // a.shape[-1])  # bounded (pairs, K) blocks, also for very sharp heads
         for start in range(0, len(i), chunk):
             ii, jj = i[start : start + chunk], j[start : start + chunk]
-            out = out.index_put((ii, jj), torch.logsumexp(a[ii] + b[jj], dim=-1))
+            out = out.index_put((ii, jj), log_dot_pairs(a, b, ii, jj))
     return out
+
+
+def log_dot_pairs(a: Tensor, b: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """(P,) log Σ_c exp(a_{i_n c} + b_{j_n c}) for the P pairs (i_n, j_n) only: ``log_matmul_exp`` at those
+    entries, exactly (a logsumexp over K)."""
+    return torch.logsumexp(a[i] + b[j], dim=-1)
+
+
+def weighted_log_dot(weight: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """(B,) Σ_j w_ij log Σ_c exp(a_ic + b_jc) over the pairs with w_ij > 0 (w: (B, M); pairs with w = 0 count 0).
+
+    Only those pairs are computed: a k-NN weight of k pairs per row costs B·k·K, where the dense
+    ``log_matmul_exp`` costs B·M·K forward and backward. Each row's pairs are one segment (``nonzero`` lists them
+    row by row), summed by ``segment_reduce``: no atomic adds, so the same bits on every run and device."""
+    i, j = (weight > 0).nonzero(as_tuple=True)
+    terms = weight[i, j] * log_dot_pairs(a, b, i, j)
+    lengths = torch.bincount(i, minlength=len(weight))
+    return torch.segment_reduce(terms, "sum", lengths=lengths, unsafe=True, initial=0)
 
 
 def log_cluster_affinity(log_phi_a: Tensor, log_phi_c: Tensor, log_weight_c: Tensor | None = None) -> Tensor:

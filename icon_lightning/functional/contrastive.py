@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from icon_lightning.functional.cluster import log_matmul_exp
+from icon_lightning.functional.cluster import log_matmul_exp, weighted_log_dot
 
 
 def sc_infonce(s: Tensor, positive: Tensor, alpha: float, beta: float) -> Tensor:
@@ -24,10 +24,10 @@ def scan_consistency(log_probs_a: Tensor, log_probs_c: Tensor, p: Tensor) -> Ten
     """(B,) SCAN's consistency term −Σ_j p_ij log⟨φ_i, φ_j⟩ (Van Gansbeke et al., 2020).
 
     log_probs_a: (B, K) anchors' log cluster probabilities; log_probs_c: (M, K) candidates'; p: (B, M) weights
-    over each anchor's neighbours (SCAN samples one neighbour; p averages over them). Entries with p = 0 count 0.
+    over each anchor's neighbours (SCAN samples one neighbour; p averages over them). Entries with p = 0 count 0
+    and are never computed (``weighted_log_dot``).
     """
-    log_dot = log_matmul_exp(log_probs_a, log_probs_c)
-    return -torch.where(p > 0, p * log_dot, torch.zeros_like(log_dot)).sum(1)
+    return -weighted_log_dot(p, log_probs_a, log_probs_c)
 
 
 def entropy(probs: Tensor) -> Tensor:
@@ -42,3 +42,10 @@ def beta_pmi(log_probs_a: Tensor, log_probs_c: Tensor, log_prior: Tensor, beta: 
     log_prior: (K,) log of the cluster prior π. β = 1 is the pointwise mutual information of the pair.
     """
     return log_matmul_exp(beta * log_probs_a, beta * log_probs_c - log_prior)
+
+
+def weighted_beta_pmi(
+    weight: Tensor, log_probs_a: Tensor, log_probs_c: Tensor, log_prior: Tensor, beta: float
+) -> Tensor:
+    """(B,) Σ_j w_ij β-PMI_ij over the pairs with w_ij > 0 only (``beta_pmi`` at those entries; w: (B, M))."""
+    return weighted_log_dot(weight, beta * log_probs_a, beta * log_probs_c - log_prior)

@@ -17,6 +17,14 @@ from icon_lightning.rows import Rows
 from icon_lightning.supervisory.base import Supervisory, target_dtype
 
 
+def table_adjacency(table: Tensor, candidate_index: Tensor) -> Tensor:
+    """(B, M) bool: candidate j's dataset index is in row i of ``table`` (B, k), by sorted matching
+    (``table_edges``), not a (B, k, M) comparison."""
+    rows, cols = table_edges(table, candidate_index)
+    adj = torch.zeros(len(table), len(candidate_index), dtype=torch.bool, device=table.device)
+    return adj.index_put_((rows, cols), torch.ones_like(rows, dtype=torch.bool))
+
+
 class KNNGraph(Supervisory):
     """Uniform over each anchor's k nearest neighbours found among the candidates.
 
@@ -42,8 +50,7 @@ class KNNGraph(Supervisory):
         if anchors.neighbours is not None:
             if self.k > anchors.neighbours.shape[1]:
                 raise ValueError(f"k: the neighbour table has {anchors.neighbours.shape[1]} columns, got k={self.k}")
-            table = anchors.neighbours[:, : self.k]
-            return (table.unsqueeze(-1) == candidates.index.view(1, 1, -1)).any(1)
+            return table_adjacency(anchors.neighbours[:, : self.k], candidates.index)
         if anchors.features is None or candidates.features is None:
             raise ValueError("neighbours: KNNGraph needs anchors.neighbours (a k-NN table) or features")
         sim = cosine_similarity(anchors.features, candidates.features)
@@ -61,8 +68,7 @@ class KNNGraph(Supervisory):
         adj = self.adjacency(anchors, candidates, valid)
         if self.symmetric:
             if candidates.neighbours is not None:
-                reverse = candidates.neighbours[:, : self.k].unsqueeze(-1) == anchors.index.view(1, 1, -1)
-                adj = adj | reverse.any(1).T
+                adj = adj | table_adjacency(candidates.neighbours[:, : self.k], anchors.index).T
             elif adj.shape[0] == adj.shape[1]:
                 adj = adj | adj.T
             else:

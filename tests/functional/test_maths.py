@@ -199,3 +199,37 @@ def test_debiased_cluster_affinity_hands_back_to_log_space_when_a_row_would_lose
     ref = fn.log_debias(UniformCluster()(rows, rows, valid), 0.5, valid)
     torch.testing.assert_close(out, ref)
     assert torch.isfinite(out[valid]).all()
+
+
+def test_weighted_log_dot_is_the_dense_sum_over_positive_pairs_value_and_gradient():
+    """SCAN's and TEMI's pair sums are computed on the pairs with weight > 0 only; they equal the dense
+    Σ_j w_ij log Σ_c exp(a_ic + b_jc) (brute force in float64, every pair), value and gradients."""
+    from icon_lightning.functional.cluster import weighted_log_dot
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=g, dtype=torch.float64).log_softmax(-1).requires_grad_()
+    b = torch.randn(11, 5, generator=g, dtype=torch.float64).log_softmax(-1).requires_grad_()
+    w = torch.rand(7, 11, generator=g, dtype=torch.float64) * (torch.rand(7, 11, generator=g) < 0.3)
+    w[3] = 0  # an anchor without a positive pair counts 0
+    dense = (a[:, None, :] + b[None, :, :]).logsumexp(-1)  # (B, M, K) brute force
+    reference = (w * dense).sum(1)
+    got = weighted_log_dot(w, a, b)
+    torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(reference.sum(), (a, b))
+    gb = torch.autograd.grad(got.sum(), (a, b))
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    assert got[3] == 0
+
+
+def test_table_adjacency_matches_the_brute_force_comparison():
+    """KNNGraph's (B, M) mask from the k-NN table, by sorted matching: every candidate column whose dataset index
+    is in the anchor's row (repeated candidates all marked, −1 padding matches nothing), as the (B, k, M)
+    comparison it replaced."""
+    from icon_lightning.supervisory.graph import table_adjacency
+
+    g = torch.Generator().manual_seed(1)
+    table = torch.randint(-1, 30, (9, 4), generator=g)
+    index = torch.randint(0, 30, (25,), generator=g)  # duplicates among the candidates
+    brute = (table.unsqueeze(-1) == index.view(1, 1, -1)).any(1)
+    assert torch.equal(table_adjacency(table, index), brute)
