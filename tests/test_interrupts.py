@@ -58,6 +58,9 @@ def _fit(tmp_path: Path, end: EndAt, steps: int = 60):
 @pytest.fixture
 def restore_sigint():
     handler = signal.getsignal(signal.SIGINT)
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal: a process started in the background by a shell (nohup …
+    # &) inherits SIGINT ignored, and Python then installs no handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, handler)  # Lightning ignores SIGINT after a Ctrl-C, for its own shutdown
 
