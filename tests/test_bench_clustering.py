@@ -115,3 +115,19 @@ def test_readme_results_are_the_committed_json(tmp_path):
     copy.write_text(f"intro\n{bc.MARKERS[0]}\nstale\n{bc.MARKERS[1]}\nrest\n")
     bc.write_readme(table, copy)
     assert bc.readme_block(copy.read_text()) == table.strip() and copy.read_text().endswith("rest\n")
+
+
+def test_a_partial_set_says_which_rows_it_lacks(tmp_path, monkeypatch):
+    """A set where only some table rows ran names the rest beside its best line, so its "best" is not read as
+    the best of every method."""
+    import json
+
+    import benchmarks.clustering as bc
+
+    run = {"seed": 0, "hungarian_acc": 0.5, "nmi": 0.4, "ari": 0.3, "wall_s": 1.0, "steps": 10, "converged": True}
+    row = {"protocol": bc.current_protocol(), "runs": [run], "clusters": 3}
+    row |= {k: {"mean": run[k], "std": 0.0} for k in ("hungarian_acc", "nmi", "ari", "wall_s")}
+    data = {"dataset": "x", "source": "s", "num_clusters": 3, "seeds": [0], "command": "c", "methods": {"icon": row}}
+    (tmp_path / "clustering_x.json").write_text(json.dumps(data))
+    table = bc.markdown_table([tmp_path / "clustering_x.json"])
+    assert "Not run on this set yet: kmeans_sklearn, kmeans_faiss, spectral" in table
