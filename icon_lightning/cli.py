@@ -210,8 +210,9 @@ def record_interrupted(cli, end: BaseException) -> int | None:
     found = sorted(str(p) for p in Path(cli.run_dir).glob("**/last*.ckpt"))
     resume = payload["last_checkpoint"] or (found[-1] if found else None)
     saved = RunCheckpoint.saved_step(trainer) if resume else None
-    to = f"--ckpt_path {resume} (step {saved})" if saved is not None else f"--ckpt_path {resume or '(none saved)'}"
-    reason = f"interrupted by {how} at step {trainer.global_step}; resume with {to}"
+    to = resume or "(none saved)"
+    to += "" if saved is None else f" (step {saved})"
+    reason = f"interrupted by {how} at step {trainer.global_step}; resume with --ckpt_path {to}"
     payload.update(convergence={"converged": False, "reason": reason, "interrupted": how}, resume_from=resume)
     payload["resume_step"] = saved
     if trainer.global_step == 0:
