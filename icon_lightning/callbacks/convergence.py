@@ -9,7 +9,12 @@ dataset, where it ends far from converged. This callback makes the step, not the
   (converged), as long as ``min_steps`` have run;
 - ``max_steps`` caps the run: ``"auto"`` is ``budget_epochs`` passes over the data in steps, clamped to
   [``budget_min_steps``, ``budget_max_steps``] (1,000 full-batch steps on a small set, the paper's 30 epochs on
-  ImageNet); None leaves the cap to the Trainer's ``max_epochs`` / ``max_steps``.
+  ImageNet); None leaves the cap to the Trainer's ``max_epochs`` / ``max_steps``;
+- with an EMA teacher (the module's ``hparams.ema_momentum`` m, e.g. TEMI's), the loss is measured against a
+  target that moves: a plateau counts only once the teacher keeps at most e^-3 (5 %) of its start, m^t ≤ e^-3,
+  i.e. after ``teacher_settling_steps(m)`` steps (749 for m = 0.996). Before that the student has merely caught
+  up with a teacher still near its initialisation (TEMI on digits stopped there, at 150–200 steps, in one
+  cluster or a few).
 
 A run that ends without a plateau (the cap, ``max_epochs``, an interrupt) has not converged: the callback warns in
 the log and ``icon`` writes ``converged: false`` with the reason into ``metrics.json``. With ``stop_on_plateau``
@@ -47,6 +52,17 @@ def step_cap(max_steps, batches_per_epoch, budget: tuple[int, int, int]) -> int 
         steps = batches_per_epoch if isinstance(batches_per_epoch, int) and batches_per_epoch > 0 else 1
         return auto_step_budget(steps, *budget)
     return None if max_steps is None else int(max_steps)
+
+
+TEACHER_TIME_CONSTANTS = 3.0  # an EMA teacher has settled when it keeps e^-3 (5 %) of its start
+
+
+def teacher_settling_steps(momentum: float | None) -> int:
+    """The steps t after which an EMA teacher of momentum m keeps at most e^-3 of its start (m^t ≤ e^-3); 0
+    without a teacher."""
+    if momentum is None:
+        return 0
+    return math.ceil(TEACHER_TIME_CONSTANTS / -math.log(float(momentum)))
 
 
 def check_convergence(tol, budget) -> None:
@@ -135,6 +151,7 @@ class Convergence(Callback):
         self.min_steps, self.max_steps = min_steps, max_steps
         self.stop_on_plateau, self.budget = stop_on_plateau, budget
         self.windows, self.cap, self.drops = Windows(window, tol), None, 0
+        self.floor = min_steps  # min_steps, or later if an EMA teacher has not settled (on_train_start)
         self.converged, self.reason = False, "not started"
 
     @property
@@ -152,6 +169,8 @@ class Convergence(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         check_lr_owner(self, trainer.lr_scheduler_configs)
         self.cap = step_cap(self.max_steps, trainer.num_training_batches, self.budget)  # the loaders exist now
+        momentum = getattr(pl_module, "hparams", {}).get("ema_momentum")
+        self.floor = max(self.min_steps, teacher_settling_steps(momentum))
         if not self.converged:
             self.reason = "still running"
 
@@ -174,7 +193,7 @@ class Convergence(Callback):
             self.converged = plateau
             self.reason = f"last window improved the training loss by {self.last_improvement:.2e} (tol {self.tol:.0e})"
             return
-        if not plateau or trainer.global_step < self.min_steps:
+        if not plateau or trainer.global_step < self.floor:
             return
         if self.drops < self.lr_drops:
             self.drops += 1
@@ -205,5 +224,6 @@ class Convergence(Callback):
             "reason": self.reason,
             "lr_drops": self.drops,
             "step_budget": self.cap,
+            "plateau_from_step": self.floor,
             "last_relative_improvement": self.last_improvement,
         }

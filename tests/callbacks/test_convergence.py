@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from icon_lightning.callbacks import Convergence
-from icon_lightning.callbacks.convergence import auto_step_budget
+from icon_lightning.callbacks.convergence import auto_step_budget, teacher_settling_steps
 from tests.conftest import EndProcessGroup
 
 
@@ -32,8 +32,9 @@ class Scripted(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def fit(loss_at, callback: Convergence, max_epochs: int = -1) -> tuple[L.Trainer, Scripted]:
+def fit(loss_at, callback: Convergence, max_epochs: int = -1, **hparams) -> tuple[L.Trainer, Scripted]:
     module = Scripted(loss_at)
+    module.hparams.update(hparams)
     trainer = L.Trainer(
         max_epochs=max_epochs,
         callbacks=[callback],
@@ -68,6 +69,20 @@ def test_min_steps_defers_the_plateau():
     callback = Convergence(window=10, lr_drops=0, min_steps=55, max_steps=500)
     trainer, _ = fit(lambda step: 1.0, callback)
     assert callback.converged and trainer.global_step == 60  # the first window end at or past step 55
+
+
+def test_an_ema_teacher_defers_the_plateau_until_it_has_settled():
+    # A loss against an EMA teacher (hparams.ema_momentum m) counts a plateau only once m^t ≤ e^-3: at m = 0.9 from
+    # step 29 (0.9^28 > e^-3 ≥ 0.9^29), so a flat loss stops at the first window end past it (30), not at 20.
+    assert 0.9**29 <= math.exp(-3) < 0.9**28 and teacher_settling_steps(0.9) == 29
+    assert 0.996**749 <= math.exp(-3) < 0.996**748 and teacher_settling_steps(0.996) == 749
+    assert teacher_settling_steps(None) == 0
+    callback = Convergence(window=10, lr_drops=0, min_steps=0, max_steps=500)
+    trainer, _ = fit(lambda step: 1.0, callback, ema_momentum=0.9)
+    assert callback.converged and trainer.global_step == 30 and callback.report()["plateau_from_step"] == 29
+    callback = Convergence(window=10, lr_drops=0, min_steps=0, max_steps=500)
+    trainer, _ = fit(lambda step: 1.0, callback, ema_momentum=None)  # no teacher: min_steps alone
+    assert trainer.global_step == 20 and callback.report()["plateau_from_step"] == 0
 
 
 def test_a_falling_loss_runs_to_the_budget_and_says_it_did_not_converge():

@@ -125,10 +125,12 @@ def test_a_p_built_from_the_teachers_clusters_trains(tmp_path, monkeypatch):
         type(loss), "target", lambda self, rows, *a, **kw: calls.append(1) or target(self, rows, *a, **kw)
     )
     overrides = [f"--model.loss={json.dumps(TEACHER_LOSS)}", "--model.num_heads=2", "--model.keep_heads=null"]
-    overrides += ["--model.ema_momentum=0.9", "--convergence.max_steps=40"]
+    overrides += ["--model.ema_momentum=0.9", "--convergence.max_steps=40", "--convergence.min_steps=0"]
     est = HeadClusterer(overrides=overrides, n_clusters=10, cache_dir=str(tmp_path))
     est.fit(x)
     assert est.steps_ == 40 and len(calls) == 2 * 40  # p rebuilt for both (unpruned) heads every step
+    # the module's teacher reaches Convergence: no plateau counts before 0.9^t ≤ e^-3 (step 29)
+    assert est.record_["convergence"]["plateau_from_step"] == 29
     assert np.isfinite(est.head_losses_).all()
     nmi = normalized_mutual_info_score(digits.target, est.labels_)
     assert nmi > 0.5, nmi  # a working clusterer on digits (k-means alone: ~0.7); labels only score
