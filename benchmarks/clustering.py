@@ -76,6 +76,9 @@ class Split:
 # overrides). ``BUDGET``: overrides appended to every head-based run (tests shrink it); a run records its protocol
 # in the JSON.
 PROTOCOL = "icon fit defaults (one builder): features file, views clean, the method's config + overrides"
+# Revisions that change only the rows of the methods they name; such a method's row from before is of an earlier
+# protocol (not shown, re-run by --resume). TEMI is the one row with an EMA teacher (a test keeps it so).
+REVISIONS = {"temi": "a plateau counts once the EMA teacher has settled (Convergence: 749 steps at momentum 0.996)"}
 BUDGET: list[str] = []
 DATASETS = ("digits", "cifar10_test", "cifar10_train_test", "fashion_mnist_test", "mnist_test")
 # The table's rows (README): the classical methods, the peers, the I-Con defaults and the ablations that explain
@@ -277,13 +280,12 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
     # run resumes with --resume (methods already in the file are skipped).
     # Every method's entry names the protocol it ran under, so rows from an earlier protocol kept in the same file
     # are never attributed to this one, and --resume re-runs them.
-    protocol = current_protocol()
-    results = current_rows(path, protocol)
+    results = current_rows(path)
     ran: set[str] = set()
 
     def save() -> Path:
         # Re-read first: another process may have added other methods of this dataset meanwhile.
-        results.update({m: v for m, v in current_rows(path, protocol).items() if m not in ran})
+        results.update({m: v for m, v in current_rows(path).items() if m not in ran})
         payload = {
             "dataset": split.name,
             "source": split.source,
@@ -298,14 +300,14 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
 
     for method in chosen:
         done = results.get(method)
-        if args.resume and done and done["protocol"] == protocol and len(done["runs"]) == len(args.seeds):
+        if args.resume and done and len(done["runs"]) == len(args.seeds):
             continue
         description, make, clusters = table[method]
         runs = [run_method(split, make, seed, clusters) for seed in args.seeds]
         results[method] = {
             "description": description,
             "clusters": clusters,
-            "protocol": protocol,
+            "protocol": current_protocol(method),
             "runs": runs,
             **summarise(runs),
         }
@@ -320,16 +322,18 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
     return save()
 
 
-def current_protocol() -> str:
-    return PROTOCOL + (f"; budget overrides {list(BUDGET)}" if BUDGET else "")
+def current_protocol(method: str = "") -> str:
+    """The protocol a row of ``method`` runs under now: ``PROTOCOL``, the method's revision, the budget."""
+    revision = f"; {REVISIONS[method]}" if method in REVISIONS else ""
+    return PROTOCOL + revision + (f"; budget overrides {list(BUDGET)}" if BUDGET else "")
 
 
-def current_rows(path: Path, protocol: str) -> dict:
-    """The methods of a results file that ran under ``protocol``: a file is rewritten with these only, so rows
-    of an earlier protocol are removed rather than shown beside this one's."""
+def current_rows(path: Path) -> dict:
+    """The methods of a results file that ran under the current protocol: a file is rewritten with these only,
+    so rows of an earlier protocol are removed rather than shown beside this one's."""
     if not path.exists():
         return {}
-    return {m: v for m, v in methods_of(json.loads(path.read_text())).items() if v["protocol"] == protocol}
+    return {m: v for m, v in methods_of(json.loads(path.read_text())).items() if v["protocol"] == current_protocol(m)}
 
 
 def methods_of(data: dict) -> dict:
@@ -345,14 +349,15 @@ def methods_of(data: dict) -> dict:
 def markdown_table(paths: list[Path]) -> str:
     """README's results: per set, the rows that ran under this protocol (rows of an earlier protocol are never
     shown beside them), then a line naming the best method, the I-Con default and the gap in points."""
-    protocol = current_protocol()
+    revisions = "".join(f" {m}: {text}." for m, text in REVISIONS.items())
     lines = [
-        f"Every head-based row: {protocol}. Regenerate with `python -m benchmarks.clustering --table --readme`.",
+        f"Every head-based row: {current_protocol()}.{revisions} Regenerate with `python -m benchmarks.clustering "
+        "--table --readme`.",
         "",
     ]
     for path in paths:
         data = json.loads(path.read_text())
-        rows = {m: v for m, v in methods_of(data).items() if v["protocol"] == protocol}
+        rows = {m: v for m, v in methods_of(data).items() if v["protocol"] == current_protocol(m)}
         if not rows:
             lines += [f"**{data['dataset']}**: not run under this protocol yet (`{data['command']}`)", ""]
             continue

@@ -107,6 +107,34 @@ def test_the_icon_rows_are_the_recipe_and_its_edits():
     assert icon_loss(0.6, 0.0, 3).p.base.steps == 3 and isinstance(icon_loss(0.6, 0.0, 3).q, learned.UniformCluster)
 
 
+def test_a_revision_retires_only_its_method_s_rows(tmp_path):
+    """TEMI's rows from before its revision (the EMA teacher settles before a plateau counts) are of an earlier
+    protocol: not shown, named as missing; the other rows of the same file stay. The revised methods are exactly
+    the table's peers whose config keeps an EMA teacher."""
+    import yaml
+
+    teachers = {
+        m
+        for m in ("scan", "temi", "turtle")
+        if yaml.safe_load((bc.PEERS / f"{m}.yaml").read_text())["model"].get("ema_momentum")
+    }
+    assert teachers == set(bc.REVISIONS) and not any(m.startswith("icon") for m in bc.REVISIONS)
+    run = {"seed": 0, "hungarian_acc": 0.5, "nmi": 0.4, "ari": 0.3, "wall_s": 1.0, "steps": 10, "converged": True}
+    row = {"runs": [run], "clusters": 3} | {
+        k: {"mean": run[k], "std": 0.0} for k in ("hungarian_acc", "nmi", "ari", "wall_s")
+    }
+    methods = {"icon": {"protocol": bc.PROTOCOL, **row}, "temi": {"protocol": bc.PROTOCOL, **row}}
+    data = {"dataset": "x", "source": "s", "num_clusters": 3, "seeds": [0], "command": "c", "methods": methods}
+    path = tmp_path / "clustering_x.json"
+    path.write_text(json.dumps(data))
+    assert set(bc.current_rows(path)) == {"icon"}
+    table = bc.markdown_table([path])
+    assert "| icon |" in table and "| temi |" not in table and "temi, turtle" in table  # temi named as missing
+    methods["temi"]["protocol"] = bc.current_protocol("temi")
+    path.write_text(json.dumps(data))
+    assert set(bc.current_rows(path)) == {"icon", "temi"} and "| temi |" in bc.markdown_table([path])
+
+
 def test_readme_results_are_the_committed_json(tmp_path):
     """README's results are generated from benchmarks/results/clustering_*.json, never edited by hand."""
     table = bc.markdown_table(sorted(bc.RESULTS.glob("clustering_*.json")))
