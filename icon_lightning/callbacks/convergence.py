@@ -150,13 +150,9 @@ class Convergence(Callback):
         self.window, self.tol, self.lr_drops, self.lr_gamma = window, float(tol), lr_drops, float(lr_gamma)
         self.min_steps, self.max_steps = min_steps, max_steps
         self.stop_on_plateau, self.budget = stop_on_plateau, budget
-        self.windows, self.cap, self.drops = Windows(window, tol), None, 0
-        self.floor = min_steps  # min_steps, or later if an EMA teacher has not settled (on_train_start)
+        # floor: no plateau counts before it (min_steps, or later while an EMA teacher settles: on_train_start)
+        self.windows, self.cap, self.drops, self.floor = Windows(window, tol), None, 0, min_steps
         self.converged, self.reason = False, "not started"
-
-    @property
-    def last_improvement(self) -> float | None:
-        return self.windows.last_improvement
 
     def state_dict(self) -> dict:
         """The state a resumed run continues from."""
@@ -169,8 +165,7 @@ class Convergence(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         check_lr_owner(self, trainer.lr_scheduler_configs)
         self.cap = step_cap(self.max_steps, trainer.num_training_batches, self.budget)  # the loaders exist now
-        momentum = getattr(pl_module, "hparams", {}).get("ema_momentum")
-        self.floor = max(self.min_steps, teacher_settling_steps(momentum))
+        self.floor = max(self.min_steps, teacher_settling_steps(getattr(pl_module, "hparams", {}).get("ema_momentum")))
         if not self.converged:
             self.reason = "still running"
 
@@ -189,23 +184,23 @@ class Convergence(Callback):
     def _decide(self, trainer: L.Trainer, mean: float, plateau: bool | None) -> None:
         if plateau is None:
             return
+        gain = self.windows.last_improvement
         if not self.stop_on_plateau:
             self.converged = plateau
-            self.reason = f"last window improved the training loss by {self.last_improvement:.2e} (tol {self.tol:.0e})"
+            self.reason = f"last window improved the training loss by {gain:.2e} (tol {self.tol:.0e})"
             return
         if not plateau or trainer.global_step < self.floor:
             return
         if self.drops < self.lr_drops:
             self.drops += 1
-            for optimizer in trainer.optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] *= self.lr_gamma
+            for group in (group for optimizer in trainer.optimizers for group in optimizer.param_groups):
+                group["lr"] *= self.lr_gamma
             self.windows.means = [mean]  # compare the next window at the new LR with this one
             return
         self.converged, trainer.should_stop = True, True
         self.reason = (
             f"training loss plateaued at step {trainer.global_step} (relative improvement "
-            f"{self.last_improvement:.2e} < {self.tol:.0e} over {self.window} steps, after {self.drops} LR drops)"
+            f"{gain:.2e} < {self.tol:.0e} over {self.window} steps, after {self.drops} LR drops)"
         )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -225,5 +220,5 @@ class Convergence(Callback):
             "lr_drops": self.drops,
             "step_budget": self.cap,
             "plateau_from_step": self.floor,
-            "last_relative_improvement": self.last_improvement,
+            "last_relative_improvement": self.windows.last_improvement,
         }
