@@ -15,18 +15,21 @@ import contextlib
 import hashlib
 import io
 import logging
+import numbers
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import sparse
 from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from icon_lightning.classical.kmeans import _as_features
-from icon_lightning.cli import assemble, features_command
+from icon_lightning.cli import AssembledRun, assemble, features_command
 from icon_lightning.data.neighbours import centred_unit_rows
 from icon_lightning.io import atomic_write
 
@@ -58,36 +61,117 @@ def quiet(on: bool = True) -> contextlib.AbstractContextManager:
     return stack
 
 
-@dataclass(repr=False, eq=False)
+K_AT_LEAST_2 = "sets n_clusters=1; I-Con's cluster likelihood needs K >= 2, so fit refuses it (n_clusters: expected …)"
+EXPECTED_FAILED_CHECKS = {
+    check: K_AT_LEAST_2
+    for check in (
+        "check_dont_overwrite_parameters",
+        "check_fit2d_predict1d",
+        "check_fit2d_1feature",
+        "check_methods_subset_invariance",
+    )
+}
+"""scikit-learn's ``check_estimator`` checks that ``HeadClusterer`` fails, each with its reason (pass it as
+``check_estimator(..., expected_failed_checks=EXPECTED_FAILED_CHECKS)``): each forces ``n_clusters=1``."""
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line, without the array dumps scikit-learn appends (``array=[…]``)."""
+    return " ".join(" ".join(line for line in str(error).splitlines() if not line.startswith("array=")).split())
+
+
+def checked_features(estimator: BaseEstimator, X, reset: bool) -> np.ndarray:
+    """X as C-ordered float32 (N, D) features through scikit-learn's ``validate_data`` (``reset``: the fit's X,
+    which sets ``n_features_in_`` and needs N ≥ 2; else its feature count is checked against it). Sparse or complex
+    X, NaN, inf, a wrong shape: a ``ValueError`` / ``TypeError`` of one line naming X."""
+    try:
+        if sparse.issparse(X):
+            raise TypeError(f"sparse input is not supported: expected a dense (N, D) array, got {type(X).__name__}")
+        if np.iscomplexobj(X):
+            raise ValueError("Complex data not supported: expected real (N, D) features, got complex values")
+        return validate_data(estimator, X, reset=reset, dtype=np.float32, order="C", ensure_min_samples=1 + reset)
+    except (TypeError, ValueError) as error:
+        raise (TypeError if isinstance(error, TypeError) else ValueError)(f"X: {one_line(error)}") from None
+
+
+def assembled(argv: list[str]) -> AssembledRun:
+    """``assemble(argv)``, where a config that does not parse raises ``ValueError`` with `icon`'s one line
+    (``icon: error: …``) instead of the command's ``SystemExit(2)``; what the parse wrote to stderr is kept."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return assemble(argv)
+    except SystemExit as end:
+        lines = [line for line in said.getvalue().splitlines() if line.startswith("icon: error:")]
+        raise ValueError(lines[-1] if lines else f"icon: error: exit status {end.code}") from None
+    finally:
+        sys.stderr.write(said.getvalue())
+
+
+def executed(run: AssembledRun) -> AssembledRun:
+    """``run.execute()``; a fit `icon` ends with ``SystemExit`` after writing its record (Ctrl-C: 130, SIGTERM:
+    143) raises ``KeyboardInterrupt`` / ``RuntimeError`` instead, so a notebook's kernel goes on."""
+    try:
+        return run.execute()
+    except SystemExit as end:
+        stop = KeyboardInterrupt if end.code == 130 else RuntimeError
+        raise stop(f"icon fit: interrupted (exit status {end.code}); its record is in {run.run_dir}") from None
+
+
 class HeadClusterer(ClusterMixin, BaseEstimator):
     """``icon fit`` with ``config`` (a recipe name or YAML path) and ``overrides`` on (N, D) features (module doc).
 
     Every default is ``icon fit``'s: the features are centred and L2-normalised, full batch up to 4,096 anchors
     (else 128 per cluster), 10 heads pruned by training loss to one, Adam 1e-2 halved on training-loss plateaus
-    until the third (``Convergence``). ``random_state`` seeds the run (``seed_everything``) and the DataModule's
-    sampling (``data.seed``); ``n_clusters`` is ``data.num_clusters``. ``run_root``: where the run's folder goes
-    (None: a temporary directory, removed after ``fit``). ``verbose``: show the run's output.
-    Attributes: labels_ (N,), selected_head_ (a position among the surviving heads), head_ids_ (their numbers),
-    head_losses_, converged_, steps_, record_ (the run's ``metrics.json``), mean_ (the centring mean, None
-    without normalisation), module_ (the ``IConModule``, on the CPU).
+    until the third (``Convergence``). ``n_clusters`` is ``data.num_clusters`` (an integer, 2 ≤ K ≤ N).
+    ``random_state`` gives the run's seed (``seed_everything`` and the DataModule's sampling, ``data.seed``) as in
+    scikit-learn: an int is the seed itself; a ``numpy.random.RandomState`` gives one drawn seed per fit; None a
+    fresh seed each fit (so two fits differ; ``seed_`` says which seed a fit used). ``run_root``: where the run's
+    folder goes (None: a temporary directory, removed after ``fit``). ``verbose``: show the run's output.
+    X is checked (dense, real, finite, N ≥ 2) before anything is written to ``cache_dir``; every refusal, a wrong
+    override included, is an exception with one line (an override `icon` does not parse: ``icon: error: …``).
+    Attributes: labels_ (N,), n_features_in_ (D), seed_, selected_head_ (a position among the surviving heads),
+    head_ids_ (their numbers), head_losses_, converged_, steps_, record_ (the run's ``metrics.json``), mean_ (the
+    centring mean, None without normalisation), module_ (the ``IConModule``, on the CPU).
     """
 
-    config: str = "icon_clustering"
-    overrides: Sequence[str] = field(default_factory=tuple)
-    n_clusters: int = 10
-    random_state: int = 0
-    accelerator: str = "cpu"
-    cache_dir: str = ".cache/icon_lightning"
-    run_root: str | None = None
-    verbose: bool = False
+    def __init__(
+        self,
+        config: str | Path = "icon_clustering",
+        overrides: Sequence[str] = (),
+        n_clusters: int = 10,
+        random_state=0,
+        accelerator: str = "cpu",
+        cache_dir: str = ".cache/icon_lightning",
+        run_root: str | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.config, self.overrides, self.n_clusters, self.random_state = config, overrides, n_clusters, random_state
+        self.accelerator, self.cache_dir, self.run_root, self.verbose = accelerator, cache_dir, run_root, verbose
 
-    def command(self, path: Path, root: str) -> list[str]:
+    def settings(self, n: int) -> tuple[int, int]:
+        """(K, the run's seed) from ``n_clusters`` and ``random_state`` (one draw), checked for ``n`` samples."""
+        k = self.n_clusters
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 2 <= k <= n:
+            raise ValueError(f"n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = {n} (X's samples), got {k!r}")
+        if isinstance(self.overrides, str) or not all(isinstance(word, str) for word in self.overrides):
+            raise ValueError(f"overrides: expected a list of `icon fit` words (--key=value), got {self.overrides!r}")
+        try:
+            rng = check_random_state(self.random_state)
+        except ValueError:
+            expected = "None, an int in [0, 2**32 - 1] or a numpy.random.RandomState"
+            raise ValueError(f"random_state: expected {expected}, got {self.random_state!r}") from None
+        if isinstance(self.random_state, numbers.Integral):
+            return int(k), int(self.random_state)
+        return int(k), int(rng.randint(np.iinfo(np.int32).max))
+
+    def command(self, path: Path, root: str, n_clusters: int, seed: int) -> list[str]:
         """The `icon` words of the fit on the features file ``path`` (the run's folder under ``root``)."""
         return [
             *features_command(path, self.config),
-            f"--seed_everything={self.random_state}",
-            f"--data.seed={self.random_state}",
-            f"--data.num_clusters={self.n_clusters}",
+            f"--seed_everything={seed}",
+            f"--data.seed={seed}",
+            f"--data.num_clusters={n_clusters}",
             f"--data.cache_dir={self.cache_dir}",
             f"--trainer.accelerator={self.accelerator}",
             "--trainer.devices=1",
@@ -101,12 +185,13 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
 
     def fit(self, X, y=None) -> HeadClusterer:
         """Cluster X (labels, if given, are ignored: nothing here reads them)."""
-        x = _as_features(X)
+        x = checked_features(self, X, reset=True)
+        n_clusters, seed = self.settings(len(x))
         path = features_file(x, Path(self.cache_dir) / "estimator")
         with tempfile.TemporaryDirectory(prefix="icon-estimator-") as tmp, quiet(not self.verbose):
-            run = assemble(self.command(path, self.run_root or tmp)).execute()
+            run = executed(assembled(self.command(path, self.run_root or tmp, n_clusters, seed)))
         model, data = run.model.cpu().eval(), run.datamodule
-        self.record_, self.module_ = run.record, model
+        self.record_, self.module_, self.seed_ = run.record, model, seed
         self.mean_ = x.mean(0, keepdims=True) if data.prep.normalize else None
         self.selected_head_ = int(model.selected_head)
         self.head_losses_ = model.head_losses.cpu().numpy()
@@ -116,16 +201,13 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self.labels_ = model.assign(data.train_features.float()).numpy().astype(np.int64)
         return self
 
-    def _prepared(self, X) -> torch.Tensor:
-        x = _as_features(X)
-        if x.shape[1] != self.module_.hparams.feature_dim:
-            raise ValueError(f"X: expected {self.module_.hparams.feature_dim} features, got {x.shape[1]}")
-        return torch.from_numpy(x if self.mean_ is None else centred_unit_rows(x, self.mean_))
-
     @torch.no_grad()
     def predict_proba(self, X) -> np.ndarray:
         """(N, K) probabilities of the selected head, X prepared as the fit's features were (the fit's mean)."""
-        return self.module_.selected(self._prepared(X)).softmax(-1).numpy()
+        check_is_fitted(self)
+        x = checked_features(self, X, reset=False)
+        x = x if self.mean_ is None else centred_unit_rows(x, self.mean_)
+        return self.module_.selected(torch.from_numpy(x)).softmax(-1).numpy()
 
     def predict(self, X) -> np.ndarray:
         return self.predict_proba(X).argmax(1).astype(np.int64)

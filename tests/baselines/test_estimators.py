@@ -75,5 +75,5 @@ def test_head_clusterer_recovers_separated_blobs(blobs, tmp_path, config, overri
     assert est.head_ids_.shape == (1,) and int(est.head_ids_[0]) in (0, 1)
     np.testing.assert_array_equal(est.predict(x), est.labels_)
     assert est.predict_proba(x[:5]).sum(1) == pytest.approx(np.ones(5), abs=1e-5)
-    with pytest.raises(ValueError, match="X: expected 8 features"):
+    with pytest.raises(ValueError, match="X: X has 3 features, but HeadClusterer is expecting 8 features"):
         est.predict(x[:, :3])
