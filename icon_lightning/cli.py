@@ -16,7 +16,8 @@ from icon_lightning import __version__
 from icon_lightning.callbacks import ClusterAssignmentWriter, ClusteringPlots, Convergence
 from icon_lightning.callbacks.checkpoint import RunCheckpoint
 from icon_lightning.data.datamodule import ClusteringDataModule
-from icon_lightning.io import atomic_write, atomic_write_json
+from icon_lightning.data.prepared import saved_preparation
+from icon_lightning.io import atomic_write, atomic_write_json, one_line
 from icon_lightning.models.module import IConModule
 from icon_lightning.recipes import recipe_path
 from icon_lightning.runs import (
@@ -30,19 +31,41 @@ from icon_lightning.runs import (
 )
 from icon_lightning.settings import one_line_parse_error
 
+WANDB_PROBE_S = 3.0  # how long a logged-in run waits for the W&B server before it logs offline
+
+
+def wandb_host() -> tuple[str, int]:
+    """The W&B server's host and port (``WANDB_BASE_URL``, else api.wandb.ai over https)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    return url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+
 
 def wandb_offline_unless_logged_in() -> bool:
-    """Switch W&B to offline mode when no credentials exist (no WANDB_API_KEY, no netrc entry).
+    """Switch W&B to offline mode when no credentials exist (no WANDB_API_KEY, no netrc entry for its server), or
+    when they do but the server cannot be reached within ``WANDB_PROBE_S`` (a cluster node without network: W&B
+    itself would retry for minutes, then fail the fit); the latter is said in one line on stderr.
 
     Returns True when offline; runs can be uploaded later with ``wandb sync <run dir>``.
     """
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"] in ("offline", "disabled", "dryrun")
+    host, port = wandb_host()
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-    if not logged_in:
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and host in netrc.read_text())
+    reason = None if logged_in else "not logged in"
+    if logged_in:
+        import socket
+
+        try:
+            socket.create_connection((host, port), timeout=WANDB_PROBE_S).close()
+        except OSError as error:
+            reason = f"cannot reach {host}:{port} ({error.strerror or error or type(error).__name__})"
+            print(f"W&B: {reason}: logging offline (`wandb sync` uploads the run later)", file=sys.stderr)
+    if reason is not None:
         os.environ["WANDB_MODE"] = "offline"
-    return not logged_in
+    return reason is not None
 
 
 DEFAULT_LOGGER = {
@@ -125,9 +148,12 @@ def live_head_metrics(callback_metrics, head_ids) -> dict[str, float]:
     return {k: v for k, v in scalars.items() if not (last := k.rsplit("/", 1)[-1]).startswith("head_") or last in live}
 
 
-def read_checkpoint_hparams(parse, ckpt: str | None) -> None:
+def read_checkpoint_hparams(cli, parse) -> None:
     """Lightning's ``parse`` of a checkpoint's hyper-parameters, with a file that is not a readable checkpoint
-    answered in one line naming it (torch alone says ``[Errno 22] Invalid argument``)."""
+    answered in one line naming it (torch alone says ``[Errno 22] Invalid argument``). Validate, test and predict
+    with ``data.num_clusters`` unset take the checkpoint's K (its fit's ``FitPreparation``), not the data's classes."""
+    subcommand = cli.config.get("subcommand")
+    ckpt = cli.config[subcommand].get("ckpt_path") if subcommand else None
     if not (ckpt and Path(ckpt).is_file()):
         return parse()
     check_checkpoint_file(ckpt)
@@ -135,6 +161,9 @@ def read_checkpoint_hparams(parse, ckpt: str | None) -> None:
         parse()
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"ckpt_path: {ckpt} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    data = cli.config[subcommand].data  # the config after the parse (Lightning replaces it)
+    if subcommand != "fit" and data.get("num_clusters") is None and (fitted := saved_preparation(ckpt)) is not None:
+        data.num_clusters = fitted.num_clusters
 
 
 def check_takes_steps(subcommand: str | None, max_steps: int | None, steps_done: int | None) -> None:
@@ -163,12 +192,14 @@ def run_record(cli, trainer, cfg) -> dict:
     convergence = watcher.report() if watcher is not None and cli.subcommand == "fit" else None
     saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))
     monitored = [c for c in saving if getattr(c, "monitor", None)]
+    measured = bool(cli.model.head_losses.ne(0).any())  # zeros: no epoch has closed yet, nothing was measured
+    ckpt = cfg.get("ckpt_path")
     payload = {
         "subcommand": cli.subcommand,
         "metrics": metrics,
-        "selected_head": cli.model.live_head_ids()[cli.model.selected_position()],
+        "selected_head": cli.model.live_head_ids()[cli.model.selected_position()] if measured else None,
         "heads": [int(i) for i in cli.model.head_ids],
-        "head_losses": [float(x) for x in cli.model.head_losses],
+        "head_losses": [float(x) for x in cli.model.head_losses] if measured else None,
         "pruning": cli.model.pruning.history,
         "config_sha256": cli.config_sha256,
         "run_dir": str(cli.run_dir),
@@ -176,12 +207,22 @@ def run_record(cli, trainer, cfg) -> dict:
         "seed": cfg.get("seed_everything"),
         "wall_time_s": round(time.time() - getattr(cli, "_started", time.time()), 2),
         "version": __version__,
-        "steps": trainer.global_step,
+        "steps": trainer.global_step if cli.subcommand == "fit" or not ckpt else checkpoint_step(ckpt),
         "convergence": convergence,
-        "best_checkpoint": next((c.best_model_path for c in monitored if c.best_model_path), None),
-        "last_checkpoint": next((c.last_model_path for c in saving if c.last_model_path), None),
+        "best_checkpoint": next((c.best_model_path for c in monitored if Path(c.best_model_path).is_file()), None),
+        "last_checkpoint": next((c.last_model_path for c in saving if Path(c.last_model_path).is_file()), None),
     }
     return payload
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The optimizer step a checkpoint was saved at (what ``validate``, ``test`` and ``predict`` evaluate)."""
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 INTERRUPT_EXIT = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal's number, as a shell reports a killed job
@@ -200,26 +241,32 @@ def interruption(end: BaseException) -> str:
 
 
 def record_interrupted(cli, end: BaseException) -> int | None:
-    """The record of a fit that ended early (SIGTERM, Ctrl-C, an exception in training): ``metrics.json`` with the
-    steps done, the last training losses, ``convergence: {converged: false, reason}`` and the checkpoint to resume
-    from, and a NOT CONVERGED line. Returns the exit code for a signal (None: re-raise the error)."""
+    """The record of a fit that ended early: ``metrics.json`` with the steps done, the head losses measured so far
+    (None before the first epoch closed), the checkpoint to resume from (only a file that exists) and
+    ``convergence: {converged: false, reason}``, ``interrupted: SIGTERM|SIGINT`` for a signal and a top-level
+    ``error`` (the exception's one line) for an exception in training; then a NOT CONVERGED line. Returns the exit
+    code for a signal (None: re-raise the error)."""
     trainer, cfg, how = cli.trainer, cli._run_config(), interruption(end)
     if not trainer.is_global_zero:
         return INTERRUPT_EXIT.get(how)
     payload = run_record(cli, trainer, cfg)
-    found = sorted(str(p) for p in Path(cli.run_dir).glob("**/last*.ckpt"))
+    found = sorted(str(p) for p in Path(cli.run_dir).glob("**/last*.ckpt") if p.is_file())
     resume = payload["last_checkpoint"] or (found[-1] if found else None)
     saved = RunCheckpoint.saved_step(trainer) if resume else None
     to = resume or "(none saved)"
     to += "" if saved is None else f" (step {saved})"
-    reason = f"interrupted by {how} at step {trainer.global_step}; resume with --ckpt_path {to}"
-    payload.update(convergence={"converged": False, "reason": reason, "interrupted": how}, resume_from=resume)
-    payload["resume_step"] = saved
-    if trainer.global_step == 0:
-        payload["selected_head"] = None  # no step: no head was chosen
+    if how in INTERRUPT_EXIT:
+        reason = f"interrupted by {how} at step {trainer.global_step}; resume with --ckpt_path {to}"
+        payload["convergence"] = {"converged": False, "reason": reason, "interrupted": how}
+    else:
+        payload["error"] = one_line(end)
+        reason = f"failed at step {trainer.global_step}: {payload['error']}; checkpoint {to}"
+        payload["convergence"] = {"converged": False, "reason": reason}
+    payload.update(resume_from=resume, resume_step=saved)
     atomic_write_json(Path(cli.run_dir) / "metrics.json", payload)
     cli.record = payload
-    print(f"\nNOT CONVERGED after {trainer.global_step} steps (interrupted): {reason}", file=sys.stderr, flush=True)
+    ended = "interrupted" if how in INTERRUPT_EXIT else "failed"
+    print(f"\nNOT CONVERGED after {trainer.global_step} steps ({ended}): {reason}", file=sys.stderr, flush=True)
     print(f"metrics.json: {Path(cli.run_dir) / 'metrics.json'}", file=sys.stderr, flush=True)
     finish_wandb(exit_code=1)
     return INTERRUPT_EXIT.get(how)
@@ -254,10 +301,7 @@ class IConCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def _parse_ckpt_path(self) -> None:  # Lightning reads a given checkpoint's hyper-parameters here, before hooks
-        subcommand = self.config.get("subcommand")
-        read_checkpoint_hparams(
-            super()._parse_ckpt_path, self.config[subcommand].get("ckpt_path") if subcommand else None
-        )
+        read_checkpoint_hparams(self, super()._parse_ckpt_path)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(

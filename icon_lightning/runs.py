@@ -3,8 +3,10 @@
     <trainer.default_root_dir>/<config name>-<experiment key>/<subcommand>-<YYYYmmdd-HHMMSS>-<4 hex>/
         config.yaml  metrics.json  checkpoints/last.ckpt  predictions.{csv,npy}  <logger files>
 
-so no run overwrites or is mistaken for another. The experiment key hashes the model and data settings: the runs
-that trained or evaluate the same model on the same data share the parent folder, which is where
+so no run overwrites or is mistaken for another. A folder is claimed atomically (``CLAIM``, created with O_EXCL):
+two runs started at the same instant with the same ``--run_dir`` never share it. The experiment key hashes every
+setting that can change a run's result but its length (``RESULT_FREE_KEYS``, ``LENGTH_KEYS``): the runs that train
+or evaluate the same model, on the same data, with the same seed share the parent folder, which is where
 ``--ckpt_path last`` looks.
 """
 
@@ -14,37 +16,78 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 
 from icon_lightning.io import with_errno
 
 RUN_DIR_ENV = "ICON_RUN_DIR"  # handed to the processes a DDP launcher starts, so all ranks share one run dir
-LOCATION_KEYS = ("run_dir", "ckpt_path", "trainer.default_root_dir", "trainer.logger")
+
+# What a run's identity (its config hash and its experiment key) leaves out: the settings that cannot change its
+# result. This is the one list: where a run writes and which checkpoint it loads, and how it shows its progress
+# (which caches it reads or how it batches evaluation cannot change a trained head either: caches are verified and
+# keyed by their content, evaluation is per row). Every other setting, the seed included, is part of the identity.
+RESULT_FREE_KEYS = (
+    "config",
+    "run_dir",
+    "ckpt_path",
+    "allow_untrained",
+    "verbose",  # validate and test
+    "return_predictions",  # predict
+    "trainer.default_root_dir",
+    "trainer.logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.enable_checkpointing",
+    "trainer.log_every_n_steps",
+    "data.cache_dir",
+    "data.val_batch_size",
+    "data.num_workers",
+)
+# How long a run trains: part of its config hash (a longer run ends elsewhere), not of its experiment key, because a
+# checkpoint of a run that stopped earlier is the same run at an earlier step: `--ckpt_path last` with a larger
+# budget trains it on.
+LENGTH_KEYS = (
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.max_time",
+    "trainer.min_steps",
+    "trainer.min_epochs",
+    "convergence.max_steps",
+    "convergence.budget_epochs",
+    "convergence.budget_min_steps",
+    "convergence.budget_max_steps",
+)
 
 
 def _digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def config_sha256(config: dict) -> str:
-    """Hash of a parsed config (``Namespace.as_dict()``) less where it writes (run dir, root dir, logger) and
-    which checkpoint it loads: two runs of the same settings get the same hash wherever they run."""
+def _without(config: dict, keys: tuple[str, ...]) -> dict:
     kept = json.loads(json.dumps(config, default=str))
-    kept.pop("config", None)
-    for key in LOCATION_KEYS:
+    for key in keys:
         *parents, leaf = key.split(".")
         node = kept
         for parent in parents:
-            node = node.get(parent) or {}
+            node = node.get(parent) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
-    return _digest(kept)
+    return kept
+
+
+def config_sha256(config: dict) -> str:
+    """Hash of a parsed config (``Namespace.as_dict()``) less ``RESULT_FREE_KEYS``: two runs with the same hash
+    give the same result wherever they write, whatever caches they read and however they log."""
+    return _digest(_without(config, RESULT_FREE_KEYS))
 
 
 def experiment_key(config: dict) -> str:
-    """8 hex digits naming the model and data settings (``model`` and ``data`` sections)."""
-    return _digest({"model": config.get("model"), "data": config.get("data")})[:8]
+    """8 hex digits naming a run up to its length: the config hash less ``LENGTH_KEYS`` (the seed, the model, the
+    data and the optimisation included). The runs of one key share a folder, which is where ``--ckpt_path last``
+    looks: a requeued job of seed 1 resumes seed 1's checkpoint, never seed 2's."""
+    return _digest(_without(config, RESULT_FREE_KEYS + LENGTH_KEYS))[:8]
 
 
 def config_name(config_files) -> str:
@@ -67,27 +110,46 @@ def new_run_dir(root: str | Path, experiment: str, subcommand: str) -> Path:
         except OSError as error:
             message = f"trainer.default_root_dir: cannot create {run_dir}: {error.strerror}"
             raise with_errno(OSError(message), error.errno) from None
-        return check_writable(run_dir, "trainer.default_root_dir")
+        return claim(check_writable(run_dir, "trainer.default_root_dir"), "trainer.default_root_dir")
     raise FileExistsError(f"trainer.default_root_dir: could not find a free run folder name under {parent}")
 
 
+CLAIM = ".icon-run"  # created with O_EXCL in a run's folder: the one process that creates it owns the folder
+RECORDS = ("metrics.json", "config.yaml", "checkpoints")
+
+
+def claim(run_dir: Path, argument: str) -> Path:
+    """Own ``run_dir`` or fail: its ``CLAIM`` file is created exclusively (atomic on local and NFSv3+ file
+    systems), so of two processes claiming one folder at the same instant exactly one succeeds."""
+    try:
+        fd = os.open(run_dir / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        raise FileExistsError(f"{argument}: {run_dir} already holds another run ({CLAIM}); give a new folder") from None
+    except OSError as error:
+        raise with_errno(OSError(f"{argument}: cannot claim {run_dir}: {error.strerror}"), error.errno) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+    return run_dir
+
+
 def use_run_dir(path: str | Path) -> Path:
-    """An explicit ``--run_dir``: created if absent, refused if it already holds a run's records."""
+    """An explicit ``--run_dir``: created if absent, claimed (``claim``), refused if it already holds a run's
+    records or another process's claim."""
     run_dir = Path(path).expanduser()
-    taken = [name for name in ("metrics.json", "config.yaml", "checkpoints") if (run_dir / name).exists()]
+    taken = [name for name in RECORDS if (run_dir / name).exists()]
     if taken:
         raise FileExistsError(f"run_dir: {run_dir} already holds another run ({', '.join(taken)}); give a new folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise with_errno(OSError(f"run_dir: cannot create {run_dir}: {error.strerror}"), error.errno) from None
-    return check_writable(run_dir, "run_dir")
+    return claim(check_writable(run_dir, "run_dir"), "run_dir")
 
 
 def check_writable(folder: Path, argument: str) -> Path:
     """``folder`` if a file can be created in it; otherwise one line naming it (loggers would fall back to a
     temporary folder and the run's records would be lost)."""
-    probe = folder / f".write-test-{os.getpid()}"
+    probe = folder / f".write-test-{os.getpid()}-{secrets.token_hex(4)}"  # unique per process and thread
     try:
         probe.write_bytes(b"")
         probe.unlink()

@@ -89,13 +89,29 @@ def test_a_signal_during_a_fit_leaves_a_record_and_exits_non_zero(
     assert not list(run.run_dir.glob("**/*.tmp*"))  # nothing half-written
 
 
-def test_an_error_inside_training_leaves_a_record_and_propagates(tmp_path):
+def test_an_error_inside_training_records_the_error_and_propagates(tmp_path, capsys):
+    """An exception used to be recorded as ``interrupted`` (a resumable signal)."""
     run = _fit(tmp_path, EndAt(3, error=RuntimeError("CUDA error: an illegal memory access")))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         run.execute()
     record = json.loads((run.run_dir / "metrics.json").read_text())
     assert record["steps"] == 3 and record["convergence"]["converged"] is False
-    assert record["convergence"]["interrupted"] == "RuntimeError: CUDA error: an illegal memory access"
+    assert record["error"] == "RuntimeError: CUDA error: an illegal memory access"
+    assert "interrupted" not in record["convergence"]
+    assert record["convergence"]["reason"].startswith("failed at step 3: RuntimeError: CUDA error")
+    assert len(record["head_losses"]) == 2 and min(record["head_losses"]) > 0  # measured: each step is an epoch
+    assert "NOT CONVERGED after 3 steps (failed)" in capsys.readouterr().err
+
+
+def test_an_error_before_any_loss_was_measured_records_no_losses(tmp_path):
+    """An error in the first step used to record a 0.0 loss for every head and head 0 as selected."""
+    run = _fit(tmp_path, EndAt(1, error=ValueError("model.optimizer.lr: expected a positive number, got -1")))
+    with pytest.raises(ValueError):
+        run.execute()
+    record = json.loads((run.run_dir / "metrics.json").read_text())
+    assert record["head_losses"] is None and record["selected_head"] is None
+    assert record["error"].startswith("model.optimizer.lr: expected a positive number")
+    assert record["resume_from"] is None and record["convergence"]["reason"].endswith("checkpoint (none saved)")
 
 
 def test_the_last_steps_training_loss_is_in_the_record_when_the_fit_ends_between_validations(tmp_path):

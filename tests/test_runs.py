@@ -12,7 +12,7 @@ import torch
 
 from icon_lightning.cli import check_config, cli_main
 from icon_lightning.entry import main
-from icon_lightning.runs import config_sha256
+from icon_lightning.runs import LENGTH_KEYS, RESULT_FREE_KEYS, config_sha256, experiment_key, use_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "digits" / "config.yaml")
@@ -49,8 +49,8 @@ def test_runs_of_one_config_keep_separate_records(two_fits):
     """Every run of a config used to write metrics.json and config.yaml into the logger's shared save_dir, and
     `icon predict` replaced the fit's metrics.json with an empty one."""
     root, first, second = two_fits
-    assert first.run_dir != second.run_dir and first.run_dir.parent == second.run_dir.parent
-    assert first.run_dir.parent.parent == root
+    assert first.run_dir != second.run_dir and first.run_dir.parent != second.run_dir.parent  # seeds: runs apart
+    assert first.run_dir.parent.parent == root == second.run_dir.parent.parent
     predict = cli_main(digits("predict", root, "--ckpt_path=last"))
     for run, subcommand, seed in ((first, "fit", 0), (second, "fit", 1), (predict, "predict", 0)):
         assert record(run)["subcommand"] == subcommand and record(run)["seed"] == seed
@@ -62,9 +62,15 @@ def test_runs_of_one_config_keep_separate_records(two_fits):
 
 def test_ckpt_path_last_is_the_newest_checkpoint_of_that_config(two_fits, tmp_path):
     """`--ckpt_path last` used to find nothing (each W&B run had its own folder): fit restarted from step 0 and
-    validate scored untrained heads."""
-    root, _, second = two_fits
-    validate = cli_main(digits("validate", root, "--ckpt_path=last"))
+    validate scored untrained heads. It also ignored the seed (a requeued seed-1 job resumed seed 2's checkpoint and
+    recorded seed 1) and found nothing when a setting that cannot change the result (cache folder, validation batch
+    size) differed."""
+    root, first, second = two_fits
+    own = cli_main(digits("validate", root, "--ckpt_path=last"))  # seed 0: the first fit's, though the second is newer
+    assert record(own)["ckpt_path"] == str(first.run_dir / "checkpoints" / "last.ckpt")
+    assert record(own)["steps"] == 20  # the checkpoint's step (a validate record said 0)
+    elsewhere = [f"--data.cache_dir={tmp_path / 'other-cache'}", "--data.val_batch_size=7"]
+    validate = cli_main(digits("validate", root, "--ckpt_path=last", "--seed_everything=1", *elsewhere))
     assert record(validate)["ckpt_path"] == str(second.run_dir / "checkpoints" / "last.ckpt")
     assert record(validate)["metrics"]["val/hungarian_acc/best"] == pytest.approx(
         record(second)["metrics"]["val/hungarian_acc/best"], abs=1e-6
@@ -117,13 +123,94 @@ def test_option_prefixes_are_refused():
     assert check_config(["--config", DIGITS, "--model.num_heads=5"]).fit.model.num_heads == 5
 
 
-def test_the_config_hash_ignores_where_a_run_writes_and_nothing_else():
-    def sha(*args: str) -> str:  # hashed at once: a later parse may reuse the objects of an earlier one
-        return config_sha256(check_config(["--config", DIGITS, *args]).fit.as_dict())
+def test_the_run_key_holds_every_setting_that_can_change_the_result_and_nothing_else():
+    """The experiment key (where `--ckpt_path last` looks) hashed the model and data sections only: the seed was
+    not in it, and the cache folder and validation batch size were."""
 
-    base = sha()
-    assert sha("--trainer.default_root_dir=/elsewhere", "--run_dir=x", "--ckpt_path=a.ckpt") == base
-    assert sha("--model.num_heads=5") != base != sha("--seed_everything=1")
+    def keys(*args: str) -> tuple[str, str]:  # hashed at once: a later parse may reuse the objects of an earlier one
+        plain = check_config(["--config", DIGITS, *args]).fit.as_dict()
+        return config_sha256(plain), experiment_key(plain)
+
+    base = keys()
+    harmless = [
+        ["--trainer.default_root_dir=/elsewhere", "--run_dir=x", "--ckpt_path=a.ckpt"],
+        ["--data.cache_dir=/other/cache", "--data.val_batch_size=7", "--data.num_workers=2"],
+        ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"],
+    ]
+    for args in harmless:
+        assert keys(*args) == base, args
+    for args in (["--seed_everything=1"], ["--data.seed=1"], ["--model.num_heads=5"], ["--data.k=7"]):
+        changed = keys(*args)
+        assert changed[0] != base[0] and changed[1] != base[1], args
+    longer = keys("--convergence.max_steps=30", "--trainer.max_steps=40")
+    assert longer[0] != base[0] and longer[1] == base[1]  # a longer run of the same key: what a resume trains on
+
+
+def test_every_declared_result_free_or_length_key_exists_in_a_parsed_config():
+    """A misspelt entry would leave its setting in the key silently; the subcommands' own options (validate's
+    ``verbose``, predict's ``return_predictions``) are the only other differences between their configs."""
+    from icon_lightning.cli import parse_config
+
+    plain = {sub: parse_config([sub, "--config", DIGITS]).as_dict() for sub in ("fit", "validate", "test", "predict")}
+
+    def has(config: dict, key: str) -> bool:
+        for part in key.split("."):
+            if not (isinstance(config, dict) and part in config):
+                return False
+            config = config[part]
+        return True
+
+    for key in RESULT_FREE_KEYS + LENGTH_KEYS:
+        assert any(has(config, key) for config in plain.values()), key
+    assert len({experiment_key(config) for config in plain.values()}) == 1  # `last` finds the fit's checkpoint
+
+
+def test_two_claims_of_one_run_folder_at_the_same_instant_give_it_to_one(tmp_path):
+    """The "folder already holds a run" check was not atomic: two fits started together with one --run_dir both ran,
+    and the folder kept one run's metrics.json beside the other's config.yaml."""
+    import threading
+
+    folder, start, won, lost = tmp_path / "shared-run", threading.Barrier(8), [], []
+
+    def claim() -> None:
+        start.wait()
+        try:
+            won.append(use_run_dir(folder))
+        except FileExistsError as error:
+            lost.append(str(error))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and len(lost) == 7
+    assert all(m.startswith(f"run_dir: {folder} already holds another run") for m in lost)
+
+
+def test_a_resumed_converged_run_says_so_and_stops_unless_asked_for_more_steps(tmp_path, capsys):
+    """`fit --ckpt_path last` on a converged run trained 25 more steps and wrote a second, different record."""
+    quick = ["--convergence.min_steps=0", "--convergence.window=5", "--convergence.tol=1.0", "--model.num_heads=2"]
+    root = tmp_path / "runs"
+    done = cli_main(digits("fit", root, *quick))
+    steps = record(done)["steps"]
+    assert record(done)["convergence"]["converged"]
+    again = cli_main(digits("fit", root, *quick, "--ckpt_path=last"))
+    assert record(again)["steps"] == steps and record(again)["convergence"]["converged"]
+    assert record(again)["convergence"]["reason"].startswith(f"resumed a converged run at step {steps}: nothing")
+    assert record(again)["head_losses"] == record(done)["head_losses"]
+    more = cli_main(digits("fit", root, *quick, "--ckpt_path=last", f"--trainer.max_steps={steps + 7}"))
+    assert record(more)["steps"] == steps + 7
+
+
+def test_train_loss_is_the_selected_heads_loss(tmp_path):
+    """`train/loss` was the mean over the live heads (0.8205 against the selected head's 0.6474)."""
+    cli = cli_main(digits("fit", tmp_path / "runs", "--convergence.max_steps=12", "--model.keep_heads=null"))
+    rec = record(cli)
+    losses = rec["head_losses"]
+    assert len(losses) == 10 and rec["selected_head"] == rec["heads"][losses.index(min(losses))]
+    assert rec["metrics"]["train/loss"] == pytest.approx(min(losses), rel=1e-6)
+    assert rec["metrics"]["train/loss/live_heads_mean"] == pytest.approx(sum(losses) / 10, rel=1e-6)
 
 
 def test_an_unwritable_run_folder_is_one_clear_error(tmp_path):

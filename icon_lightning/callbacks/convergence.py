@@ -33,7 +33,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from icon_lightning.settings import NonNegativeFloat, NonNegativeInt, PositiveInt, UnitFraction, check_arguments
 
@@ -128,6 +128,26 @@ class Windows:
         self.sum, self.count = float(state["sum"]), int(state["count"])
 
 
+def resume_converged(callback: Convergence, trainer: L.Trainer) -> None:
+    """A fit resumed from a converged run's checkpoint: it stops before its first step and says so, unless
+    ``trainer.max_steps`` asks for more steps than the checkpoint's; then it trains on to exactly that step, the
+    plateau rule off (the verdict is then the last two windows', as with ``stop_on_plateau: false``)."""
+    step, wanted = trainer.global_step, trainer.max_steps
+    if not callback.stop_on_plateau:
+        return
+    if wanted is not None and wanted > step:
+        callback.stop_on_plateau, callback.cap = False, None
+        callback.reason = f"{callback.reason}; resumed at step {step} and trained on to trainer.max_steps={wanted}"
+        rank_zero_info(f"Resuming a converged run at step {step}: training on to trainer.max_steps={wanted} as asked")
+        return
+    trainer.should_stop = True
+    callback.reason = (
+        f"resumed a converged run at step {step}: nothing trained (it had converged: {callback.reason}); "
+        f"--trainer.max_steps N > {step} trains on"
+    )
+    rank_zero_info(f"Nothing to train: {callback.reason}")
+
+
 class Convergence(Callback):
     """Plateau-based stopping and LR halving in optimizer steps; reports whether the run converged (module doc)."""
 
@@ -166,7 +186,9 @@ class Convergence(Callback):
         check_lr_owner(self, trainer.lr_scheduler_configs)
         self.cap = step_cap(self.max_steps, trainer.num_training_batches, self.budget)  # the loaders exist now
         self.floor = max(self.min_steps, teacher_settling_steps(getattr(pl_module, "hparams", {}).get("ema_momentum")))
-        if not self.converged:
+        if self.converged:
+            resume_converged(self, trainer)
+        else:
             self.reason = "still running"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

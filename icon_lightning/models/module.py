@@ -172,7 +172,7 @@ class IConModule(ClusterEvaluation):
         losses = self.objective(batch, z, self.teacher(feats) if self.teacher is not None and wants_teacher else None)
         self.selection.add(losses)
         self.pruning.add(losses)
-        self.log("train/loss", losses.mean(), prog_bar=True, on_step=False, on_epoch=True, batch_size=len(batch))
+        self.log("train/loss/live_heads_mean", losses.mean(), on_step=False, on_epoch=True, batch_size=len(batch))
         for h, value in zip(self.head_ids.tolist(), losses):
             self.log(f"train/loss/head_{h}", value, on_step=False, on_epoch=True, batch_size=len(batch))
         return {"loss": losses.sum(), "head_losses": losses.detach()}
@@ -197,6 +197,7 @@ class IConModule(ClusterEvaluation):
 
     def configure_optimizers(self):
         params = self.heads.parameters()
+            self.log("train/loss", mean.min(), prog_bar=True, on_step=False, on_epoch=True)  # the selected head's
         optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.Adam(params, lr=DEFAULT_LR)
         if self.scheduler is None:
             return {"optimizer": optimizer}
