@@ -8,6 +8,7 @@ table, views, anchors, evaluation items; ``prepared``) and ``Loaders`` serves ev
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import lightning as L
@@ -19,24 +20,32 @@ from icon_lightning.data.backbones import FrozenBackbone, Identity
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore
 from icon_lightning.data.loaders import Loaders
-from icon_lightning.data.neighbours import NeighbourTable
 from icon_lightning.data.prepare import FeaturePrep
-from icon_lightning.data.prepared import PreparedData, prepare
+from icon_lightning.data.prepared import (
+    Preparation,
+    PreparedData,
+    check_clusters,
+    extract_for,
+    fitting,
+    prepare,
+    prepare_evaluation,
+    source,
+)
 from icon_lightning.settings import NonNegativeInt, PositiveInt, check_arguments
 
 DEFAULT_K = 3  # the paper's k-NN
 
 
-def check_settings(dataset: IndexedDataset, backbone, views: str, num_clusters) -> None:
+def check_settings(dataset: IndexedDataset, backbone, views: str, num_clusters, num_views: int | None) -> int:
     """One-line errors for the DataModule's settings that depend on the data or on each other (a setting's own
-    limits are its annotation: ``settings.check_arguments``, and `icon` at parse time)."""
-    if num_clusters is not None and not 2 <= num_clusters <= len(dataset):
-        raise ValueError(
-            f"num_clusters: expected 2 ≤ K ≤ N = {len(dataset)} items (or null for the number of classes), "
-            f"got {num_clusters}"
-        )
+    limits are its annotation: ``settings.check_arguments``, and `icon` at parse time). K ≤ N is a fit's limit
+    (``prepared.check_clusters``, checked when fitting): validate, test and predict take any number of rows.
+    Returns V, the views per anchor (``num_views``, or its default)."""
+    if num_clusters is not None and num_clusters < 2:
+        check_clusters(num_clusters, dataset)
     if views != "clean" and backbone is None:
         raise ValueError(f"views: {views!r} augments images and needs a backbone; use views='clean' for features")
+    return (1 if views == "clean" else 2) if num_views is None else num_views
 
 
 def knn_width(k: int | None, needed: int) -> int:
@@ -107,20 +116,19 @@ class ClusteringDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_arguments(ClusteringDataModule.__init__, locals())
-        check_settings(dataset, backbone, views, num_clusters)
-        num_views = (1 if views == "clean" else 2) if num_views is None else num_views
+        num_views = check_settings(dataset, backbone, views, num_clusters, num_views)
         self.dataset, self.val_dataset, self.views, self.view_pool = dataset, val_dataset, views, view_pool
         self.backbone = backbone if backbone is not None else Identity()
-        self.store = FeatureStore(cache_dir)
         self.prep = FeaturePrep(
-            self.store, self.backbone, backbone is not None, image_size, grayscale_to_rgb, normalize, seed=seed,
-            batch_size=extract_batch_size, num_workers=num_workers, precision=extract_precision,
+            FeatureStore(cache_dir), self.backbone, backbone is not None, image_size, grayscale_to_rgb, normalize,
+            seed=seed, batch_size=extract_batch_size, num_workers=num_workers, precision=extract_precision,
         )  # fmt: skip
         self.num_views, self.num_neighbours, self.k, self.walk_steps = num_views, num_neighbours, k, walk_steps
         self.knn_backend, self.seed, self.distributed_extraction = knn_backend, seed, distributed_extraction
         self._num_clusters, self.views_in_memory = num_clusters, views_in_memory
         self.loaders = Loaders(batch_size, val_batch_size, num_workers, seed, evaluate_train)
-        self._prepared: PreparedData | None = None  # built by ``setup``
+        # what ``setup`` builds, and the fit's preparation (this fit's or a checkpoint's)
+        self.preparation = Preparation(partial(prepare_evaluation, self.prep, dataset, val_dataset))
 
     # ------------------------------------------------------------------ facts the CLI links into the model
     @property
@@ -153,29 +161,38 @@ class ClusteringDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
+        # a fit reads its k-NN table (width, backend) and cached views; validate, test and predict the clean features
+        fit = fitting(self.trainer) and (self.table_width, self.knn_backend, self.view_pool * (self.views == "cached"))
         if not self.distributed_extraction:  # Lightning runs this on one process per node, the others waiting
-            self.prep.extract_all(self.dataset, self.view_pool * (self.views == "cached"), self.val_dataset, False)
-            clean = self.prep.prepared(self.prep.raw(self.dataset, "clean"))
-            NeighbourTable.in_folder(clean, self.table_width, self.store.root, self.knn_backend)
+            extract_for(self.prep, self.dataset, self.val_dataset, self.num_clusters, fit or None)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.distributed_extraction:
-            self.prep.extract_all(self.dataset, self.view_pool if self.views == "cached" else 0, self.val_dataset)
+        """A fit prepares everything (``prepare``); validate, test and predict prepare their items when a loader
+        first asks, after Lightning restored a checkpoint's preparation (``load_state_dict`` runs after ``setup``)."""
+        if stage not in (None, "fit"):
+            return self.preparation.evaluate()
         sampled = self.loaders.sampled_neighbours(
             self.num_neighbours, self.num_samples, self.num_clusters, self._world()[0]
         )
-        self._prepared = prepare(
+        self.preparation.fitted_by(prepare(
             self.prep, self.dataset, self.val_dataset, width=self.table_width, walk_steps=self.walk_steps,
             backend=self.knn_backend, views=self.views, view_pool=self.view_pool, views_in_memory=self.views_in_memory,
             num_views=self.num_views, num_neighbours=sampled, seed=self.seed, num_clusters=self.num_clusters,
-        )  # fmt: skip
+            extract=self.distributed_extraction,
+        ))  # fmt: skip
+
+    def state_dict(self) -> dict:
+        """The fit's ``FitPreparation`` (mean, normalize, D, K): Lightning saves it into every checkpoint."""
+        return self.preparation.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's ``FitPreparation``: this data is prepared as its fit's was, or one line if it cannot be."""
+        self.preparation.load_state_dict(state, self.feature_dim, self.num_clusters, self.trainer, source(self.dataset))
 
     @property
     def prepared(self) -> PreparedData:
         """What ``setup`` built (features, k-NN table, views, anchors, evaluation items): one object."""
-        if self._prepared is None:
-            raise RuntimeError("ClusteringDataModule: nothing prepared yet; call setup() first (the Trainer does)")
-        return self._prepared
+        return self.preparation.items
 
     @property
     def train_features(self) -> Tensor:
@@ -188,8 +205,7 @@ class ClusteringDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders (``Loaders`` over ``prepared``)
     def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
 
     @property
     def anchors_per_step(self) -> int:
@@ -212,5 +228,6 @@ class ClusteringDataModule(L.LightningDataModule):
         return self.loaders.evaluation(self.prepared.val)
 
     def predict_dataloader(self) -> DataLoader:
-        """Cluster assignments are predicted for the training items (the dataset being clustered)."""
+        """Cluster assignments are predicted for the dataset's items, prepared as the checkpoint's fit prepared its
+        own (any number of rows)."""
         return self.loaders.evaluation(self.prepared.train_eval)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from icon_lightning.data.backbones import FrozenBackbone
 from icon_lightning.data.batch import ClusteringBatch
+from icon_lightning.data.prepared import check_checkpoint
 from icon_lightning.loss import Objective
 from icon_lightning.models.evaluation import ClusterEvaluation
 from icon_lightning.models.heads import ClusterHeads, set_linear_head
@@ -185,7 +186,9 @@ class IConModule(ClusterEvaluation):
         checkpoint["head_pruning"] = self.pruning.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """The pruning schedule's state (its heads shrink in ``load_state_dict``: ``parts.heads_of_state``)."""
+        """The pruning schedule's state (its heads shrink in ``load_state_dict``: ``parts.heads_of_state``); heads of
+        another D or K than the data's are one line (``check_checkpoint``)."""
+        check_checkpoint(checkpoint, self.hparams.feature_dim, self.hparams.num_clusters, self._trainer)
         self.pruning.load_state_dict(checkpoint.get("head_pruning", {}))
 
     def on_train_epoch_end(self) -> None:
@@ -194,10 +197,10 @@ class IConModule(ClusterEvaluation):
         if mean is not None:
             self.head_losses.copy_(mean)
             self.selected_head.fill_(int(mean.argmin()))
+            self.log("train/loss", mean.min(), prog_bar=True, on_step=False, on_epoch=True)  # the selected head's
 
     def configure_optimizers(self):
         params = self.heads.parameters()
-            self.log("train/loss", mean.min(), prog_bar=True, on_step=False, on_epoch=True)  # the selected head's
         optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.Adam(params, lr=DEFAULT_LR)
         if self.scheduler is None:
             return {"optimizer": optimizer}
