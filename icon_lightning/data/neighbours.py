@@ -2,11 +2,19 @@
 the k-NN label-agreement diagnostic.
 
 Self is excluded by dataset index in every chunk, not by position in the first one.
+
+A cached table (``NeighbourTable``, an ``.npz``) is verified as it is read: zip's CRC-32 of each array, recorded
+when the file was written, is checked over every byte, and the table must index the features it was built from.
+A corrupt, truncated, empty or foreign file is named in a warning, removed and rebuilt, never used. The walk pools
+(``walks``) are not cached: they are derived from the verified table in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,13 +166,12 @@ class NeighbourTable:
         given), else built and saved there."""
         path = Path(path)
         fingerprint = fingerprint or cls.fingerprint(features)
-        if path.is_file():
-            try:
-                with np.load(path) as npz:
-                    if str(npz["fingerprint"]) == fingerprint and npz["indices"].shape == (len(features), k):
-                        return cls(npz["indices"], npz["similarities"])
-            except (OSError, KeyError, ValueError):
-                pass  # unreadable or stale: rebuilt below
+        if path.exists():
+            table, problem = cls._read(path, fingerprint, len(features), k)
+            if table is not None:
+                return table
+            warnings.warn(f"{path}: {problem}; removed, rebuilt", stacklevel=2)
+            path.unlink(missing_ok=True)
         indices, sims = knn(features, k, backend)
         atomic_write(
             path,
@@ -172,6 +179,40 @@ class NeighbourTable:
             binary=True,
         )
         return cls(indices, sims)
+
+    @classmethod
+    def _read(cls, path: Path, fingerprint: str, n: int, k: int) -> tuple[NeighbourTable | None, str]:
+        """The table at ``path`` if it is intact and was built from the features of ``fingerprint`` (N = ``n``,
+        width ``k``), else None and what is wrong. Reading each array whole checks zip's CRC-32 of it."""
+        try:
+            with open(path, "rb") as handle:
+                magic = handle.read(4)
+            if magic != b"PK\x03\x04":  # every np.savez archive starts so
+                return None, "empty file" if not magic else f"not an .npz archive (it starts {magic!r})"
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                return None, f"a single {loaded.dtype} array, not the .npz of a k-NN table"
+            with loaded as npz:
+                found = str(npz["fingerprint"])
+                if found != fingerprint:
+                    return None, f"built from other features (fingerprint {found}, expected {fingerprint})"
+                indices, sims = npz["indices"], npz["similarities"]
+        except (
+            OSError,
+            KeyError,
+            IndexError,
+            TypeError,
+            ValueError,
+            EOFError,
+            zipfile.BadZipFile,
+            zlib.error,
+        ) as error:
+            return None, f"unreadable or corrupt k-NN table ({type(error).__name__}: {' '.join(str(error).split())})"
+        if indices.shape != (n, k) or sims.shape != (n, k) or indices.dtype.kind not in "iu":
+            return None, f"a table of shape {indices.shape} {indices.dtype}, expected ({n}, {k}) integers"
+        if n and (indices.min() < 0 or indices.max() >= n or not np.isfinite(sims).all()):
+            return None, f"indices outside 0..{n - 1} or non-finite similarities"
+        return cls(indices, sims), ""
 
     @classmethod
     def in_folder(

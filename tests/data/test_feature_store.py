@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from icon_lightning.data import feature_store
 from icon_lightning.data.backbones import FrozenBackbone, Identity
 from icon_lightning.data.datasets import DigitsDataset
-from icon_lightning.data.feature_store import FeatureKey, FeatureStore, ViewDataset, cached_features, extract
+from icon_lightning.data.feature_store import (
+    FeatureKey,
+    FeatureStore,
+    ViewDataset,
+    cached_features,
+    extract,
+    shared_views,
+)
+from icon_lightning.data.neighbours import centred_unit_rows
 
 
 def test_hit_miss_and_invalidation(tmp_path):
@@ -165,3 +177,126 @@ def test_temporaries_of_live_processes_and_other_hosts_are_kept(tmp_path):
         path.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == [dead]
     assert mine.exists() and other_host.exists() and not dead.exists()
+
+
+# ------------------------------------------------------------------ caches that cannot lie (issue 31, D5)
+def flip_bytes(path: Path, at: float = 0.6, count: int = 64) -> None:
+    """Corrupt ``path`` in place, keeping its size (a bad disk block, a foreign write)."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + count] = bytes(b ^ 0x5A for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def next_run() -> None:
+    """What a new process starts from: no file verified yet."""
+    feature_store._VERIFIED.clear()
+
+
+def scale_features(cache: Path) -> np.ndarray:
+    backbone = FrozenBackbone(Scale(), 64, "scale", "none")
+    return np.array(cached_features(FeatureStore(cache), backbone, DigitsDataset(), None, progress=False))
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (flip_bytes, "checksum crc32:[0-9a-f]{8} where crc32:[0-9a-f]{8} was recorded"),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), r"\d+ bytes where \d+ were written"),
+        (lambda p: p.write_bytes(b""), r"0 bytes where \d+ were written"),
+    ],
+    ids=["flipped", "truncated", "empty"],
+)
+def test_a_damaged_features_file_is_named_removed_and_rebuilt(tmp_path, damage, reason):
+    """The hostile tester's case: a features .npy whose bytes changed (same size) was used as is (accuracy 0.900 →
+    0.160, exit 0); an empty one raised EOFError on every run. Now: one warning naming it, then a rebuild."""
+    cold = scale_features(tmp_path / "cold")
+    np.testing.assert_allclose(cold, 2 * DigitsDataset().data.numpy())
+    scale_features(tmp_path / "cache")
+    (npy,) = (tmp_path / "cache").glob("*.npy")
+    damage(npy)
+    next_run()
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(npy))}: {reason}.*; removed, rebuilt$"):
+        again = scale_features(tmp_path / "cache")
+    np.testing.assert_array_equal(again, cold)
+    next_run()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt file is trusted: no warning
+        np.testing.assert_array_equal(scale_features(tmp_path / "cache"), cold)
+
+
+def test_each_file_is_read_for_its_checksum_once_per_process(tmp_path, monkeypatch):
+    reads = []
+    checksum = feature_store.file_checksum
+    monkeypatch.setattr(feature_store, "file_checksum", lambda path: reads.append(Path(path).name) or checksum(path))
+    store = FeatureStore(tmp_path)
+    key = FeatureKey("b", "d", "t")
+    store.write(key, (4, 3), lambda out: out.__setitem__(slice(None), 1.0))
+    assert len(reads) == 1  # summed once as it is written, before it is published
+    for _ in range(3):
+        assert store.load(key) is not None
+    assert len(reads) == 1  # what this process wrote, it trusts
+    next_run()
+    for _ in range(3):
+        assert store.load(key) is not None
+    assert reads[1:] == [f"{key.digest}.npy"]  # a new process reads it once
+    array_path, _ = store.paths(key)
+    os.utime(array_path, ns=(1, 1))  # a file changed since (its time, here): read again
+    assert store.load(key) is not None and len(reads) == 3
+
+
+def test_an_entry_from_before_checksums_is_adopted_once_then_verified(tmp_path):
+    store = FeatureStore(tmp_path)
+    key = FeatureKey("b", "d", "t")
+    store.write(key, (4, 3), lambda out: out.__setitem__(slice(None), np.arange(12.0).reshape(4, 3)))
+    array_path, meta_path = store.paths(key)
+    meta = json.loads(meta_path.read_text())
+    recorded = meta.pop("checksum"), meta.pop("bytes")
+    meta_path.write_text(json.dumps(meta))  # as the previous version wrote it
+    next_run()
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(array_path))}: written before cache checksums"):
+        np.testing.assert_array_equal(store.load(key), np.arange(12.0).reshape(4, 3))
+    adopted = json.loads(meta_path.read_text())
+    assert (adopted["checksum"], adopted["bytes"]) == recorded  # the checksum of the same bytes
+    flip_bytes(array_path, at=0.9, count=4)
+    next_run()
+    with pytest.warns(UserWarning, match="checksum"):
+        assert store.load(key) is None
+    assert not array_path.exists() and not meta_path.exists()
+
+
+def test_features_beyond_float32_range_name_the_file_and_the_range(tmp_path):
+    """float64 features beyond ±3.4e38 become inf in the float32 cache; the error used to end in 'NaN or inf'
+    inside a FeatureKey repr."""
+    from icon_lightning.data.datasets import FeaturesFile
+
+    values = np.ones((5, 3))
+    values[3, 1] = 1e39
+    np.savez(tmp_path / "huge.npz", features=values)
+    store = FeatureStore(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"/cache/[0-9a-f]{20}\.npy: features of npz:.*huge\.npz.*") as error:
+        cached_features(store, Identity(), FeaturesFile(str(tmp_path / "huge.npz")), None, progress=False)
+    assert "inf (values beyond float32's range, ±3.4e38, become inf) at row 3, column 1" in str(error.value)
+    assert not list((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "no json"])
+def test_a_damaged_views_file_is_named_removed_and_rebuilt(tmp_path, damage):
+    raws = [np.random.default_rng(v).normal(size=(300, 16)).astype(np.float32) for v in range(3)]
+    mean = np.stack(raws).mean((0, 1))
+    (tmp_path / "cold").mkdir()
+    (tmp_path / "cache").mkdir()
+    cold = np.array(shared_views(tmp_path / "cold", raws, mean))
+    shared_views(tmp_path / "cache", raws, mean)
+    (path,) = (tmp_path / "cache").glob("*.views16")
+    if damage == "flipped":
+        flip_bytes(path)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    else:
+        path.with_name(path.name + ".json").unlink()  # as the previous version left it: no checksum
+    next_run()
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(path))}: .*; removed, rebuilt$"):
+        again = shared_views(tmp_path / "cache", raws, mean)
+    np.testing.assert_array_equal(again, cold)
+    np.testing.assert_allclose(cold[1], centred_unit_rows(raws[1], mean), atol=1e-3)  # float16 of the reference

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 
@@ -94,3 +97,47 @@ def test_neighbour_table_cache(tmp_path, points):
     np.testing.assert_array_equal(NeighbourTable.build_or_load(skipped, 5, path).indices, brute_force(skipped, 5)[0])
     path.write_bytes(b"garbage")  # a corrupt file is rebuilt
     np.testing.assert_array_equal(NeighbourTable.build_or_load(points, 5, path).indices, first.indices)
+
+
+def flip_bytes(path, at: float = 0.5, count: int = 32) -> None:
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + count] = bytes(b ^ 0x5A for b in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "flipped", "a plain .npy", "another table"])
+def test_a_damaged_table_is_named_removed_and_rebuilt(tmp_path, points, damage):
+    """An empty or truncated k-NN cache raised EOFError or BadZipFile, naming no file, on every later run; bytes
+    changed inside it went unchecked. Zip's CRC-32 of each array is now checked as it is read."""
+    first = NeighbourTable.in_folder(points, 5, tmp_path, backend="torch")
+    (path,) = tmp_path.glob("*.knn5.npz")
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "flipped":
+        flip_bytes(path)  # inside the indices array
+    elif damage == "a plain .npy":
+        np.save(path.with_suffix(".npy"), points)
+        path.with_suffix(".npy").replace(path)
+    else:
+        np.savez(path, indices=first.indices[::-1], similarities=first.similarities, fingerprint=np.array("x" * 20))
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(path))}: .*; removed, rebuilt$"):
+        rebuilt = NeighbourTable.in_folder(points, 5, tmp_path, backend="torch")
+    ref_i, ref_s = brute_force(points, 5)
+    np.testing.assert_array_equal(rebuilt.indices, ref_i)
+    np.testing.assert_allclose(rebuilt.similarities, ref_s, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt file is intact: read without a warning
+        np.testing.assert_array_equal(NeighbourTable.in_folder(points, 5, tmp_path).indices, ref_i)
+
+
+def test_a_table_indexing_outside_its_features_is_rebuilt(tmp_path, points):
+    path = tmp_path / "t.knn5.npz"
+    table = NeighbourTable.build_or_load(points, 5, path, backend="torch")
+    fingerprint = NeighbourTable.fingerprint(points)
+    np.savez(path, indices=table.indices + 1, similarities=table.similarities, fingerprint=np.array(fingerprint))
+    with pytest.warns(UserWarning, match="indices outside 0..699"):
+        rebuilt = NeighbourTable.build_or_load(points, 5, path, backend="torch")
+    np.testing.assert_array_equal(rebuilt.indices, brute_force(points, 5)[0])
