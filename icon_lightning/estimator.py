@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import numbers
+import re
 import sys
 import tempfile
 import warnings
@@ -77,7 +78,7 @@ EXPECTED_FAILED_CHECKS = {
 
 def one_line(error: BaseException) -> str:
     """``error``'s message on one line, without the array dumps scikit-learn appends (``array=[…]``)."""
-    return " ".join(" ".join(line for line in str(error).splitlines() if not line.startswith("array=")).split())
+    return " ".join(re.sub(r"array=\[.*?\]\.?", "", str(error), flags=re.DOTALL).split())
 
 
 def checked_features(estimator: BaseEstimator, X, reset: bool) -> np.ndarray:
