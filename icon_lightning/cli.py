@@ -21,6 +21,7 @@ from icon_lightning.io import atomic_write, atomic_write_json, one_line
 from icon_lightning.models.module import IConModule
 from icon_lightning.recipes import recipe_path
 from icon_lightning.runs import (
+    DEBUG_ENV,
     RUN_DIR_ENV,
     check_checkpoint_file,
     choose_run_dir,
@@ -83,7 +84,6 @@ DATA_FACTS = (
     ("num_samples", "num_samples"),
     ("online_backbone", "backbone"),
 )
-DEBUG_ENV = "ICON_DEBUG"
 
 
 def point_loggers_at(cfg, run_dir: Path) -> None:

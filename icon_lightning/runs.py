@@ -22,6 +22,7 @@ from pathlib import Path
 
 from icon_lightning.io import with_errno
 
+DEBUG_ENV = "ICON_DEBUG"  # set: `icon` shows tracebacks instead of one-line errors
 RUN_DIR_ENV = "ICON_RUN_DIR"  # handed to the processes a DDP launcher starts, so all ranks share one run dir
 
 # What a run's identity (its config hash and its experiment key) leaves out: the settings that cannot change its

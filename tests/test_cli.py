@@ -111,7 +111,7 @@ def test_a_table_narrower_than_the_recipes_knn_graph_is_one_line(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "features").is_dir(), reason="shared CIFAR-10 features are absent")
 @pytest.mark.parametrize("recipe", ["icon_clustering", "mi_clustering", "kmeans"])
 def test_fast_dev_run_on_the_shared_cifar10_features(recipe, tmp_path):
-    cli_main(
+    cli = cli_main(
         [
             "fit",
             "--config",
@@ -125,6 +125,10 @@ def test_fast_dev_run_on_the_shared_cifar10_features(recipe, tmp_path):
             *csv_logger(tmp_path),
         ]
     )
+    assert cli.model.hparams.feature_dim == 1280 and cli.model.hparams.num_clusters == 10  # the file's facts
+    assert cli.trainer.global_step == 1 and cli.datamodule.num_samples == 10_000
+    z = cli.model(cli.datamodule.train_features[:64])  # one step trained heads that give finite cluster logits
+    assert z.shape[0] == 64 and z.shape[-1] == 10 and torch.isfinite(z).all()
 
 
 @pytest.fixture(scope="module")

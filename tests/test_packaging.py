@@ -11,8 +11,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def defined_at(class_path: str) -> str:
+    """Where the class a YAML ``class_path`` names is defined (a package may re-export it under a shorter path)."""
+    import importlib
+
+    module, name = class_path.rsplit(".", 1)
+    found = getattr(importlib.import_module(module), name)
+    return f"{found.__module__}.{found.__name__}"
 
 
 @pytest.mark.slow
@@ -37,7 +47,10 @@ def test_a_wheel_installed_elsewhere_loads_every_recipe(tmp_path):
     script = (
         "import icon_lightning, icon_lightning.recipes as r; "
         "print(icon_lightning.__file__); names = r.recipe_names(); "
-        "print(len(names), sum(type(r.load_recipe(n)).__name__ != '' for n in names))"
+        "path = lambda o: f'{type(o).__module__}.{type(o).__name__}'; "
+        "loaded = {n: r.load_recipe(n) for n in names}; "
+        "print(' '.join(f'{n}={path(o)},{path(getattr(o, \"p\", None))},{path(getattr(o, \"q\", None))}' "
+        "for n, o in loaded.items()))"
     )
     out = subprocess.run(
         [sys.executable, "-c", script],
@@ -48,5 +61,11 @@ def test_a_wheel_installed_elsewhere_loads_every_recipe(tmp_path):
         text=True,
     ).stdout.split("\n")
     assert out[0].startswith(str(site))  # the installed copy, not the editable checkout
-    recipes = len(list((ROOT / "configs" / "recipes").glob("*.yaml")))
-    assert out[1] == f"{recipes} {recipes}"
+    expected = {}  # each recipe's objective, p and q classes as its YAML names them
+    for path in sorted((ROOT / "configs" / "recipes").glob("*.yaml")):
+        loss = yaml.safe_load(path.read_text())["model"]["loss"]
+        sides = [(loss.get("init_args") or {}).get(side, {}) for side in ("p", "q")]
+        paths = [loss["class_path"], *(side.get("class_path", "types.NoneType") for side in sides)]
+        expected[path.stem] = ",".join(defined_at(p) for p in paths)
+    loaded = dict(item.split("=", 1) for item in out[1].split())
+    assert loaded == expected and len(expected) >= 10
