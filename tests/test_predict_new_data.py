@@ -71,34 +71,44 @@ def test_the_checkpoint_keeps_the_fits_preparation(fitted):
     assert saved.data.endswith("train.npz")
 
 
+def one_per_cluster(labels: np.ndarray, count: int) -> np.ndarray:
+    """The first row of each of the first ``count`` clusters of the fit: rows the fit labels differently (a row
+    centred by its own mean is zero, so rows of different clusters cannot all keep their labels that way)."""
+    return np.array([np.flatnonzero(labels == c)[0] for c in np.unique(labels)[:count]])
+
+
 @pytest.mark.parametrize(
-    "name, rows, labelled",
+    "name, labelled",
     [
-        ("one class", "class", True),  # the tester's case: 9.5 % agreement when centred by its own mean
-        ("three rows, K = 10", [5, 17, 400], True),  # fewer rows than K: refused before
-        ("a single row", [123], False),  # one unlabelled row: no k-NN table, no mean of its own
-        ("mixed new rows", "mixed", False),
+        ("one class", True),  # the tester's case: 9.5 % agreement when centred by its own mean
+        ("three rows, K = 10", True),  # fewer rows than K: refused before
+        ("a single row", False),  # one unlabelled row, alone: no k-NN table, no mean of its own
+        ("mixed new rows", False),
     ],
 )
-def test_predicting_a_subset_alone_gives_the_fits_labels(fitted, tmp_path, name, rows, labelled):
+def test_predicting_a_subset_alone_gives_the_fits_labels(fitted, tmp_path, name, labelled):
     x, y, reference = fitted["x"], fitted["y"], fitted["labels"]
-    if rows == "class":
-        rows = np.flatnonzero(y == 3)
-    elif rows == "mixed":
-        rows = np.random.default_rng(0).choice(N, 400, replace=False)
-    rows = np.asarray(rows)
-    subset = save(tmp_path / "subset.npz", x[rows], y[rows] if labelled else None)
-    run = evaluate("predict", subset, fitted["ckpt"], tmp_path)
-    predicted = np.load(Path(run.run_dir) / "predictions.npy")
-    assert predicted.shape == (len(rows),)
-    np.testing.assert_array_equal(predicted, reference[rows], err_msg=name)
+    subsets = {
+        "one class": [np.flatnonzero(y == 3)],
+        "three rows, K = 10": [one_per_cluster(reference, 3)],
+        "a single row": [[row] for row in one_per_cluster(reference, 2)],  # each predicted alone
+        "mixed new rows": [np.random.default_rng(0).choice(N, 400, replace=False)],
+    }[name]
+    for i, rows in enumerate(subsets):
+        rows = np.asarray(rows)
+        subset = save(tmp_path / f"subset{i}.npz", x[rows], y[rows] if labelled else None)
+        run = evaluate("predict", subset, fitted["ckpt"], tmp_path)
+        predicted = np.load(Path(run.run_dir) / "predictions.npy")
+        assert predicted.shape == (len(rows),)
+        np.testing.assert_array_equal(predicted, reference[rows], err_msg=f"{name}: rows {rows[:5]}")
 
 
-def test_validate_on_three_rows_scores_the_fits_labels(fitted, tmp_path):
-    """Validation of a 3-row file under a K = 10 checkpoint: its Hungarian accuracy is that of the fit's labels of
-    those rows against their classes (scipy's assignment on the 10 × 10 counts)."""
-    rows = np.array([5, 17, 400])
-    subset = save(tmp_path / "three.npz", fitted["x"][rows], fitted["y"][rows])
+@pytest.mark.parametrize("which", ["three rows", "one class"])
+def test_validate_on_a_subset_scores_the_fits_labels(fitted, tmp_path, which):
+    """Validation of a subset alone (3 rows under a K = 10 checkpoint; one class's rows): its Hungarian accuracy is
+    that of the fit's labels of those rows against their classes (scipy's assignment on the 10 × 10 counts)."""
+    rows = one_per_cluster(fitted["labels"], 3) if which == "three rows" else np.flatnonzero(fitted["y"] == 3)
+    subset = save(tmp_path / "subset.npz", fitted["x"][rows], fitted["y"][rows])
     run = evaluate("validate", subset, fitted["ckpt"], tmp_path)
     counts = np.zeros((10, 10))
     np.add.at(counts, (fitted["labels"][rows], fitted["y"][rows]), 1)
