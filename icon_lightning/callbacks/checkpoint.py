@@ -1,10 +1,14 @@
 """`RunCheckpoint`: the run's ``checkpoints/last.ckpt``, every N optimizer steps and at the end of training,
-published atomically so that a kill mid-write never leaves a half checkpoint under that name."""
+published atomically so that a kill mid-write never leaves a half checkpoint under that name, with the random
+generators' states, so that a resumed fit continues as the unbroken one would."""
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -24,6 +28,44 @@ class RunCheckpoint(ModelCheckpoint):
         kwargs.setdefault("save_last", True)
         kwargs.setdefault("save_top_k", 0)
         super().__init__(every_n_train_steps=every_n_train_steps, **kwargs)
+
+    def state_dict(self) -> dict:
+        """ModelCheckpoint's state and the global random generators' (torch, CUDA, numpy, Python) at the save. The
+        training loader's position is Lightning's to keep (``AnchorLoader.state_dict``, in the fit loop's state)."""
+        rng = _collect_rng_states(include_cuda=True)
+        kind, keys, *rest = rng["numpy"]  # tensors and plain values: checkpoints are read with weights_only=True
+        rng["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), *rest)
+        return {**super().state_dict(), "rng": rng}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        self._rng_to_restore = state.pop("rng", None)  # None: a checkpoint from before they were kept
+        super().load_state_dict(state)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Every checkpoint of the fit: one saved between two epochs (a SIGTERM after an epoch's last step, which
+        Lightning raises once the epoch is counted done) still holds the finished epoch's batch counts, which a
+        resumed Lightning counts into the next epoch (cutting it to one batch); they are zeroed, as the next epoch's
+        start does."""
+        fit = checkpoint.get("loops", {}).get("fit_loop")
+        if not fit or "epoch_loop.batch_progress" not in fit:
+            return
+        epochs, batches = fit["epoch_progress"]["total"], fit["epoch_loop.batch_progress"]
+        if epochs["completed"] == epochs["ready"] and batches["current"]["ready"]:
+            batches["current"] = dict.fromkeys(batches["current"], 0)
+            batches["is_last_batch"] = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """The generators as they were at the save, now that setup and the checkpoint's restoring (which draw from
+        them) are done: the first resumed step draws what the unbroken run's drew."""
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if states is not None:
+            if len(states.get("torch.cuda", [])) != (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+                states = {k: v for k, v in states.items() if k != "torch.cuda"}  # resumed on other devices
+            if "numpy" in states:
+                kind, keys, *rest = states["numpy"]
+                states = {**states, "numpy": (kind, keys.numpy().astype(np.uint32), *rest)}
+            _set_rng_states(states)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
@@ -27,6 +28,46 @@ def auto_anchors(num_samples: int, num_clusters: int) -> int:
     if num_samples <= FULL_BATCH_MAX:
         return num_samples
     return min(FULL_BATCH_MAX, ANCHORS_PER_CLUSTER * max(1, num_clusters), num_samples)
+
+
+class AnchorLoader(DataLoader):
+    """The training loader, resumable mid-epoch: ``state_dict`` says which epoch its pass is in and how many of its
+    batches it has handed out; ``load_state_dict`` makes the next pass that epoch's remaining batches (its
+    ``AnchorSampler`` skips the others), or the next epoch when none remain. Lightning keeps a loader with this pair
+    in the checkpoint (with the fit loop's progress) and loads it before its first ``iter``, so a run resumed
+    mid-epoch trains on the batches an unbroken run would. Lightning fetches no batch ahead from a loader with a
+    length, so the batches handed out are the batches trained on."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.sampler, AnchorSampler):
+            raise TypeError(f"sampler: expected an AnchorSampler, got {type(self.sampler).__name__}")
+        self._epoch, self._batches = self.sampler.epoch, 0
+
+    def __iter__(self):  # a generator: the pass begins at its first batch, not at ``iter``
+        batches = None
+        for batch in super().__iter__():
+            if batches is None:  # the sampler's pass has begun
+                self._epoch, batches = self.sampler.pass_epoch, self.sampler.pass_start // self.batch_size
+            batches += 1
+            self._batches = batches
+            yield batch
+
+    def state_dict(self) -> dict:
+        epoch, batches = self._epoch, self._batches
+        if self.sampler.resume is not None:  # loaded, and no batch taken since
+            epoch, batches = self.sampler.resume[0], self.sampler.resume[1] // self.batch_size
+        anchors = self.batch_size * self.sampler.num_replicas  # a batch on every process
+        return {"epoch": epoch, "batches": batches, "anchors_per_batch": anchors}
+
+    def load_state_dict(self, state: dict) -> None:
+        # the same anchors a step give the same batches; other ones (batch size, processes) restart the epoch at
+        # the batch boundary nearest below the anchors already trained on
+        anchors = self.batch_size * self.sampler.num_replicas
+        epoch, batches = int(state["epoch"]), int(state["batches"]) * int(state["anchors_per_batch"]) // anchors
+        if batches >= len(self):
+            epoch, batches = epoch + 1, 0
+        self.sampler.resume_at(epoch, batches * self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -79,7 +120,7 @@ class Loaders:
         # and the batch is the same every step (IConModule then reuses p).
         full = self.full_batch(n, num_clusters, world)
         sampler = AnchorSampler(range(n), num_replicas=world, rank=rank, shuffle=not full, seed=self.seed)
-        return DataLoader(
+        return AnchorLoader(
             data,
             batch_size=self.anchors_per_step(n, num_clusters, world),
             sampler=sampler,
@@ -87,6 +128,9 @@ class Loaders:
             num_workers=self.num_workers,
             drop_last=not full,
             persistent_workers=self.num_workers > 0,
+            # the workers' base seed from a generator of its own, not torch's global one: whether and where a run
+            # was resumed then changes no draw of the global generator (every item seeds its own draws anyway)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def evaluation(self, data: EvalDataset) -> DataLoader:

@@ -3,6 +3,8 @@ from (seed, epoch, index) in any worker."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -12,11 +14,39 @@ from icon_lightning.data.datasets import IndexedDataset
 
 class AnchorSampler(DistributedSampler):
     """A DistributedSampler (so Lightning does not wrap it) yielding ``(epoch, index)``: sampling that
-    depends on the epoch is then reproducible in any worker. One replica when not distributed."""
+    depends on the epoch is then reproducible in any worker. One replica when not distributed.
+
+    ``resume_at(epoch, start)``: the next pass is that epoch's order from its ``start``-th anchor of this process on
+    (a run resumed mid-epoch), and the passes after it the following epochs, whatever numbers the trainer's
+    ``set_epoch`` gives them from then on (Lightning can count an epoch more or less after a resume). ``len`` stays
+    a whole epoch's; ``pass_epoch``, ``pass_start``: the epoch and first anchor of the pass under way."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.offset = 0  # this sampler's epochs minus the trainer's, fixed by the first pass after ``resume_at``
+        self.resume: tuple[int, int] | None = None
+        self.pass_epoch, self.pass_start = self.epoch, 0
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start: expected 0 to {self.num_samples} anchors of this process, got {start}")
+        self.resume = (epoch, start)
 
     def __iter__(self):
-        for i in super().__iter__():
-            yield self.epoch, i
+        # a generator: the pass begins at its first item, after the trainer's set_epoch for it
+        start = 0
+        if self.resume is not None:
+            (epoch, start), self.resume = self.resume, None
+            self.offset = epoch - self.epoch
+        requested = self.epoch
+        self.epoch += self.offset  # DistributedSampler orders by ``self.epoch``
+        try:
+            order = super().__iter__()
+        finally:
+            epoch, self.epoch = self.epoch, requested
+        self.pass_epoch, self.pass_start = epoch, start
+        for i in itertools.islice(order, start, None):
+            yield epoch, i
 
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
