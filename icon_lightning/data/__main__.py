@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
         backbone, transform = Identity(), None
     elif args.backbone == "efficientnet_lite0":
         backbone = EfficientNetLite0(args.checkpoint)
-        transform = eval_transform(args.image_size, grayscale_to_rgb=gray)
+        transform = eval_transform(args.image_size, *backbone.normalization, grayscale_to_rgb=gray)
     else:
         backbone = TimmBackbone(args.backbone, args.checkpoint)
-        transform = eval_transform(args.image_size, grayscale_to_rgb=gray)
+        transform = eval_transform(args.image_size, *backbone.normalization, grayscale_to_rgb=gray)
 
     store = FeatureStore(args.cache_dir)
     start = time.perf_counter()

@@ -34,8 +34,9 @@ class FeaturePrep:
         **extract,
     ) -> None:
         self.store, self.backbone, self.normalize, self.extract = store, backbone, normalize, extract
-        self.eval_tf = eval_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if images else None
-        self.augment_tf = augment_transform(image_size, grayscale_to_rgb=grayscale_to_rgb) if images else None
+        norm = backbone.normalization  # the (mean, std) the backbone's weights were trained with
+        self.eval_tf = eval_transform(image_size, *norm, grayscale_to_rgb=grayscale_to_rgb) if images else None
+        self.augment_tf = augment_transform(image_size, *norm, grayscale_to_rgb=grayscale_to_rgb) if images else None
 
     def raw(self, dataset: IndexedDataset, view: str, distributed: bool = True) -> np.ndarray:
         """(N, D) features of ``view``, extracted once and then read from the store (memory-mapped);

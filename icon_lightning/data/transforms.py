@@ -1,11 +1,16 @@
-"""Image transforms: the deterministic one features are extracted with, and the augmentations of views."""
+"""Image transforms: the deterministic one features are extracted with, and the augmentations of views.
+
+Both normalise with the backbone's own input statistics: pass ``*backbone.normalization`` (``FeaturePrep`` does);
+the defaults are ImageNet's, right only for weights trained with them.
+"""
 
 from __future__ import annotations
 
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from icon_lightning.data.backbones import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "augment_transform", "eval_transform"]
 
 
 def eval_transform(size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, grayscale_to_rgb: bool = False):
