@@ -150,22 +150,6 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self.config, self.overrides, self.n_clusters, self.random_state = config, overrides, n_clusters, random_state
         self.accelerator, self.cache_dir, self.run_root, self.verbose = accelerator, cache_dir, run_root, verbose
 
-    def settings(self, n: int) -> tuple[int, int]:
-        """(K, the run's seed) from ``n_clusters`` and ``random_state`` (one draw), checked for ``n`` samples."""
-        k = self.n_clusters
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 2 <= k <= n:
-            raise ValueError(f"n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = {n} (X's samples), got {k!r}")
-        if isinstance(self.overrides, str) or not all(isinstance(word, str) for word in self.overrides):
-            raise ValueError(f"overrides: expected a list of `icon fit` words (--key=value), got {self.overrides!r}")
-        try:
-            rng = check_random_state(self.random_state)
-        except ValueError:
-            expected = "None, an int in [0, 2**32 - 1] or a numpy.random.RandomState"
-            raise ValueError(f"random_state: expected {expected}, got {self.random_state!r}") from None
-        if isinstance(self.random_state, numbers.Integral):
-            return int(k), int(self.random_state)
-        return int(k), int(rng.randint(np.iinfo(np.int32).max))
-
     def command(self, path: Path, root: str, n_clusters: int, seed: int) -> list[str]:
         """The `icon` words of the fit on the features file ``path`` (the run's folder under ``root``)."""
         return [
@@ -187,7 +171,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     def fit(self, X, y=None) -> HeadClusterer:
         """Cluster X (labels, if given, are ignored: nothing here reads them)."""
         x = checked_features(self, X, reset=True)
-        n_clusters, seed = self.settings(len(x))
+        n_clusters, seed = checked_settings(self, len(x))
         path = features_file(x, Path(self.cache_dir) / "estimator")
         with tempfile.TemporaryDirectory(prefix="icon-estimator-") as tmp, quiet(not self.verbose):
             run = executed(assembled(self.command(path, self.run_root or tmp, n_clusters, seed)))
@@ -212,3 +196,21 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
 
     def predict(self, X) -> np.ndarray:
         return self.predict_proba(X).argmax(1).astype(np.int64)
+
+
+def checked_settings(estimator: HeadClusterer, n: int) -> tuple[int, int]:
+    """(K, the run's seed) from ``estimator``'s ``n_clusters`` and ``random_state`` (one draw), checked (with its
+    ``overrides``) for ``n`` samples before anything is written."""
+    k = estimator.n_clusters
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 2 <= k <= n:
+        raise ValueError(f"n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = {n} (X's samples), got {k!r}")
+    if isinstance(estimator.overrides, str) or not all(isinstance(word, str) for word in estimator.overrides):
+        raise ValueError(f"overrides: expected a list of `icon fit` words (--key=value), got {estimator.overrides!r}")
+    try:
+        rng = check_random_state(estimator.random_state)
+    except ValueError:
+        expected = "None, an int in [0, 2**32 - 1] or a numpy.random.RandomState"
+        raise ValueError(f"random_state: expected {expected}, got {estimator.random_state!r}") from None
+    if isinstance(estimator.random_state, numbers.Integral):
+        return int(k), int(estimator.random_state)
+    return int(k), int(rng.randint(np.iinfo(np.int32).max))
