@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from icon_lightning import __version__
@@ -148,22 +149,50 @@ def live_head_metrics(callback_metrics, head_ids) -> dict[str, float]:
     return {k: v for k, v in scalars.items() if not (last := k.rsplit("/", 1)[-1]).startswith("head_") or last in live}
 
 
+def class_paths(value, where: str = "loss") -> dict[str, str]:
+    """The class paths in a config value (an objective: its p, q and their bases), by where they sit (``init_args``
+    left out of the names): what makes a recipe, without its numbers."""
+    value = value.as_dict() if hasattr(value, "as_dict") else value
+    if not isinstance(value, (dict, list)):
+        return {}
+    found = {where: value["class_path"]} if isinstance(value, dict) and "class_path" in value else {}
+    for key, inner in value.items() if isinstance(value, dict) else enumerate(value):
+        found.update(class_paths(inner, where if key == "init_args" else f"{where}.{key}"))
+    return found
+
+
+def check_same_recipe(cfg, checkpoint: dict, ckpt: str) -> None:
+    """One line when ``ckpt`` was fitted with an objective of other classes than the config's ``model.loss``:
+    Lightning would run the checkpoint's objective under the config's name."""
+    saved, given = class_paths(checkpoint.get("hyper_parameters", {}).get("loss")), class_paths(cfg.model.get("loss"))
+    if saved and given and saved != given:
+        where = next(k for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k))
+        config = f"--config {cfg.config[0]}" if cfg.get("config") else "the config"
+        raise ValueError(
+            f"ckpt_path: {ckpt} was fitted with another objective than {config} gives ({where}: {saved.get(where)} in "
+            f"the checkpoint, {given.get(where)} in the config); use the config it was fitted with"
+        )
+
+
 def read_checkpoint_hparams(cli, parse) -> None:
     """Lightning's ``parse`` of a checkpoint's hyper-parameters, with a file that is not a readable checkpoint
-    answered in one line naming it (torch alone says ``[Errno 22] Invalid argument``). Validate, test and predict
-    with ``data.num_clusters`` unset take the checkpoint's K (its fit's ``FitPreparation``), not the data's classes."""
+    answered in one line naming it (torch alone says ``[Errno 22] Invalid argument``), as is a checkpoint of another
+    objective than the config's (``check_same_recipe``). Validate, test and predict with ``data.num_clusters`` unset
+    take the checkpoint's K (its fit's ``FitPreparation``), not the data's classes."""
     subcommand = cli.config.get("subcommand")
     ckpt = cli.config[subcommand].get("ckpt_path") if subcommand else None
     if not (ckpt and Path(ckpt).is_file()):
         return parse()
     check_checkpoint_file(ckpt)
     try:
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        check_same_recipe(cli.config[subcommand], checkpoint, ckpt)
         parse()
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"ckpt_path: {ckpt} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     data = cli.config[subcommand].data  # the config after the parse (Lightning replaces it)
-    if subcommand != "fit" and data.get("num_clusters") is None and (fitted := saved_preparation(ckpt)) is not None:
-        data.num_clusters = fitted.num_clusters
+    if subcommand != "fit" and data.get("num_clusters") is None and (fit := saved_preparation(checkpoint)) is not None:
+        data.num_clusters = fit.num_clusters
 
 
 def check_takes_steps(subcommand: str | None, max_steps: int | None, steps_done: int | None) -> None:

@@ -38,8 +38,8 @@ def save(path: Path, features: np.ndarray, labels: np.ndarray | None = None) -> 
     return path
 
 
-def evaluate(subcommand: str, path: Path, ckpt: Path, root: Path, *extra: str):
-    argv = [subcommand, *features_command(path)[1:], *quiet(root), f"--ckpt_path={ckpt}", *extra]
+def evaluate(subcommand: str, path: Path, ckpt: Path, root: Path, *extra: str, recipe: str = "icon_clustering"):
+    argv = [subcommand, *features_command(path, recipe)[1:], *quiet(root), f"--ckpt_path={ckpt}", *extra]
     return cli_main(argv)
 
 
@@ -132,6 +132,27 @@ def test_a_checkpoint_of_another_k_is_one_line_naming_both(fitted, tmp_path):
     message = str(err.value)
     assert "\n" not in message and str(fitted["ckpt"]) in message and str(subset) in message
     assert "K = 10" in message and "num_clusters is 5" in message
+
+
+def test_a_checkpoint_of_another_recipe_is_one_line_naming_both(fitted, tmp_path):
+    """It used to run the checkpoint's objective in a run folder named for the --config's recipe."""
+    subset = save(tmp_path / "subset.npz", fitted["x"][:50])
+    with pytest.raises(ValueError) as err:
+        evaluate("predict", subset, fitted["ckpt"], tmp_path, recipe="kmeans")
+    message = str(err.value)
+    assert "\n" not in message and str(fitted["ckpt"]) in message and "kmeans.yaml" in message
+    assert "loss.p: icon_lightning.supervisory.Debiased in the checkpoint" in message
+
+
+def test_a_checkpoint_without_the_preparation_says_so(fitted, tmp_path):
+    """A checkpoint saved before the preparation travelled with it: the data are centred by their own mean, and
+    predict says so instead of silently labelling them otherwise than the fit."""
+    checkpoint = torch.load(fitted["ckpt"], map_location="cpu", weights_only=False)
+    del checkpoint["ClusteringDataModule"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    with pytest.warns(UserWarning, match=r"old\.ckpt holds no fit preparation .*train\.npz is centred by its own mean"):
+        evaluate("predict", fitted["root"] / "train.npz", old, tmp_path)
 
 
 def test_the_datamodule_prepares_other_rows_with_a_loaded_preparation(tmp_path):

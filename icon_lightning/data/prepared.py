@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from icon_lightning.data.collate import EvalDataset
@@ -34,12 +34,20 @@ def fitting(trainer) -> bool:
     return fn is None or fn == "fit"
 
 
-def check_clusters(num_clusters: int, dataset: IndexedDataset) -> None:
-    """A fit needs 2 ≤ K ≤ N (validate, test and predict take any number of rows: K is the checkpoint's)."""
+def check_clusters(num_clusters: int, dataset: IndexedDataset, width: int | None = None) -> None:
+    """A fit needs 2 ≤ K ≤ N and, with a k-NN table of ``width`` k, N ≥ k + 2: with N ≤ k + 1 every row's
+    neighbours are all the other rows, p says nothing and every loss is 0 (validate, test and predict take any
+    number of rows: K is the checkpoint's)."""
     if not 2 <= num_clusters <= len(dataset):
         raise ValueError(
             f"num_clusters: expected 2 ≤ K ≤ N = {len(dataset)} items (or null for the number of classes), "
             f"got {num_clusters}"
+        )
+    if width is not None and len(dataset) <= width + 1:
+        raise ValueError(
+            f"data: {getattr(dataset, 'path', type(dataset).__name__)} has {len(dataset)} rows; a fit with a "
+            f"{width}-NN table needs at least {width + 2} (with N ≤ k + 1 every row's neighbours are all the others: "
+            "nothing to learn)"
         )
 
 
@@ -106,17 +114,24 @@ def check_checkpoint(checkpoint: dict, feature_dim: int, num_clusters: int, trai
     fitted_on = state.get("data", "its fit's data")
     data = source(dataset) if dataset is not None else "the data"
     ckpt = getattr(trainer, "ckpt_path", None) or "the checkpoint"
+    if not state and dataset is not None and not fitting(trainer):
+        rank_zero_warn(
+            f"ckpt_path: {ckpt} holds no fit preparation (saved before it was kept): {data} is centred by its own "
+            "mean, not the fit's, so its labels may differ from the fit's"
+        )
     check_fits(ckpt, fitted_on, data, int(saved["feature_dim"]), feature_dim, int(saved["num_clusters"]), num_clusters)
 
 
 STATE_KEY = "ClusteringDataModule"  # where Lightning saves the DataModule's state in a checkpoint (its class name)
 
 
-def saved_preparation(ckpt: str | Path | None) -> FitPreparation | None:
-    """The ``FitPreparation`` a checkpoint file holds (None: no file, or a checkpoint from before it was saved)."""
-    if not ckpt or not Path(ckpt).is_file():
+def saved_preparation(ckpt: str | Path | dict | None) -> FitPreparation | None:
+    """The ``FitPreparation`` a checkpoint (a file, or its loaded dict) holds (None: no file, or a checkpoint from
+    before it was saved)."""
+    if not isinstance(ckpt, dict) and (not ckpt or not Path(ckpt).is_file()):
         return None
-    state = torch.load(ckpt, map_location="cpu", weights_only=True).get(STATE_KEY)
+    checkpoint = ckpt if isinstance(ckpt, dict) else torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = checkpoint.get(STATE_KEY)
     return FitPreparation.from_state(state) if state else None
 
 
@@ -191,7 +206,7 @@ def prepare(
     anchors' draw (``AnchorDataset``) of ``num_views`` views and ``num_neighbours`` sampled neighbours, and the
     ``FitPreparation`` (the train mean, ``prep.normalize``, D, ``num_clusters``) its checkpoints keep. ``extract``:
     every rank extracts its shard first (``distributed_extraction``), after K is checked."""
-    check_clusters(num_clusters, dataset)
+    check_clusters(num_clusters, dataset, width)
     if extract:
         prep.extract_all(dataset, view_pool if views == "cached" else 0, val_dataset)
     raw = np.asarray(prep.raw(dataset, "clean"), dtype=np.float32)
@@ -260,7 +275,7 @@ def extract_for(
     if fit is None:
         return prep.extract_all(dataset, 0, val_dataset, False)
     width, backend, view_pool = fit
-    check_clusters(num_clusters, dataset)
+    check_clusters(num_clusters, dataset, width)
     prep.extract_all(dataset, view_pool, val_dataset, False)
     NeighbourTable.in_folder(prep.prepared(prep.raw(dataset, "clean")), width, prep.store.root, backend)
 
@@ -300,4 +315,6 @@ class Preparation:
         """A checkpoint's ``FitPreparation`` (the checkpoint: ``trainer.ckpt_path``) for data of ``feature_dim`` and
         ``num_clusters``; one line naming the checkpoint and ``data`` when they do not match."""
         ckpt = getattr(trainer, "ckpt_path", None)
-        self.fitted = FitPreparation.from_state(state).check(feature_dim, num_clusters, ckpt, data)
+        saved = FitPreparation.from_state(state).check(feature_dim, num_clusters, ckpt, data)
+        if not (fitting(trainer) and self.fitted is not None):  # a resumed fit keeps what its features went through
+            self.fitted = saved
