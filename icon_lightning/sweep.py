@@ -7,18 +7,27 @@
 ``alpha_sweep.png``).
 
 Each trial is keyed by the hash of its whole parsed config (the sweep's command, its config files' contents and the
-trial's parameters): its runs live in ``<out>/trial-<key>/``. A rerun skips a trial only when a finished fit with
-that exact hash is there, so an edited sweep or config runs again, beside the old results. A trial that fails is
-recorded (``failed-<time>.json``, and ``failed`` in the summary) and the sweep goes on; the summary is written
-however the sweep ends.
+trial's parameters): its runs live in ``<out>/trial-<key>/``. Only a complete record counts as done: a fit's
+``metrics.json`` of that exact hash with a convergence verdict that is not an interruption and no ``error``; so an
+edited sweep or config runs again, beside the old results. A trial that fails is recorded (``failed-<time>.json``,
+and ``failed`` in the summary) and the sweep goes on. SIGTERM (a preemption) or Ctrl-C stops the sweep: the running
+trial writes its interrupted record, no further trial starts, the summary marks it ``interrupted``, and the exit is
+143 / 130. Re-running the same command skips the done trials, resumes each interrupted one from its checkpoint (the
+record's ``resume_from``, the trial's newest ``last.ckpt``: ``--ckpt_path last``, which keeps the trial's key) and
+runs failed ones again from scratch. The summary is written however the sweep ends, and the exit is non-zero while
+any trial in it failed or was interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import random
+import signal
+import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -32,12 +41,22 @@ def load_sweep(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sweep: no file at {path}")
-    sweep = yaml.safe_load(path.read_text())
+    try:
+        sweep = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {yaml_problem(error)}") from None
     if not isinstance(sweep, dict) or "parameters" not in sweep or "command" not in sweep:
         raise ValueError(f"{path}: expected a W&B sweep with 'command' and 'parameters'")
     if sweep.get("method") not in ("grid", "random"):
         raise ValueError(f"{path}: method must be 'grid' or 'random' offline, got {sweep.get('method')!r}")
     return sweep
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message in one line, with the line and column of the problem (its own names ``<unicode string>``)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _choices(spec: dict) -> list | None:
@@ -107,26 +126,117 @@ def trial_args(sweep: dict, trial: dict, sweep_file: Path | None = None) -> list
     return args
 
 
+def record_state(record: dict, sha: str) -> str | None:
+    """What a ``metrics.json`` says of a fit of the config hashed ``sha``: ``done`` (complete: a convergence verdict
+    that is not an interruption, and no ``error``), ``interrupted`` (by SIGTERM or Ctrl-C: resumable), ``failed``
+    (an error inside training, or no verdict), or None (not a fit of this config)."""
+    from icon_lightning.cli import INTERRUPT_EXIT
+
+    if not isinstance(record, dict) or record.get("subcommand") != "fit" or record.get("config_sha256") != sha:
+        return None
+    verdict = record.get("convergence")
+    if "error" in record or not isinstance(verdict, dict):
+        return "failed"
+    if not verdict.get("interrupted"):
+        return "done"
+    return "interrupted" if verdict["interrupted"] in INTERRUPT_EXIT else "failed"  # else an error's name
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # unreadable: no record
+    return record if isinstance(record, dict) else None
+
+
+def attempts(trial_dir: Path, sha: str) -> list[tuple[str, dict]]:
+    """Every attempt at this trial under ``trial_dir``, newest first, as (state, record): its fits' records of this
+    config (``record_state``) and its ``failed-*.json`` (state ``failed``)."""
+    found = []
+    for path in trial_dir.glob("**/metrics.json"):
+        record = _read_json(path)
+        state = record_state(record, sha) if record is not None else None
+        if state is not None:
+            found.append((path.stat().st_mtime_ns, 0, state, record))
+    for path in trial_dir.glob("failed-*.json"):  # written after the record of the same attempt, if any
+        found.append((path.stat().st_mtime_ns, 1, "failed", _read_json(path) or {}))
+    return [(state, record) for *_, state, record in sorted(found, key=lambda a: a[:2], reverse=True)]
+
+
 def finished_run(trial_dir: Path, sha: str) -> dict | None:
-    """The metrics.json of a finished fit of exactly this config under ``trial_dir``, if any."""
-    for path in sorted(trial_dir.glob("**/metrics.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # unreadable: not a finished run
-        if record.get("subcommand") == "fit" and record.get("config_sha256") == sha:
+    """The complete ``metrics.json`` of a fit of exactly this config under ``trial_dir``, if any."""
+    return next((record for state, record in attempts(trial_dir, sha) if state == "done"), None)
+
+
+def resume_point(trial_dir: Path, sha: str) -> dict | None:
+    """The record of the newest interrupted fit of this config whose checkpoint (``resume_from``) exists, unless a
+    failure came after it (a failed trial runs again from scratch); None: run from scratch."""
+    for state, record in attempts(trial_dir, sha):
+        if state == "failed":
+            return None
+        if state == "interrupted" and record.get("resume_from") and Path(record["resume_from"]).is_file():
             return record
     return None
 
 
+def signal_of(end: BaseException) -> str | None:
+    """The signal that ended a trial: ``SIGINT`` (Ctrl-C outside a fit: KeyboardInterrupt), ``SIGTERM`` (outside a
+    fit: this runner's handler raises Lightning's SIGTERMException), or either inside a fit (the CLI's exit 143 /
+    130 after it wrote the interrupted record); None for anything else."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from icon_lightning.cli import INTERRUPT_EXIT
+
+    if isinstance(end, KeyboardInterrupt):
+        return "SIGINT"
+    if isinstance(end, SIGTERMException):
+        return "SIGTERM"
+    if isinstance(end, SystemExit):
+        return next((name for name, code in INTERRUPT_EXIT.items() if end.code == code), None)
+    return None
+
+
+@contextlib.contextmanager
+def stops_on_sigterm():
+    """SIGTERM during the sweep: inside a fit, Lightning's handler (which calls this one too) ends the fit between
+    steps and the CLI records it; anywhere else (loading data, between trials) the first one raises Lightning's
+    ``SIGTERMException`` where the sweep is. Yields the list of signals received."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    received: list[str] = []
+
+    def on_sigterm(signum, frame) -> None:
+        received.append("SIGTERM")
+        if len(received) == 1 and signal.getsignal(signal.SIGTERM) is on_sigterm:  # not inside Lightning's fit
+            raise SIGTERMException
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield received
+        return
+    before = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+
+
 def run_trial(argv: list[str], trial_dir: Path, sha: str) -> dict:
-    """Run one trial in this process; its failure is recorded in ``trial_dir`` and returned, never raised."""
+    """Run one trial in this process. Its failure is recorded in ``trial_dir`` and returned, never raised; a signal
+    returns status ``interrupted`` with the record the fit wrote, if it got that far."""
     from icon_lightning.cli import cli_main
     from icon_lightning.io import atomic_write_json, one_line
 
+    started = time.time_ns()
     try:
         cli_main([*argv, f"--trainer.default_root_dir={trial_dir}"])
-    except (Exception, SystemExit) as error:  # a parse error exits; KeyboardInterrupt stops the sweep
+    except (Exception, SystemExit, KeyboardInterrupt) as error:  # a parse error exits; a signal stops the sweep
+        how = signal_of(error)
+        if how is not None:
+            newest = next(iter(attempts(trial_dir, sha)), ("none", {}))
+            record = newest[1] if newest[0] == "interrupted" and _written_since(newest[1], started) else {}
+            print(f"    interrupted by {how}", flush=True)
+            return {**record, "status": "interrupted", "interrupted": how, "argv": argv}
         message = one_line(error) if isinstance(error, Exception) else f"the CLI exited with {error.code}"
         record = {"status": "failed", "error": message, "traceback": traceback.format_exc(), "argv": argv}
         atomic_write_json(trial_dir / f"failed-{time.strftime('%Y%m%d-%H%M%S')}.json", record)
@@ -134,8 +244,13 @@ def run_trial(argv: list[str], trial_dir: Path, sha: str) -> dict:
         return record
     record = finished_run(trial_dir, sha)
     if record is None:
-        return {"status": "failed", "error": f"no metrics.json of this config under {trial_dir}", "argv": argv}
+        return {"status": "failed", "error": f"no complete metrics.json of this config under {trial_dir}", "argv": argv}
     return {"status": "done", **record}
+
+
+def _written_since(record: dict, started_ns: int) -> bool:
+    path = Path(record.get("run_dir") or "/nonexistent") / "metrics.json"
+    return path.is_file() and path.stat().st_mtime_ns >= started_ns
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -154,24 +269,54 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--count: expected a positive number of trials, got {args.count}")
     sweep = load_sweep(args.sweep)
     out = Path(args.out or Path("runs") / "sweeps" / Path(args.sweep).parent.name)
-    rows = []
-    try:
-        for i, trial in enumerate(trials(sweep, args.count)):
-            argv_i = trial_args(sweep, trial, Path(args.sweep))
-            print(f"[{i + 1}] icon {' '.join(argv_i)}", flush=True)
-            if args.dry_run:
-                continue
-            rows.append({"trial": i, **trial, **trial_result(argv_i, out)})
-    finally:
-        if rows:
-            write_summary(merged_with_earlier(rows, out), out, list(sweep["parameters"]))
-    failed = sum(r["status"] == "failed" for r in rows)
-    if failed:
-        raise RuntimeError(
-            f"{failed} of {len(rows)} trials failed (`error` in {out / 'sweep_summary.json'}; tracebacks in "
-            f"{out}/trial-*/failed-*.json)"
-        )
+    rows, summary = [], []
+    with stops_on_sigterm() as received:
+        try:
+            stop = run_trials(sweep, Path(args.sweep), args, out, rows, received)
+        except BaseException as end:
+            if (stop := signal_of(end)) is None:
+                raise
+        finally:
+            if rows:
+                summary = merged_with_earlier(rows, out)
+                write_summary(summary, out, list(sweep["parameters"]))
+    if stop is not None:
+        from icon_lightning.cli import INTERRUPT_EXIT
+
+        print(f"icon sweep: stopped by {stop}; the same command resumes it", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPT_EXIT[stop])
+    check_every_trial_done(summary, out)
     return rows
+
+
+def run_trials(sweep: dict, sweep_file: Path, args, out: Path, rows: list[dict], received: list[str]) -> str | None:
+    """Run (or reuse) each trial in turn, appending its row to ``rows``; returns the signal that stopped the sweep
+    after a trial (None: every trial had its turn)."""
+    for i, trial in enumerate(trials(sweep, args.count)):
+        argv_i = trial_args(sweep, trial, sweep_file)
+        print(f"[{i + 1}] icon {' '.join(argv_i)}", flush=True)
+        if args.dry_run:
+            continue
+        rows.append({"trial": i, **trial, **trial_result(argv_i, out)})
+        if rows[-1]["status"] == "interrupted" or received:  # a SIGTERM in a fit's last steps lets it finish
+            return rows[-1].get("interrupted") or received[0]
+    return None
+
+
+def check_every_trial_done(summary: list[dict], out: Path) -> None:
+    """A sweep whose summary holds a failed or interrupted trial (of this run, or of an earlier one it did not
+    repeat) ends in one line, non-zero."""
+    failed = sum(r["status"] == "failed" for r in summary)
+    interrupted = sum(r["status"] == "interrupted" for r in summary)
+    if failed or interrupted:
+        counts = f"{failed} of {len(summary)} trials failed" + (f", {interrupted} interrupted" if interrupted else "")
+        if not failed:
+            counts = f"{interrupted} of {len(summary)} trials interrupted"
+        raise RuntimeError(
+            f"{counts} (`error` and `reason` in {out / 'sweep_summary.json'}; "
+            f"tracebacks in {out}/trial-*/failed-*.json); the same command resumes interrupted trials and re-runs "
+            "failed ones"
+        )
 
 
 def merged_with_earlier(rows: list[dict], out: Path) -> list[dict]:
@@ -189,7 +334,7 @@ def merged_with_earlier(rows: list[dict], out: Path) -> list[dict]:
 
 
 def trial_result(argv: list[str], out: Path) -> dict:
-    """Key the trial by its config hash, then reuse its finished fit or run it."""
+    """Key the trial by its config hash, then reuse its finished fit, resume its interrupted one, or run it."""
     from icon_lightning.cli import parse_config
     from icon_lightning.io import one_line
     from icon_lightning.runs import config_sha256
@@ -197,18 +342,39 @@ def trial_result(argv: list[str], out: Path) -> dict:
     try:
         sha = config_sha256(parse_config(argv).as_dict())
     except (Exception, SystemExit) as error:
+        if signal_of(error) is not None:
+            raise
         message = one_line(error) if isinstance(error, Exception) else "the trial's arguments do not parse"
         print(f"    failed: {message}", flush=True)
         return {"status": "failed", "error": message}
     trial_dir = out / f"trial-{sha[:12]}"
-    record = finished_run(trial_dir, sha)
-    result = {"status": "done", **record} if record is not None else run_trial(argv, trial_dir, sha)
-    if record is not None:
+    if (record := finished_run(trial_dir, sha)) is not None:
         print(f"    finished earlier: {trial_dir}", flush=True)
+        result = {"status": "done", **record}
+    elif (resume := resume_point(trial_dir, sha)) is not None:
+        # `last` is that checkpoint: the newest last.ckpt of this trial's runs (the trial's folder is their root). A
+        # file path would do the same, but Lightning merges the file's hyper-parameters into the parsed config (the
+        # data facts linked into the model), which changes the config hash the trial is keyed by.
+        print(f"    resuming from {resume['resume_from']} (step {resume.get('resume_step')})", flush=True)
+        result = run_trial([*argv, "--ckpt_path=last"], trial_dir, sha)
+    else:
+        result = run_trial(argv, trial_dir, sha)
+    return summary_row(result, sha, trial_dir)
+
+
+def summary_row(result: dict, sha: str, trial_dir: Path) -> dict:
+    """A trial's row: status, key, folder, steps and metrics (less per-head ones); why it failed, or how it was
+    interrupted and where it resumes."""
     metrics = {k: v for k, v in result.get("metrics", {}).items() if "/head_" not in k}
-    return {"status": result["status"], "config_sha256": sha, "dir": str(trial_dir), **metrics} | (
-        {"error": result["error"]} if result["status"] == "failed" else {}
-    )
+    row = {"status": result["status"], "config_sha256": sha, "dir": str(trial_dir), **metrics}
+    if result.get("steps") is not None:
+        row["steps"] = result["steps"]
+    if result["status"] == "failed":
+        row["error"] = result["error"]
+    if result["status"] == "interrupted":
+        reason = (result.get("convergence") or {}).get("reason") or f"interrupted by {result['interrupted']}"
+        row |= {"interrupted": result["interrupted"], "reason": reason, "resume_from": result.get("resume_from")}
+    return row
 
 
 def write_summary(rows: list[dict], out: Path, params: list[str]) -> None:
@@ -216,9 +382,12 @@ def write_summary(rows: list[dict], out: Path, params: list[str]) -> None:
 
     atomic_write(out / "sweep_summary.json", lambda f: json.dump(rows, f, indent=2))
     print_table(rows, params)
-    failed = [r["trial"] for r in rows if r["status"] == "failed"]
+    failed = [r.get("trial") for r in rows if r["status"] == "failed"]
     if failed:
         print(f"{len(failed)} of {len(rows)} trials failed: {failed} (`error` in sweep_summary.json says why)")
+    interrupted = [r.get("trial") for r in rows if r["status"] == "interrupted"]
+    if interrupted:
+        print(f"{len(interrupted)} of {len(rows)} trials interrupted: {interrupted} (the same command resumes them)")
     done = [r for r in rows if r["status"] == "done"]
     if done and any("alpha" in key for key in params):
         from icon_lightning.callbacks.plots import plot_alpha_sweep
