@@ -265,19 +265,25 @@ def test_an_entry_from_before_checksums_is_adopted_once_then_verified(tmp_path):
     assert not array_path.exists() and not meta_path.exists()
 
 
+class Huge(torch.nn.Module):
+    def forward(self, x):
+        return x.double() * 1e39  # float64 values beyond float32's range: inf once cast for the cache
+
+
 def test_features_beyond_float32_range_name_the_file_and_the_range(tmp_path):
     """float64 features beyond ±3.4e38 become inf in the float32 cache; the error used to end in 'NaN or inf'
-    inside a FeatureKey repr."""
-    from icon_lightning.data.datasets import FeaturesFile
-
-    values = np.ones((5, 3))
-    values[3, 1] = 1e39
-    np.savez(tmp_path / "huge.npz", features=values)
-    store = FeatureStore(tmp_path / "cache")
-    with pytest.raises(ValueError, match=r"/cache/[0-9a-f]{20}\.npy: features of npz:.*huge\.npz.*") as error:
-        cached_features(store, Identity(), FeaturesFile(str(tmp_path / "huge.npz")), None, progress=False)
-    assert "inf (values beyond float32's range, ±3.4e38, become inf) at row 3, column 1" in str(error.value)
-    assert not list((tmp_path / "cache").iterdir())
+    inside a FeatureKey repr, naming neither the file nor what was expected."""
+    store = FeatureStore(tmp_path)
+    backbone = FrozenBackbone(Huge(), 64, "huge", "none")
+    pattern = (
+        rf"^{re.escape(str(tmp_path))}/[0-9a-f]{{20}}\.npy: features of sklearn:digits through huge\|none "
+        r"\(view clean:seed=0\): "
+        r"expected finite float32 values, found inf \(values beyond float32's range, ±3\.4e38, become inf\) "
+        r"at row 0, column \d+$"
+    )
+    with pytest.raises(ValueError, match=pattern):
+        cached_features(store, backbone, DigitsDataset(), None, progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "no json"])
