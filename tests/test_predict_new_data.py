@@ -116,6 +116,17 @@ def test_validate_on_a_subset_scores_the_fits_labels(fitted, tmp_path, which):
     assert run.record["metrics"]["val/hungarian_acc/best"] == pytest.approx(counts[r, c].sum() / len(rows))
 
 
+def test_validate_on_new_data_draws_its_plots_without_a_train_batch(fitted, tmp_path):
+    """Evaluation items have no k-NN table and no anchors: strict plots draw the embedding and confusion of the
+    new rows and leave out the p/q neighbourhoods of a training batch (none exists) instead of failing."""
+    rows = one_per_cluster(fitted["labels"], 3)
+    subset = save(tmp_path / "subset.npz", fitted["x"][rows], fitted["y"][rows])
+    plots = ["--trainer.callbacks+=icon_lightning.callbacks.ClusteringPlots", "--trainer.callbacks.strict=true"]
+    run = evaluate("validate", subset, fitted["ckpt"], tmp_path, *plots)
+    drawn = sorted(p.name.split("_epoch")[0] for p in (Path(run.run_dir) / "plots").glob("*.png"))
+    assert drawn == ["cluster_sizes", "confusion", "embedding"]
+
+
 def test_a_checkpoint_of_other_features_is_one_line_naming_both(fitted, tmp_path):
     other = save(tmp_path / "narrow.npz", np.random.default_rng(0).normal(size=(20, 32)).astype(np.float32))
     with pytest.raises(ValueError) as err:

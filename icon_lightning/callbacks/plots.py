@@ -171,6 +171,8 @@ class ClusteringPlots(Callback):
         return plot_embedding(feats.float().cpu().numpy(), clusters, out / f"embedding_epoch{epoch}.png")
 
     def _neighbourhoods(self, pl_module, datamodule, out: Path, epoch: int) -> Path | None:
+        if datamodule.prepared.anchors is None:  # prepared for evaluation only (validate, test): no train batch
+            return None
         batch = next(iter(datamodule.train_dataloader())).to(pl_module.device)
         pq = pl_module.neighbourhoods(batch, self.anchors)
         if pq is None:
