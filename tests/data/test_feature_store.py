@@ -306,3 +306,32 @@ def test_a_damaged_views_file_is_named_removed_and_rebuilt(tmp_path, damage):
         again = shared_views(tmp_path / "cache", raws, mean)
     np.testing.assert_array_equal(again, cold)
     np.testing.assert_allclose(cold[1], centred_unit_rows(raws[1], mean), atol=1e-3)  # float16 of the reference
+
+
+def test_a_datamodule_run_reads_each_cached_file_once(tmp_path, monkeypatch):
+    """The DataModule opens the same caches several times a run (prepare_data, then setup); the checksum of each
+    file is computed once per process, and not at all for what the process wrote itself."""
+    from icon_lightning.data import ClusteringDataModule, DigitsImages
+
+    pooled = FrozenBackbone(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()), 12, "pool", "none")
+
+    def run() -> list[str]:
+        reads = []
+        monkeypatch.setattr(
+            feature_store, "file_checksum", lambda path: reads.append(Path(path).name) or checksum(path)
+        )
+        data = DigitsImages()
+        dm = ClusteringDataModule(
+            data, val_dataset=data, backbone=pooled, image_size=8, grayscale_to_rgb=True, cache_dir=str(tmp_path), k=3
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        return reads
+
+    checksum = feature_store.file_checksum
+    written = run()  # cold: every file summed once, as it is written
+    assert len(written) == len(set(written)) and all(".tmp" in name for name in written)
+    next_run()
+    read = run()
+    cached = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".npy", ".views16"))
+    assert sorted(read) == cached and len(cached) == 1 + 4 + 1  # clean (also val: the same key), 4 views, views map
