@@ -320,6 +320,15 @@ def leaves_a_record(cli, subcommand: str):
         raise SystemExit(code) from None
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds: Lightning's seed_everything refuses others in numpy's words
+
+
+def check_seed(seed) -> None:
+    """``seed_everything``: true (a random seed, recorded), false, or an integer numpy takes; else one line."""
+    if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed_everything: expected an integer in [0, {SEED_MAX}] or true (a random seed), got {seed}")
+
+
 class IConCLI(LightningCLI):
     """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model, gives every run
     a directory of its own (`icon_lightning.runs`), resolves ``--ckpt_path last`` and writes ``metrics.json``
@@ -328,6 +337,10 @@ class IConCLI(LightningCLI):
     def init_parser(self, **kwargs):
         kwargs.setdefault("allow_abbrev", False)  # `--model.num_head` must not pass for `--model.num_heads`
         return super().init_parser(**kwargs)
+
+    def _set_seed(self) -> None:
+        check_seed(self._get(self.config, "seed_everything"))
+        super()._set_seed()
 
     def _parse_ckpt_path(self) -> None:  # Lightning reads a given checkpoint's hyper-parameters here, before hooks
         read_checkpoint_hparams(self, super()._parse_ckpt_path)

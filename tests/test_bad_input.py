@@ -126,7 +126,8 @@ def _tar_with_a_truncated_jpeg(folder, np) -> str:
     Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8)).save(good, format="JPEG")
     path = folder / "images.tar"
     with tarfile.open(path, "w") as tar:
-        for name, data in (("a/0.jpg", good.getvalue()), ("b/1.jpg", good.getvalue()[:-40])):
+        members = [(f"a/{i}.jpg", good.getvalue()) for i in range(2, 8)]  # enough rows for a fit's k-NN table
+        for name, data in (("a/0.jpg", good.getvalue()), ("b/1.jpg", good.getvalue()[:-40]), *members):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -222,6 +223,52 @@ CLI_CASES = {
             f"--data.cache_dir={d / 'cache'}",
         ),
         "same.npz: 'features' are constant (every row the same, up to 0.0001 of their size): nothing to cluster",
+    ),
+    "float64 features beyond float32's range": (
+        lambda d: _features_command(_npz(d, "huge.npz", lambda p, np: np.savez(p, features=np.eye(8) * 1e39))),
+        "huge.npz: 'features' holds values beyond float32's range (largest |x| = 1e+39 > 3.4e+38)",
+    ),
+    "a 'classes' array shorter than the labels": (
+        lambda d: _features_command(
+            _npz(d, "cls.npz", lambda p, np: np.savez(p, features=np.eye(6), labels=np.arange(6) % 3, classes=["a"]))
+        ),
+        "cls.npz: 'classes' names 1 classes but 'labels' go up to 2",
+    ),
+    "ragged rows saved as an object array": (
+        lambda d: _features_command(
+            _npz(d, "obj.npz", lambda p, np: np.savez(p, features=np.array([np.ones(3), np.ones(4)], dtype=object)))
+        ),
+        "obj.npz: 'features' is an object array (ragged rows or Python objects)",
+    ),
+    "a features file without labels and no `num_clusters`": (
+        lambda d: _features_command(_npz(d, "unlabelled.npz", lambda p, np: np.savez(p, features=np.eye(8)))),
+        "unlabelled.npz has no labels, so the number of clusters cannot be taken from them: pass --data.num_clusters K",
+    ),
+    "N ≤ k + 1 rows (every loss 0)": (
+        lambda d: _features_command(
+            _npz(d, "four.npz", lambda p, np: np.savez(p, features=np.eye(4), labels=[0, 0, 1, 1])),
+            f"--data.cache_dir={d / 'cache'}",
+        ),
+        "four.npz has 4 rows; a fit with a 3-NN table needs at least 5",
+    ),
+    "a validation set of another feature dim": (
+        lambda d: _features_command(
+            _npz(
+                d,
+                "train.npz",
+                lambda p, np: np.savez(
+                    p, features=np.random.default_rng(0).normal(size=(60, 8)), labels=np.arange(60) % 3
+                ),
+            ),
+            "--data.val_dataset=icon_lightning.data.FeaturesFile",
+            "--data.val_dataset.path=" + _npz(d, "val5.npz", lambda p, np: np.savez(p, features=np.eye(5))),
+            f"--data.cache_dir={d / 'cache'}",
+        ),
+        "val5.npz: rows of 5 features, but the fit's data",
+    ),  # fmt: skip
+    "an out-of-range seed": (
+        lambda d: ["fit", "--config", DIGITS_CONFIG, "--seed_everything=-5"],
+        "seed_everything: expected an integer in [0, 4294967295] or true (a random seed), got -5",
     ),
     "`num_clusters 0`": (lambda d: ["fit", "--config", DIGITS_CONFIG, "--data.num_clusters=0"], "num_clusters"),
     "`num_clusters 1`": (lambda d: ["fit", "--config", DIGITS_CONFIG, "--data.num_clusters=1"], "num_clusters"),
@@ -376,3 +423,25 @@ def test_whole_number_float_labels_are_accepted_and_others_named():
     assert integer_labels(np.array([0.0, 2.0, -1.0]), "labels").tolist() == [0, 2, -1]
     with pytest.raises(ValueError, match=r"^labels must be whole-number class ids.*\[0\.5\]"):
         FeaturesArray(np.eye(3), np.array([0.0, 0.5, 1.0]))
+
+
+@pytest.mark.parametrize("scale", [2.0**100, 2.0**-100])
+def test_huge_and_tiny_float32_features_are_prepared_like_ordinary_ones(scale, tmp_path):
+    """float32 features near 1e30 overflowed the L2 norm: every row became zero and the fit trained on zeros, exit 0
+    (and near 1e-30 the squares underflowed). A power-of-two scale is exact, so the prepared rows must be equal."""
+    import numpy as np
+
+    from icon_lightning.data.neighbours import centred_unit_rows
+    from icon_lightning.estimator import HeadClusterer
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(c, 0.3, size=(60, 8)) for c in (-2, 0, 2)]).astype(np.float32)
+    scaled = x * np.float32(scale)
+    reference = x.astype(np.float64) - x.astype(np.float64).mean(0)
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    assert np.abs(centred_unit_rows(x) - reference).max() < 1e-6
+    assert np.array_equal(centred_unit_rows(scaled), centred_unit_rows(x))
+    mean = x.mean(0, keepdims=True)  # a fit's mean, applied to other rows (predict)
+    assert np.array_equal(centred_unit_rows(scaled[:5], mean * np.float32(scale)), centred_unit_rows(x[:5], mean))
+    settings = dict(n_clusters=3, cache_dir=str(tmp_path), overrides=["--trainer.max_steps=10", "--model.num_heads=1"])
+    assert np.array_equal(HeadClusterer(**settings).fit(scaled).labels_, HeadClusterer(**settings).fit(x).labels_)

@@ -128,11 +128,15 @@ class Windows:
         self.sum, self.count = float(state["sum"]), int(state["count"])
 
 
-def resume_converged(callback: Convergence, trainer: L.Trainer) -> None:
-    """A fit resumed from a converged run's checkpoint: it stops before its first step and says so, unless
-    ``trainer.max_steps`` asks for more steps than the checkpoint's; then it trains on to exactly that step, the
-    plateau rule off (the verdict is then the last two windows', as with ``stop_on_plateau: false``)."""
+def resume(callback: Convergence, trainer: L.Trainer) -> None:
+    """At the start of training: a new or unconverged run is "still running". A fit resumed from a converged run's
+    checkpoint stops before its first step and says so, unless ``trainer.max_steps`` asks for more steps than the
+    checkpoint's; then it trains on to exactly that step, the plateau rule off (the verdict is then the last two
+    windows', as with ``stop_on_plateau: false``)."""
     step, wanted = trainer.global_step, trainer.max_steps
+    if not callback.converged:
+        callback.reason = "still running"
+        return
     if not callback.stop_on_plateau:
         return
     if wanted is not None and wanted > step:
@@ -186,10 +190,7 @@ class Convergence(Callback):
         check_lr_owner(self, trainer.lr_scheduler_configs)
         self.cap = step_cap(self.max_steps, trainer.num_training_batches, self.budget)  # the loaders exist now
         self.floor = max(self.min_steps, teacher_settling_steps(getattr(pl_module, "hparams", {}).get("ema_momentum")))
-        if self.converged:
-            resume_converged(self, trainer)
-        else:
-            self.reason = "still running"
+        resume(self, trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         loss = watched_loss(outputs)

@@ -43,6 +43,11 @@ def check_settings(dataset: IndexedDataset, backbone, views: str, num_clusters, 
     Returns V, the views per anchor (``num_views``, or its default)."""
     if num_clusters is not None and num_clusters < 2:
         check_clusters(num_clusters, dataset)
+    if num_clusters is None and dataset.num_classes == 0:
+        raise ValueError(
+            f"data.num_clusters: {getattr(dataset, 'path', type(dataset).__name__)} has no labels, so the number of "
+            "clusters cannot be taken from them: pass --data.num_clusters K (the number of clusters to find)"
+        )
     if views != "clean" and backbone is None:
         raise ValueError(f"views: {views!r} augments images and needs a backbone; use views='clean' for features")
     return (1 if views == "clean" else 2) if num_views is None else num_views

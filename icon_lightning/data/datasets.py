@@ -346,11 +346,37 @@ def integer_labels(labels: np.ndarray, where: str) -> np.ndarray:
     raise ValueError(f"{where} must be integer class ids (-1: unlabelled), got dtype {labels.dtype}")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_feature_values(features: np.ndarray, where: str) -> None:
+    """Finite values within float32's range (features are trained in float32: 1e39 in a float64 file would become
+    inf), each problem one line naming ``where``."""
+    if not np.isfinite(features).all():
+        raise ValueError(f"{where} contains NaN or inf; expected finite numbers")
+    largest = float(np.abs(features).max(initial=0.0))
+    if largest > FLOAT32_MAX:
+        raise ValueError(
+            f"{where} holds values beyond float32's range (largest |x| = {largest:.3g} > {FLOAT32_MAX:.3g}); "
+            "rescale them (clustering here is scale-free: features are centred and L2-normalised)"
+        )
+
+
+def check_class_names(classes: list[str], labels: np.ndarray, where: str) -> None:
+    """A ``classes`` array names every class id the labels use."""
+    if classes and labels.max(initial=-1) >= len(classes):
+        raise ValueError(
+            f"{where}: 'classes' names {len(classes)} classes but 'labels' go up to {int(labels.max())}; expected "
+            "a name for every class id (or no 'classes' array)"
+        )
+
+
 class FeaturesFile(IndexedDataset):
     """Precomputed features: an ``.npz`` with ``features`` (N, D) and optional ``labels`` (N,) and ``classes``."""
 
     def __init__(self, path: str) -> None:
         self.path = _require(path, "an .npz with 'features' (N, D) and optional 'labels' (N,), 'classes'")
+        reading = "the file"
         try:
             npz = np.load(self.path, allow_pickle=False)
             if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -358,17 +384,23 @@ class FeaturesFile(IndexedDataset):
             with npz:
                 if "features" not in npz:
                     raise KeyError(f"missing array 'features'; found {list(npz.keys())}")
+                reading = "'features'"  # named before each read: an object array fails on it
                 features = npz["features"]
+                reading = "'labels'"
                 labels = npz["labels"] if "labels" in npz else np.full(len(features), -1)
+                reading = "'classes'"
                 classes = [str(c) for c in npz["classes"]] if "classes" in npz else []
         except KeyError as err:
             raise ValueError(f"{self.path}: {err.args[0]}") from None
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
-            reason = "not a zip archive" if "pickle" in str(err) else f"{type(err).__name__}: {err}"
+        except ValueError as err:
+            if "Object arrays cannot be loaded" not in str(err):
+                raise self._unreadable(err) from None
             raise ValueError(
-                f"{self.path}: not a readable .npz (truncated or not an np.savez file: {reason}); expected "
-                "'features' (N, D) and optional 'labels' (N,), 'classes'"
+                f"{self.path}: {reading} is an object array (ragged rows or Python objects), which is not loaded "
+                "(it would need pickle); expected a numeric array"
             ) from None
+        except (OSError, EOFError, zipfile.BadZipFile) as err:
+            raise self._unreadable(err) from None
         if features.dtype.kind not in "biuf":
             raise ValueError(f"{self.path}: 'features' must be numeric, got dtype {features.dtype}")
         if features.ndim != 2 or 0 in features.shape:
@@ -376,12 +408,20 @@ class FeaturesFile(IndexedDataset):
         if labels.shape != (len(features),):
             raise ValueError(f"{self.path}: 'labels' must be ({len(features)},), got shape {labels.shape}")
         labels = integer_labels(labels, f"{self.path}: 'labels'")
-        if not np.isfinite(features).all():
-            raise ValueError(f"{self.path}: 'features' contains NaN or inf")
+        check_feature_values(features, f"{self.path}: 'features'")
+        check_class_names(classes, labels, str(self.path))
         self.features = torch.from_numpy(features.astype(np.float32))
         self.labels = labels.astype(np.int64)
         self.classes = classes or ([str(c) for c in range(int(labels.max()) + 1)] if labels.max() >= 0 else [])
         self.transform = None
+
+    def _unreadable(self, err: Exception) -> ValueError:
+        """One line for a file np.load cannot read as an .npz."""
+        reason = "not a zip archive" if "pickle" in str(err) else f"{type(err).__name__}: {err}"
+        return ValueError(
+            f"{self.path}: not a readable .npz (truncated or not an np.savez file: {reason}); expected "
+            "'features' (N, D) and optional 'labels' (N,), 'classes'"
+        )
 
     def load(self, i: int):
         return self.features[i]
@@ -398,8 +438,7 @@ class FeaturesArray(IndexedDataset):
         features = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"features: expected a non-empty (N, D) array, got shape {features.shape}")
-        if not np.isfinite(features).all():
-            raise ValueError("features: contains NaN or inf")
+        check_feature_values(features, "features")
         labels = (
             np.full(len(features), -1, dtype=np.int64)
             if labels is None

@@ -45,11 +45,24 @@ def _as_unit_tensor(features) -> torch.Tensor:
     return F.normalize(x, dim=1)
 
 
+SAFE_MAGNITUDE = 2.0**50  # |x| beyond [2^-50, 2^50]: squares and sums could leave float32's range
+
+
 def centred_unit_rows(features, mean: np.ndarray | None = None) -> np.ndarray:
     """(N, D) float32 copy of ``features`` minus ``mean`` (default: their own mean), each row L2-normalised:
-    the preprocessing every clustering here uses before cosine k-NN."""
+    the preprocessing every clustering here uses before cosine k-NN.
+
+    Values beyond ``SAFE_MAGNITUDE`` (either way) are first scaled by a power of two, which is exact and leaves
+    unit rows unchanged, so that the mean and the norm neither overflow nor underflow: float32 features near 1e30
+    used to give every row a norm of inf and so a zero row."""
     x = np.array(features, dtype=np.float32)
-    x -= x.mean(0, keepdims=True) if mean is None else mean
+    parts = (x,) if mean is None else (x, np.asarray(mean))
+    size = max(max(float(p.max(initial=0.0)), -float(p.min(initial=0.0))) for p in parts)  # no |x| copy of x
+    scale = 1.0
+    if size > 0 and not 1 / SAFE_MAGNITUDE <= size <= SAFE_MAGNITUDE:
+        scale = 2.0 ** -np.ceil(np.log2(size))  # the largest value becomes at most 1
+        x *= np.float32(scale)
+    x -= x.mean(0, keepdims=True) if mean is None else np.asarray(mean) * scale  # exact: a power of two
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
 
 

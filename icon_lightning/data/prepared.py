@@ -45,7 +45,7 @@ def check_clusters(num_clusters: int, dataset: IndexedDataset, width: int | None
         )
     if width is not None and len(dataset) <= width + 1:
         raise ValueError(
-            f"data: {getattr(dataset, 'path', type(dataset).__name__)} has {len(dataset)} rows; a fit with a "
+            f"data: {source(dataset)} has {len(dataset)} rows; a fit with a "
             f"{width}-NN table needs at least {width + 2} (with N ≤ k + 1 every row's neighbours are all the others: "
             "nothing to learn)"
         )
@@ -64,8 +64,14 @@ class FitPreparation:
     num_clusters: int
     data: str
 
-    def apply(self, raw: np.ndarray) -> np.ndarray:
-        """(N, D) float32 rows prepared as the fit's were: centred by its mean and L2-normalised, or as given."""
+    def apply(self, raw: np.ndarray, where: object = "data") -> np.ndarray:
+        """(N, D) float32 rows prepared as the fit's were: centred by its mean and L2-normalised, or as given; rows
+        of another D are one line naming ``where``."""
+        if raw.shape[1:] != (self.feature_dim,):
+            raise ValueError(
+                f"{where}: rows of {raw.shape[1] if raw.ndim == 2 else raw.shape[1:]} features, but the fit's data "
+                f"({self.data}) has {self.feature_dim}; expected the same features"
+            )
         if not self.normalize:
             return np.array(raw, dtype=np.float32)
         return centred_unit_rows(raw, self.mean)
@@ -232,7 +238,7 @@ def prepare(
     train_eval = EvalDataset(features, labels, table.table, table.degree)
     val = train_eval
     if val_dataset is not None:
-        val_x = fitted.apply(prep.raw(val_dataset, "clean"))
+        val_x = fitted.apply(prep.raw(val_dataset, "clean"), f"data.val_dataset: {source(val_dataset)}")
         val = EvalDataset(torch.from_numpy(val_x), torch.as_tensor(val_dataset.labels), None, None)
     return PreparedData(
         features, labels, table.table, table.degree, view_features, draw, train_eval, val, agreement, fitted
@@ -261,7 +267,7 @@ def prepare_evaluation(
     labels = torch.as_tensor(dataset.labels, dtype=torch.long)
     train_eval = val = EvalDataset(features, labels, None, None)
     if val_dataset is not None:
-        val_x = fitted.apply(prep.raw(val_dataset, "clean"))
+        val_x = fitted.apply(prep.raw(val_dataset, "clean"), f"data.val_dataset: {source(val_dataset)}")
         val = EvalDataset(torch.from_numpy(val_x), torch.as_tensor(val_dataset.labels, dtype=torch.long), None, None)
     return PreparedData(features, labels, None, None, None, None, train_eval, val, None, fitted)
 
