@@ -283,7 +283,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if stop is not None:
         from icon_lightning.cli import INTERRUPT_EXIT
 
-        print(f"icon sweep: stopped by {stop}; the same command resumes it", file=sys.stderr, flush=True)
+        total = len(trials(sweep, args.count))
+        print(
+            f"icon sweep: stopped by {stop} with {len(rows)} of {total} trials taken up; the same command resumes it",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(INTERRUPT_EXIT[stop])
     check_every_trial_done(summary, out)
     return rows

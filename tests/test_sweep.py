@@ -155,16 +155,18 @@ def test_a_failed_trial_makes_every_rerun_exit_non_zero_until_it_succeeds(tmp_pa
 def test_a_signal_in_a_trial_stops_the_sweep_and_a_rerun_resumes_it(tmp_path, fake_runs, capsys, how, code, name):
     """A fit ended by a signal used to be recorded as a failed trial, the next trial started and the exit was 1;
     its record (subcommand fit, same hash) then counted as done on a re-run."""
+    from icon_lightning.entry import main as icon
+
     sweep, out = _alpha_sweep(tmp_path / "sweep.yaml", [0.0, 0.4]), tmp_path / "out"
     fake_runs.plan = ["done", how]
     with pytest.raises(SystemExit) as end:
-        sweep_main([str(sweep), "--out", str(out)])
+        icon(["sweep", str(sweep), "--out", str(out)])
     assert end.value.code == code and len(fake_runs) == 2  # trials 3 and 4 never started
     summary = _summary(out)
     assert [r["status"] for r in summary] == ["done", "interrupted"] and summary[1]["interrupted"] == name
     assert Path(summary[1]["resume_from"]).is_file() and summary[1]["steps"] == 7
     assert not list(out.glob("trial-*/failed-*.json"))
-    assert f"stopped by {name}" in capsys.readouterr().err
+    assert f"stopped by {name} with 2 of 4 trials taken up" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="^1 of 2 trials interrupted"):  # trial 2 not repeated: still in the summary
         sweep_main([str(sweep), "--out", str(out), "--count", "1"])
     assert len(fake_runs) == 2
