@@ -95,8 +95,10 @@ def discard(problem: str, *paths: Path) -> None:
     """Warn (one line naming the first path and ``problem``) and remove ``paths``, so that the caller rebuilds."""
     warnings.warn(f"{paths[0]}: {problem}; removed, rebuilt", stacklevel=3)
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:  # a read-only cache folder: say which file could not go
+            raise write_error(path, error, f"remove it ({problem})") from None
 
 
 def first_non_finite(array: np.ndarray, block_rows: int = 65536) -> str | None:
