@@ -299,3 +299,35 @@ def test_sigterm_in_a_real_fit_stops_the_sweep_and_the_rerun_resumes_from_its_ch
     unbroken = cli.cli_main([*built[0][:-1], f"--trainer.default_root_dir={tmp_path / 'unbroken'}"])
     for key in ("train/loss", "val/nmi"):
         assert rows[0][key] == pytest.approx(unbroken.record["metrics"][key], abs=1e-5), key
+
+
+class SendAtSetup(Callback):
+    """Sends this process SIGTERM while the fit sets up (before Lightning installs its own SIGTERM handler)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_while_a_real_fit_sets_up_stops_the_sweep_at_once(tmp_path, monkeypatch, sigterm_guard):
+    """Before Lightning's handler is in place (data, setup) SIGTERM used to take Python's default: the process died
+    with no summary, or, under a handler of its own, the trial ran to its end."""
+    from icon_lightning import cli
+
+    assemble, built = cli.assemble, []
+
+    def assemble_with_signal(argv):
+        run = assemble(argv)
+        run.trainer.callbacks.append(SendAtSetup())
+        built.append(argv)
+        return run
+
+    monkeypatch.setattr(cli, "assemble", assemble_with_signal)
+    sweep, out = _seed_sweep(tmp_path / "sweep.yaml", tmp_path / "cache"), tmp_path / "out"
+    with pytest.raises(SystemExit) as end:
+        sweep_main([str(sweep), "--out", str(out)])
+    assert end.value.code == 143 and len(built) == 1
+    (row,) = _summary(out)
+    assert row["status"] == "interrupted" and row["interrupted"] == "SIGTERM" and row["steps"] == 0
+    record = json.loads(next(out.glob("trial-*/**/metrics.json")).read_text())
+    assert record["convergence"]["interrupted"] == "SIGTERM" and record["resume_from"] is None
+    assert signal.getsignal(signal.SIGTERM) is sigterm_guard  # the sweep's handler is gone again
