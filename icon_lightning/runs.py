@@ -46,6 +46,10 @@ RESULT_FREE_KEYS = (
     "data.val_batch_size",
     "data.num_workers",
 )
+# The model's facts linked from the data at instantiation (``cli.DATA_FACTS``): the data section decides them, and
+# a parse with ``--ckpt_path FILE`` holds them (Lightning merges the checkpoint's hyper-parameters) while a fresh parse
+# does not, so they stay out of a run's identity: a resumed run keeps its trial's hash and its experiment's folder.
+LINKED_KEYS = ("model.feature_dim", "model.num_clusters", "model.num_classes", "model.num_samples", "model.backbone")
 # How long a run trains: part of its config hash (a longer run ends elsewhere), not of its experiment key, because a
 # checkpoint of a run that stopped earlier is the same run at an earlier step: `--ckpt_path last` with a larger
 # budget trains it on.
@@ -79,16 +83,16 @@ def _without(config: dict, keys: tuple[str, ...]) -> dict:
 
 
 def config_sha256(config: dict) -> str:
-    """Hash of a parsed config (``Namespace.as_dict()``) less ``RESULT_FREE_KEYS``: two runs with the same hash
-    give the same result wherever they write, whatever caches they read and however they log."""
-    return _digest(_without(config, RESULT_FREE_KEYS))
+    """Hash of a parsed config (``Namespace.as_dict()``) less ``RESULT_FREE_KEYS`` and ``LINKED_KEYS``: two runs
+    with the same hash give the same result wherever they write, whatever caches they read and however they log."""
+    return _digest(_without(config, RESULT_FREE_KEYS + LINKED_KEYS))
 
 
 def experiment_key(config: dict) -> str:
     """8 hex digits naming a run up to its length: the config hash less ``LENGTH_KEYS`` (the seed, the model, the
     data and the optimisation included). The runs of one key share a folder, which is where ``--ckpt_path last``
     looks: a requeued job of seed 1 resumes seed 1's checkpoint, never seed 2's."""
-    return _digest(_without(config, RESULT_FREE_KEYS + LENGTH_KEYS))[:8]
+    return _digest(_without(config, RESULT_FREE_KEYS + LINKED_KEYS + LENGTH_KEYS))[:8]
 
 
 def config_name(config_files) -> str:

@@ -389,9 +389,7 @@ def test_wandb_goes_offline_without_credentials(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     assert wandb_offline_unless_logged_in() and os.environ["WANDB_MODE"] == "offline"
-    monkeypatch.delenv("WANDB_MODE")
-    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password key\n")
-    assert not wandb_offline_unless_logged_in() and "WANDB_MODE" not in os.environ
+    # logged in: online when the server answers, offline when not (tests/test_wandb_offline.py, on loopback only)
 
 
 # The README's first command: a features file and clean views, nothing else.

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from icon_lightning.cli import check_config, cli_main
+from icon_lightning.cli import DATA_FACTS, check_config, cli_main
 from icon_lightning.entry import main
-from icon_lightning.runs import LENGTH_KEYS, RESULT_FREE_KEYS, config_sha256, experiment_key, use_run_dir
+from icon_lightning.runs import LENGTH_KEYS, LINKED_KEYS, RESULT_FREE_KEYS, config_sha256, experiment_key, use_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "digits" / "config.yaml")
@@ -163,6 +163,18 @@ def test_every_declared_result_free_or_length_key_exists_in_a_parsed_config():
     for key in RESULT_FREE_KEYS + LENGTH_KEYS:
         assert any(has(config, key) for config in plain.values()), key
     assert len({experiment_key(config) for config in plain.values()}) == 1  # `last` finds the fit's checkpoint
+    assert LINKED_KEYS == tuple(f"model.{target}" for _, target in DATA_FACTS)  # the facts the CLI links
+
+
+def test_resuming_from_a_checkpoint_file_keeps_the_runs_identity(two_fits):
+    """Lightning merges a given checkpoint's hyper-parameters (the model's linked data facts) into the parsed config:
+    `--ckpt_path FILE` gave a resumed run another config hash and experiment folder than its fit."""
+    root, first, _ = two_fits
+    ckpt = first.run_dir / "checkpoints" / "last.ckpt"
+    resumed = cli_main(digits("fit", root, f"--ckpt_path={ckpt}", "--convergence.max_steps=24"))
+    assert resumed.run_dir.parent == first.run_dir.parent and record(resumed)["steps"] == 24
+    plain = check_config(digits("fit", root, "--convergence.max_steps=24")[1:]).fit.as_dict()
+    assert record(resumed)["config_sha256"] == config_sha256(plain)
 
 
 def test_two_claims_of_one_run_folder_at_the_same_instant_give_it_to_one(tmp_path):
@@ -190,7 +202,8 @@ def test_two_claims_of_one_run_folder_at_the_same_instant_give_it_to_one(tmp_pat
 
 def test_a_resumed_converged_run_says_so_and_stops_unless_asked_for_more_steps(tmp_path, capsys):
     """`fit --ckpt_path last` on a converged run trained 25 more steps and wrote a second, different record."""
-    quick = ["--convergence.min_steps=0", "--convergence.window=5", "--convergence.tol=1.0", "--model.num_heads=2"]
+    quick = ["--convergence.min_steps=0", "--convergence.window=5", "--convergence.tol=1.0", "--model.num_heads=2",
+             "--convergence.stop_on_plateau=true", "--convergence.lr_drops=0"]  # fmt: skip
     root = tmp_path / "runs"
     done = cli_main(digits("fit", root, *quick))
     steps = record(done)["steps"]
@@ -205,12 +218,12 @@ def test_a_resumed_converged_run_says_so_and_stops_unless_asked_for_more_steps(t
 
 def test_train_loss_is_the_selected_heads_loss(tmp_path):
     """`train/loss` was the mean over the live heads (0.8205 against the selected head's 0.6474)."""
-    cli = cli_main(digits("fit", tmp_path / "runs", "--convergence.max_steps=12", "--model.keep_heads=null"))
-    rec = record(cli)
+    args = ["--convergence.max_steps=12", "--model.keep_heads=null", "--model.num_heads=4"]
+    rec = record(cli_main(digits("fit", tmp_path / "runs", *args)))
     losses = rec["head_losses"]
-    assert len(losses) == 10 and rec["selected_head"] == rec["heads"][losses.index(min(losses))]
+    assert len(losses) == 4 and rec["selected_head"] == rec["heads"][losses.index(min(losses))]
     assert rec["metrics"]["train/loss"] == pytest.approx(min(losses), rel=1e-6)
-    assert rec["metrics"]["train/loss/live_heads_mean"] == pytest.approx(sum(losses) / 10, rel=1e-6)
+    assert rec["metrics"]["train/loss/live_heads_mean"] == pytest.approx(sum(losses) / 4, rel=1e-6)
 
 
 def test_an_unwritable_run_folder_is_one_clear_error(tmp_path):
