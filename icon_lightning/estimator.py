@@ -31,7 +31,6 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from icon_lightning.cli import AssembledRun, assemble, features_command
-from icon_lightning.data.neighbours import centred_unit_rows
 from icon_lightning.io import atomic_write
 
 
@@ -133,7 +132,8 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     override included, is an exception with one line (an override `icon` does not parse: ``icon: error: …``).
     Attributes: labels_ (N,), n_features_in_ (D), seed_, selected_head_ (a position among the surviving heads),
     head_ids_ (their numbers), head_losses_, converged_, steps_, record_ (the run's ``metrics.json``), mean_ (the
-    centring mean, None without normalisation), module_ (the ``IConModule``, on the CPU).
+    centring mean, None without normalisation), preparation_ (the fit's ``FitPreparation``: mean, normalisation, D,
+    K), module_ (the ``IConModule``, on the CPU).
     """
 
     def __init__(
@@ -177,7 +177,8 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
             run = executed(assembled(self.command(path, self.run_root or tmp, n_clusters, seed)))
         model, data = run.model.cpu().eval(), run.datamodule
         self.record_, self.module_, self.seed_ = run.record, model, seed
-        self.mean_ = x.mean(0, keepdims=True) if data.prep.normalize else None
+        self.preparation_ = data.preparation.fitted  # the fit's own: what `icon predict` applies from a checkpoint
+        self.mean_ = self.preparation_.mean
         self.selected_head_ = int(model.selected_head)
         self.head_losses_ = model.head_losses.cpu().numpy()
         self.head_ids_ = model.head_ids.cpu().numpy()
@@ -188,10 +189,10 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
 
     @torch.no_grad()
     def predict_proba(self, X) -> np.ndarray:
-        """(N, K) probabilities of the selected head, X prepared as the fit's features were (the fit's mean)."""
+        """(N, K) probabilities of the selected head, X prepared as the fit's features were (``preparation_``, the
+        fit's mean: the computation `icon predict` makes with the fit's checkpoint)."""
         check_is_fitted(self)
-        x = checked_features(self, X, reset=False)
-        x = x if self.mean_ is None else centred_unit_rows(x, self.mean_)
+        x = self.preparation_.apply(checked_features(self, X, reset=False), "X")
         return self.module_.selected(torch.from_numpy(x)).softmax(-1).numpy()
 
     def predict(self, X) -> np.ndarray:

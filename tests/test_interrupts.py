@@ -127,3 +127,21 @@ def test_the_last_steps_training_loss_is_in_the_record_when_the_fit_ends_between
     record = json.loads(path.read_text())
     assert record["steps"] == 20 and record["metrics"]["train/loss"] > 0
     assert record["metrics"]["val/nmi"] > 0  # the final validation's metrics are there too
+
+
+def test_a_checkpoint_that_could_not_be_written_is_never_named(tmp_path, monkeypatch):
+    """On a full disk the record's ``resume_from`` and the printed advice named a ``last.ckpt`` that was never
+    written (Lightning sets ``last_model_path`` before it saves)."""
+    import errno
+
+    def disk_full(self, trainer, filepath):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunCheckpoint, "_save_checkpoint", disk_full)
+    run = _fit(tmp_path, EndAt(10**6))  # never fires: the first checkpoint (step 4) fails
+    with pytest.raises(OSError, match="No space left"):
+        run.execute()
+    record = json.loads((run.run_dir / "metrics.json").read_text())
+    assert not list(run.run_dir.glob("**/*.ckpt"))
+    assert record["resume_from"] is None and record["last_checkpoint"] is None
+    assert record["convergence"]["reason"].endswith("checkpoint (none saved)") and record["steps"] == 4

@@ -188,3 +188,22 @@ def _saved(tmp_path: Path, state: dict) -> Path:
     path = tmp_path / "state.pt"
     torch.save(state, path)
     return path
+
+
+def test_the_estimator_labels_any_subset_as_its_fit_did(tmp_path):
+    """`HeadClusterer.predict` and `icon predict` apply one preparation (the fit's ``FitPreparation``): a single row,
+    and one class's rows alone, get the fit's labels."""
+    from sklearn.datasets import load_digits
+
+    from icon_lightning.estimator import HeadClusterer
+
+    x, y = load_digits(return_X_y=True)
+    x, y = x[:600], y[:600]
+    est = HeadClusterer(cache_dir=str(tmp_path), overrides=["--trainer.max_steps=20", "--model.num_heads=2"])
+    est.fit(x)
+    assert est.preparation_.feature_dim == 64 and est.preparation_.num_clusters == 10
+    assert np.array_equal(est.predict(x), est.labels_)
+    for i in (0, 17, 599):
+        assert est.predict(x[i : i + 1]).tolist() == [est.labels_[i]]
+    seven = y == 7
+    assert np.array_equal(est.predict(x[seven]), est.labels_[seven])
