@@ -35,7 +35,7 @@ from icon_lightning.baselines import FaissKMeans, KNNSpectralClustering
 from icon_lightning.data.datasets import DigitsDataset, FeaturesFile, IdxDataset, IndexedDataset, TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, cached_features
 from icon_lightning.data.neighbours import centred_unit_rows
-from icon_lightning.data.transforms import eval_transform
+from icon_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from icon_lightning.estimator import HeadClusterer
 from icon_lightning.metrics import METRICS, score_assignments
 from icon_lightning.recipes import CONFIG_DIR, recipe_config
@@ -105,7 +105,9 @@ PEERS = CONFIG_DIR / "peers"
 def _image_features(dataset: IndexedDataset, image_size: int, cache_dir: str, gray: bool = False) -> np.ndarray:
     from icon_lightning.data.backbones import EfficientNetLite0
 
-    transform = eval_transform(image_size, grayscale_to_rgb=gray)
+    # ImageNet's mean and std, not Lite0's own (0.5, 0.5; what the DataModule uses since issue 31): the protocol the
+    # shared features and README's tables were made with, kept until the table is re-run (issue 33).
+    transform = eval_transform(image_size, IMAGENET_MEAN, IMAGENET_STD, grayscale_to_rgb=gray)
     return np.asarray(cached_features(FeatureStore(cache_dir), EfficientNetLite0(), dataset, transform), np.float32)
 
 
