@@ -74,18 +74,6 @@ def check_convergence(tol, budget) -> None:
         raise ValueError(f"budget_max_steps: expected ≥ budget_min_steps ({budget[1]}), got {budget[2]}")
 
 
-def check_lr_owner(convergence, schedulers) -> None:
-    """One owner of the LR: the plateau halving (``lr_drops`` > 0 with ``stop_on_plateau``) and a scheduler would
-    both set it, so that combination is a one-line error; ``lr_drops: 0`` leaves the LR to the scheduler (the
-    callback still stops at a plateau), ``stop_on_plateau: false`` leaves it and the length to the Trainer."""
-    if schedulers and convergence.stop_on_plateau and convergence.lr_drops > 0:
-        names = ", ".join(type(c.scheduler).__name__ for c in schedulers)
-        raise ValueError(
-            f"convergence.lr_drops: {convergence.lr_drops} plateau halvings of the LR and model.scheduler ({names}) "
-            "would both set the LR; set convergence.lr_drops 0 (the scheduler owns it) or remove model.scheduler"
-        )
-
-
 def watched_loss(outputs):
     """The training loss a step's ``outputs`` report: the lowest head's when the module reports ``head_losses`` (one
     per head; pruning the worse heads leaves it unchanged), else the loss it minimises."""
@@ -100,19 +88,23 @@ class Windows:
     the one before (a plateau: below ``tol``). Pure bookkeeping, checkpointed by the callback."""
 
     def __init__(self, window: int, tol: float) -> None:
-        self.window, self.tol = window, float(tol)
+        self.window = window
+        self.tol = float(tol)
         self.means: list[float] = []
-        self.sum, self.count = 0.0, 0
+        self.sum = 0.0
+        self.count = 0
         self.last_improvement: float | None = None
 
     def add(self, loss: float) -> float | None:
         """Adds one step's loss; returns the window's mean when the window is full (then starts the next)."""
-        self.sum, self.count = self.sum + loss, self.count + 1
+        self.sum += loss
+        self.count += 1
         return self.sum / self.count if self.count >= self.window else None
 
     def close(self, mean: float) -> bool | None:
         """Records a full window's (process-averaged) ``mean``; whether it is a plateau (None: the first window)."""
-        self.sum, self.count = 0.0, 0
+        self.sum = 0.0
+        self.count = 0
         self.means.append(mean)
         if len(self.means) < 2:
             return None
@@ -120,40 +112,164 @@ class Windows:
         self.last_improvement = (before - mean) / max(abs(before), 1e-12)
         return self.last_improvement < self.tol
 
+    def restart(self, mean: float) -> None:
+        """The next window is compared with ``mean`` alone (after the LR changed)."""
+        self.means = [mean]
+
+    def judged(self) -> str:
+        """The last window's improvement, as a verdict's reason."""
+        return f"last window improved the training loss by {self.last_improvement:.2e} (tol {self.tol:.0e})"
+
+    def plateaued(self) -> str:
+        """The plateau the last window makes, in words."""
+        return f"relative improvement {self.last_improvement:.2e} < {self.tol:.0e} over {self.window} steps"
+
     def state_dict(self) -> dict:
         return {"window_means": list(self.means), "sum": self.sum, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.means = [float(v) for v in state["window_means"]]
-        self.sum, self.count = float(state["sum"]), int(state["count"])
+        self.sum = float(state["sum"])
+        self.count = int(state["count"])
 
 
-def resume(callback: Convergence, trainer: L.Trainer) -> None:
-    """At the start of training: a new or unconverged run is "still running". A fit resumed from a converged run's
-    checkpoint stops before its first step and says so, unless ``trainer.max_steps`` asks for more steps than the
-    checkpoint's; then it trains on to exactly that step, the plateau rule off (the verdict is then the last two
-    windows', as with ``stop_on_plateau: false``)."""
-    step, wanted = trainer.global_step, trainer.max_steps
-    if not callback.converged:
-        callback.reason = "still running"
-        return
-    if not callback.stop_on_plateau:
-        return
+class LrDrops:
+    """The plateau halvings of the LR: every param group's LR times ``lr_gamma``, at most ``lr_drops`` times."""
+
+    def __init__(self, lr_drops: int, lr_gamma: float) -> None:
+        self.allowed = lr_drops
+        self.gamma = float(lr_gamma)
+        self.taken = 0
+
+    def check_sole_owner(self, schedulers) -> None:
+        """The halving and a scheduler would both set the LR: one line (``lr_drops: 0`` leaves the LR to the
+        scheduler, the callback still stops at a plateau; ``stop_on_plateau: false`` leaves it and the length to the
+        Trainer)."""
+        if schedulers and self.allowed > 0:
+            names = ", ".join(type(c.scheduler).__name__ for c in schedulers)
+            raise ValueError(
+                f"convergence.lr_drops: {self.allowed} plateau halvings of the LR and model.scheduler ({names}) "
+                "would both set the LR; set convergence.lr_drops 0 (the scheduler owns it) or remove model.scheduler"
+            )
+
+    def take(self, optimizers) -> bool:
+        """Scales the LR of every param group of ``optimizers`` and returns True, or False when none is left."""
+        if self.taken >= self.allowed:
+            return False
+        self.taken += 1
+        for group in (group for optimizer in optimizers for group in optimizer.param_groups):
+            group["lr"] *= self.gamma
+        return True
+
+
+class Verdict:
+    """Whether the run converged and why, from its closed windows: with ``stop_on_plateau`` a plateau from step
+    ``floor`` on takes an LR drop (``LrDrops``) while one is left, and the next ends the run, converged; without it
+    the last two windows only judge. No Lightning: ``Convergence`` applies its answers and checkpoints its state."""
+
+    def __init__(self, windows: Windows, drops: LrDrops, min_steps: int, stop_on_plateau: bool) -> None:
+        self.windows = windows
+        self.drops = drops
+        self.min_steps = min_steps
+        self.floor = min_steps  # no plateau counts before it (min_steps, or later while an EMA teacher settles)
+        self.stop_on_plateau = stop_on_plateau
+        self.converged = False
+        self.reason = "not started"
+
+    def start(self, settling_steps: int, schedulers) -> None:
+        """Training starts: no plateau counts before an EMA teacher has settled; one owner of the LR."""
+        self.floor = max(self.min_steps, settling_steps)
+        if self.stop_on_plateau:
+            self.drops.check_sole_owner(schedulers)
+
+    def add(self, loss: float) -> float | None:
+        """One step's loss; the window's mean when it is full (``Windows.add``)."""
+        return self.windows.add(loss)
+
+    def close(self, mean: float, step: int, optimizers) -> bool:
+        """Closes a full window of (process-averaged) loss ``mean`` at ``step``; True: converged, the run stops."""
+        plateau = self.windows.close(mean)
+        if plateau is None:
+            return False
+        if not self.stop_on_plateau:
+            self.converged = plateau
+            self.reason = self.windows.judged()
+            return False
+        if not plateau or step < self.floor:
+            return False
+        if self.drops.take(optimizers):
+            self.windows.restart(mean)  # compare the next window at the new LR with this one
+            return False
+        self.converged = True
+        self.reason = (
+            f"training loss plateaued at step {step} ({self.windows.plateaued()}, after {self.drops.taken} LR drops)"
+        )
+        return True
+
+    def budget_reached(self, cap: int) -> None:
+        if not self.converged:
+            self.reason = f"reached the step budget ({cap} steps) before the training loss plateaued"
+
+    def end(self, step: int) -> bool:
+        """The fit ended at ``step``: whether it converged (else the reason says how it stopped)."""
+        if not self.converged and self.reason in ("still running", "not started"):
+            self.reason = f"stopped at step {step} (max_epochs / max_steps / interrupt) before a plateau"
+        return self.converged
+
+    def state_dict(self) -> dict:
+        """The state a resumed run continues from."""
+        return {
+            "drops": self.drops.taken,
+            "converged": self.converged,
+            "reason": self.reason,
+            **self.windows.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drops.taken = int(state["drops"])
+        self.converged = bool(state["converged"])
+        self.reason = str(state["reason"])
+        self.windows.load_state_dict(state)
+
+    def report(self, step_budget: int | None) -> dict:
+        """What ``metrics.json`` records about convergence."""
+        return {
+            "converged": self.converged,
+            "reason": self.reason,
+            "lr_drops": self.drops.taken,
+            "step_budget": step_budget,
+            "plateau_from_step": self.floor,
+            "last_relative_improvement": self.windows.last_improvement,
+        }
+
+
+def resume(verdict: Verdict, step: int, wanted: int | None) -> str:
+    """At the start of training, at ``step``: a new or unconverged run is "still running" (returns ``"train"``). A
+    fit resumed from a converged run's checkpoint stops before its first step and says so (``"stop"``), unless
+    ``trainer.max_steps`` (``wanted``) asks for more steps than the checkpoint's; then it trains on to exactly that
+    step (``"train on"``: no step budget), the plateau rule off (the verdict is then the last two windows', as with
+    ``stop_on_plateau: false``)."""
+    if not verdict.converged:
+        verdict.reason = "still running"
+        return "train"
+    if not verdict.stop_on_plateau:
+        return "train"
     if wanted is not None and wanted > step:
-        callback.stop_on_plateau, callback.cap = False, None
-        callback.reason = f"{callback.reason}; resumed at step {step} and trained on to trainer.max_steps={wanted}"
+        verdict.stop_on_plateau = False
+        verdict.reason = f"{verdict.reason}; resumed at step {step} and trained on to trainer.max_steps={wanted}"
         rank_zero_info(f"Resuming a converged run at step {step}: training on to trainer.max_steps={wanted} as asked")
-        return
-    trainer.should_stop = True
-    callback.reason = (
-        f"resumed a converged run at step {step}: nothing trained (it had converged: {callback.reason}); "
+        return "train on"
+    verdict.reason = (
+        f"resumed a converged run at step {step}: nothing trained (it had converged: {verdict.reason}); "
         f"--trainer.max_steps N > {step} trains on"
     )
-    rank_zero_info(f"Nothing to train: {callback.reason}")
+    rank_zero_info(f"Nothing to train: {verdict.reason}")
+    return "stop"
 
 
 class Convergence(Callback):
-    """Plateau-based stopping and LR halving in optimizer steps; reports whether the run converged (module doc)."""
+    """Plateau-based stopping and LR halving in optimizer steps; reports whether the run converged (module doc).
+    The verdict is ``Verdict``'s (over ``Windows`` and ``LrDrops``), the cap ``step_cap``'s: the hooks apply them."""
 
     def __init__(
         self,
@@ -171,77 +287,54 @@ class Convergence(Callback):
         check_arguments(Convergence.__init__, locals())
         budget = (budget_epochs, budget_min_steps, budget_max_steps)
         check_convergence(tol, budget)
-        self.window, self.tol, self.lr_drops, self.lr_gamma = window, float(tol), lr_drops, float(lr_gamma)
-        self.min_steps, self.max_steps = min_steps, max_steps
-        self.stop_on_plateau, self.budget = stop_on_plateau, budget
-        # floor: no plateau counts before it (min_steps, or later while an EMA teacher settles: on_train_start)
-        self.windows, self.cap, self.drops, self.floor = Windows(window, tol), None, 0, min_steps
-        self.converged, self.reason = False, "not started"
+        self.verdict = Verdict(Windows(window, tol), LrDrops(lr_drops, lr_gamma), min_steps, stop_on_plateau)
+        self.max_steps = max_steps
+        self.budget = budget
+        self.cap: int | None = None
+
+    @property
+    def converged(self) -> bool:
+        return self.verdict.converged
+
+    @property
+    def reason(self) -> str:
+        return self.verdict.reason
 
     def state_dict(self) -> dict:
         """The state a resumed run continues from."""
-        return {"drops": self.drops, "converged": self.converged, "reason": self.reason, **self.windows.state_dict()}
+        return self.verdict.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.drops, self.converged, self.reason = int(state["drops"]), bool(state["converged"]), str(state["reason"])
-        self.windows.load_state_dict(state)
+        self.verdict.load_state_dict(state)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check_lr_owner(self, trainer.lr_scheduler_configs)
+        momentum = getattr(pl_module, "hparams", {}).get("ema_momentum")
+        self.verdict.start(teacher_settling_steps(momentum), trainer.lr_scheduler_configs)
         self.cap = step_cap(self.max_steps, trainer.num_training_batches, self.budget)  # the loaders exist now
-        self.floor = max(self.min_steps, teacher_settling_steps(getattr(pl_module, "hparams", {}).get("ema_momentum")))
-        resume(self, trainer)
+        resumed = resume(self.verdict, trainer.global_step, trainer.max_steps)
+        if resumed == "train on":
+            self.cap = None
+        if resumed == "stop":
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         loss = watched_loss(outputs)
-        mean = None if loss is None else self.windows.add(float(loss.detach()))
+        mean = None if loss is None else self.verdict.add(float(loss.detach()))
         if mean is not None:
             # every process reaches this step together; they agree on the mean, so they agree on stopping
             mean = trainer.strategy.reduce(torch.tensor(mean, device=pl_module.device), reduce_op="mean")
-            self._decide(trainer, float(mean), self.windows.close(float(mean)))
+            if self.verdict.close(float(mean), trainer.global_step, trainer.optimizers):
+                trainer.should_stop = True
         if self.cap is not None and trainer.global_step >= self.cap and not trainer.should_stop:
             trainer.should_stop = True
-            if not self.converged:
-                self.reason = f"reached the step budget ({self.cap} steps) before the training loss plateaued"
-
-    def _decide(self, trainer: L.Trainer, mean: float, plateau: bool | None) -> None:
-        if plateau is None:
-            return
-        gain = self.windows.last_improvement
-        if not self.stop_on_plateau:
-            self.converged = plateau
-            self.reason = f"last window improved the training loss by {gain:.2e} (tol {self.tol:.0e})"
-            return
-        if not plateau or trainer.global_step < self.floor:
-            return
-        if self.drops < self.lr_drops:
-            self.drops += 1
-            for group in (group for optimizer in trainer.optimizers for group in optimizer.param_groups):
-                group["lr"] *= self.lr_gamma
-            self.windows.means = [mean]  # compare the next window at the new LR with this one
-            return
-        self.converged, trainer.should_stop = True, True
-        self.reason = (
-            f"training loss plateaued at step {trainer.global_step} (relative improvement "
-            f"{gain:.2e} < {self.tol:.0e} over {self.window} steps, after {self.drops} LR drops)"
-        )
+            self.verdict.budget_reached(self.cap)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.converged:
-            return
-        if self.reason in ("still running", "not started"):
-            self.reason = f"stopped at step {trainer.global_step} (max_epochs / max_steps / interrupt) before a plateau"
-        rank_zero_warn(
-            f"The run did not converge: {self.reason}. Train longer (convergence.max_steps) or raise the LR."
-        )
+        if not self.verdict.end(trainer.global_step):
+            rank_zero_warn(
+                f"The run did not converge: {self.reason}. Train longer (convergence.max_steps) or raise the LR."
+            )
 
     def report(self) -> dict:
         """What ``metrics.json`` records about convergence."""
-        return {
-            "converged": self.converged,
-            "reason": self.reason,
-            "lr_drops": self.drops,
-            "step_budget": self.cap,
-            "plateau_from_step": self.floor,
-            "last_relative_improvement": self.windows.last_improvement,
-        }
+        return self.verdict.report(step_budget=self.cap)
