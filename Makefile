@@ -49,9 +49,15 @@ bench-data: install ## k-NN and feature-extraction speed -> benchmarks/results/{
 	$(BIN)/python -m benchmarks.knn
 	$(BIN)/python -m benchmarks.extraction --tar $(SHARED)/cifar10/cifar10_jpeg_test.tar --split test
 
-bench-fit: install ## converged default `icon fit` wall time, steps, memory, accuracy (2k/10k/60k) -> benchmarks/results/fit_<dataset>.json
-	flock /tmp/icon-bench.lock $(BIN)/python -m benchmarks.fit --dataset digits --dataset cifar10_test \
-		--dataset fashion_mnist_train $(BENCH_FIT_ARGS)
+# Long-tailed versions of the benchmark's sets (class sizes falling geometrically by 10x or 100x, one subset per seed;
+# README "Results"): `make bench-clustering LONG_TAILED=1`, `make bench-fit LONG_TAILED=1`, or name some of them in
+# CLUSTERING_DATASETS / FIT_DATASETS.
+LONG_TAILED_DATASETS := digits_lt10 digits_lt100 cifar10_test_lt10 cifar10_test_lt100 mnist_test_lt10 \
+	mnist_test_lt100 fashion_mnist_test_lt10 fashion_mnist_test_lt100
+FIT_DATASETS ?= $(if $(LONG_TAILED),$(LONG_TAILED_DATASETS),digits cifar10_test fashion_mnist_train)
+bench-fit: install ## converged default `icon fit` wall time, steps, memory, accuracy (FIT_DATASETS; LONG_TAILED=1: the long-tailed sets) -> benchmarks/results/fit_<dataset>.json
+	flock /tmp/icon-bench.lock $(BIN)/python -m benchmarks.fit $(foreach d,$(FIT_DATASETS),--dataset $(d)) \
+		$(BENCH_FIT_ARGS)
 	$(BIN)/python -m benchmarks.fit --table
 
 bench-ddp-memory: install ## memory of cached views in a 2-process gloo run, before/now -> benchmarks/results/ddp_memory_cpu.json
@@ -67,8 +73,9 @@ bench-train: install ## sparse vs dense step over B x K x H, FLOP/stream bounds,
 gpu-check: ## The prepared GPU check (< 8 min, one GPU) -> benchmarks/results/gpu_check_cuda.json (+ $OUT); no install step
 	bash benchmarks/gpu_check.sh
 
-CLUSTERING_DATASETS ?= digits cifar10_test cifar10_train_test fashion_mnist_test mnist_test
-bench-clustering: install ## every method x 3 seeds per dataset -> benchmarks/results/clustering_<dataset>.json
+CLUSTERING_DATASETS ?= $(if $(LONG_TAILED),$(LONG_TAILED_DATASETS),digits cifar10_test cifar10_train_test \
+	fashion_mnist_test mnist_test)
+bench-clustering: install ## every method x 3 seeds per dataset (CLUSTERING_DATASETS; LONG_TAILED=1: digits_lt10 ... fashion_mnist_test_lt100) -> benchmarks/results/clustering_<dataset>.json
 	for d in $(CLUSTERING_DATASETS); do OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.clustering --dataset $$d \
 		--cifar10-tar-dir $(SHARED)/cifar10 || exit 1; done
 	$(BIN)/python -m benchmarks.clustering --table --readme

@@ -4,6 +4,7 @@
     python -m benchmarks.clustering --dataset cifar10_test      (needs CIFAR-10: --cifar10-tar-dir or ../shared)
     python -m benchmarks.clustering --dataset cifar10_train_test
     python -m benchmarks.clustering --dataset fashion_mnist_test (Debian's dataset-fashion-mnist)
+    python -m benchmarks.clustering --dataset digits_lt10       → clustering_digits_lt10.json (long-tailed)
     python -m benchmarks.clustering --features X.npz            → clustering_X.json (a user's features file)
     python -m benchmarks.clustering --table [--readme]          → the README table from the JSON files (--readme
                                                                   writes it between README's two markers)
@@ -14,6 +15,14 @@ head-based methods (I-Con, its ablations, SCAN, TEMI) are ``icon fit`` on them, 
 get the same preparation. Methods that fit on one split and score another
 (``cifar10_train_test``) fit on train and predict test. Labels only score; no method or hyper-parameter is
 chosen by them. Per-seed values, means and standard deviations go to the JSON.
+
+Long-tailed sets: ``digits_lt10``, ``digits_lt100``, ``cifar10_test_lt10``, ``cifar10_test_lt100``,
+``mnist_test_lt10``, ``mnist_test_lt100``, ``fashion_mnist_test_lt10``, ``fashion_mnist_test_lt100``
+(``LONG_TAILED``): the set's features, restricted to a subset whose class sizes fall geometrically by the ratio
+(``icon_lightning.data.long_tailed``: n_c = floor(n_max · r^(-c/(C-1))), n_max the smallest class's size, class 0
+largest). Each seed of a row fits and scores on its own subset (rows drawn by ``default_rng(seed)``; the class sizes
+are the same for every seed); each run records its subset (class sizes, ratio, sha256 of the indices). Scored by the
+same Hungarian accuracy, NMI and ARI; nothing label-based enters a method.
 """
 
 from __future__ import annotations
@@ -23,14 +32,21 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import (
+    LONG_TAILED_RULE,
+    RESULTS,
+    long_tailed_name,
+    long_tailed_names,
+    long_tailed_subset,
+    write_result,
+)
 from icon_lightning.baselines import FaissKMeans, KNNSpectralClustering
 from icon_lightning.data.datasets import DigitsDataset, FeaturesFile, IdxDataset, IndexedDataset, TarImageFolder
 from icon_lightning.data.feature_store import FeatureStore, cached_features
@@ -55,6 +71,7 @@ class Split:
     score_x: np.ndarray
     score_y: np.ndarray
     source: str
+    long_tailed: int | None = None  # imbalance ratio of a long-tailed set: each seed scores on its own subset
 
     @property
     def num_classes(self) -> int:
@@ -70,6 +87,15 @@ class Split:
         fit = centred_unit_rows(self.fit_x, mean)
         return fit, (fit if self.transductive else centred_unit_rows(self.score_x, mean))
 
+    def for_seed(self, seed: int) -> tuple[Split, dict | None]:
+        """The split a seed fits and scores on, and its subset's record: itself (None) for a balanced set; for a
+        long-tailed one, its long-tailed subset for ``seed`` (``benchmarks.common.long_tailed_subset``)."""
+        if self.long_tailed is None:
+            return self, None
+        index, record = long_tailed_subset(self.score_y, self.long_tailed, seed)
+        x = self.fit_x[index]
+        return Split(self.name, x, x, self.score_y[index], self.source), record
+
 
 # One protocol for every head-based method (I-Con, its ablations, SCAN, TEMI): ``icon fit``'s, built by the one
 # builder through ``HeadClusterer`` (README's first command on the split's features, the method's config and its
@@ -80,7 +106,10 @@ PROTOCOL = "icon fit defaults (one builder): features file, views clean, the met
 # protocol (not shown, re-run by --resume). TEMI is the one row with an EMA teacher (a test keeps it so).
 REVISIONS = {"temi": "a plateau counts once the EMA teacher has settled (Convergence: 749 steps at momentum 0.996)"}
 BUDGET: list[str] = []
-DATASETS = ("digits", "cifar10_test", "cifar10_train_test", "fashion_mnist_test", "mnist_test")
+# Long-tailed versions (``<set>_lt<r>``, r = 10, 100) of the transductive sets; none of cifar10_train_test.
+LONG_TAILED_BASES = ("digits", "cifar10_test", "mnist_test", "fashion_mnist_test")
+LONG_TAILED = long_tailed_names(LONG_TAILED_BASES)
+DATASETS = ("digits", "cifar10_test", "cifar10_train_test", "fashion_mnist_test", "mnist_test", *LONG_TAILED)
 # The table's rows (README): the classical methods, the peers, the I-Con defaults and the ablations that explain
 # them. The other rows of ``methods`` (options such as MLP heads) run with ``--methods``.
 TABLE_METHODS = (
@@ -112,6 +141,17 @@ def _image_features(dataset: IndexedDataset, image_size: int, cache_dir: str, gr
 
 
 def load_split(name: str, args: argparse.Namespace) -> Split:
+    """The features and labels of ``name``: a dataset of ``DATASETS``, a long-tailed ``<set>_lt<r>`` of one (its
+    full set, with the ratio: ``Split.for_seed`` draws each seed's subset) or an ``.npz`` features file."""
+    base, ratio = long_tailed_name(name)
+    if ratio is None or base not in LONG_TAILED_BASES:  # cifar10_train_test_lt10: unknown, named below
+        return _full_split(name, args)
+    split = _full_split(base, args)
+    source = f"{split.source}; long-tailed, imbalance ratio {ratio}, one subset per seed: {LONG_TAILED_RULE}"
+    return replace(split, name=name, source=source, long_tailed=ratio)
+
+
+def _full_split(name: str, args: argparse.Namespace) -> Split:
     if name.endswith(".npz"):  # --features PATH: a user's features file, as `icon fit` reads it
         data = FeaturesFile(name)
         x = data.features.numpy()
@@ -240,7 +280,9 @@ def methods(
 
 def run_method(split: Split, make: Callable[[int], object], seed: int, clusters: int) -> dict:
     """One seed of one method: its scores, wall time and a hash of its assignments (int64 bytes, sha256), so a
-    row can be checked against another run of the same command."""
+    row can be checked against another run of the same command. A long-tailed set fits and scores on the seed's
+    subset (``Split.for_seed``), recorded as ``subset``."""
+    split, subset = split.for_seed(seed)
     torch.manual_seed(seed)
     start = time.perf_counter()
     estimator = make(seed)
@@ -251,6 +293,8 @@ def run_method(split: Split, make: Callable[[int], object], seed: int, clusters:
     elapsed = time.perf_counter() - start
     result = {"seed": seed, **score_assignments(pred, split.score_y, clusters, split.num_classes), "wall_s": elapsed}
     result["assignments_sha256"] = hashlib.sha256(pred.tobytes()).hexdigest()
+    if subset is not None:
+        result["subset"] = subset
     if pipeline:
         result["selected_head"] = estimator.selected_head_
         result["head_losses"] = [float(v) for v in estimator.head_losses_]
@@ -271,13 +315,14 @@ def summarise(runs: list[dict]) -> dict:
 def benchmark(name: str, args: argparse.Namespace) -> Path:
     split = load_split(name, args)
     k = split.num_classes
-    table = methods(k, len(split.fit_x), args.cache_dir)
+    first, subset = split.for_seed(args.seeds[0])  # a long-tailed set's subsets: one size and shape for every seed
+    table = methods(k, len(first.fit_x), args.cache_dir)
     chosen = args.methods or list(TABLE_METHODS)
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; expected some of {list(table)}")
     path = RESULTS / f"clustering_{split.name}.json"
-    print(f"{split.name}: fit {split.fit_x.shape}, score {split.score_x.shape}, {k} clusters; {split.source}")
+    print(f"{split.name}: fit {first.fit_x.shape}, score {first.score_x.shape}, {k} clusters; {split.source}")
     # Merge into an existing file, and write after every method: one method can be re-run, and an interrupted
     # run resumes with --resume (methods already in the file are skipped).
     # Every method's entry names the protocol it ran under, so rows from an earlier protocol kept in the same file
@@ -291,9 +336,10 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
         payload = {
             "dataset": split.name,
             "source": split.source,
-            "fit_shape": list(split.fit_x.shape),
-            "score_shape": list(split.score_x.shape),
+            "fit_shape": list(first.fit_x.shape),
+            "score_shape": list(first.score_x.shape),
             "num_clusters": k,
+            **long_tailed_record(subset),
             "seeds": list(args.seeds),
             "command": f"python -m benchmarks.clustering --{'features' if name.endswith('.npz') else 'dataset'} {name}",
             "methods": {m: results[m] for m in table if m in results},
@@ -322,6 +368,15 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
         )
         save()
     return save()
+
+
+def long_tailed_record(subset: dict | None) -> dict:
+    """A long-tailed set's entry of its results file: the ratio, the class sizes every seed's subset has, the rule
+    (each run's own subset, with the hash of its indices, is in its ``subset``); nothing for a balanced set."""
+    if subset is None:
+        return {}
+    keys = ("ratio", "class_sizes", "size", "of", "rule")
+    return {"long_tailed": {key: subset[key] for key in keys}}
 
 
 def current_protocol(method: str = "") -> str:
@@ -422,7 +477,8 @@ def gap_line(rows: dict, best: str) -> str:
     return f"Best: {best} {top:.3f}; I-Con default {icon:.3f}; {verdict}."
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command's arguments (``arguments().parse_args([])``: the defaults, e.g. where the data sets live)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, action="append")
     parser.add_argument("--features", action="append", help="an .npz features file (features, labels) as a dataset")
@@ -436,6 +492,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="skip methods already in the JSON with every seed")
     parser.add_argument("--table", action="store_true", help="print the README table from the JSON results")
     parser.add_argument("--readme", action="store_true", help="with --table: write it into README.md's results")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments()
     args = parser.parse_args(argv)
     if len(args.seeds) < 1:
         parser.error("--seeds: at least one seed")

@@ -1,12 +1,15 @@
-"""Helpers shared by the benchmark scripts: timing, matmul throughput, atomic JSON results."""
+"""Helpers shared by the benchmark scripts: timing, matmul throughput, atomic JSON results, long-tailed set names."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from icon_lightning.io import atomic_write_json
@@ -63,3 +66,46 @@ def write_result(name: str, payload: dict, path: str | Path | None = None) -> Pa
     atomic_write_json(path, {"machine": machine(), **payload})
     print(f"wrote {path}")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- long-tailed sets
+# ``<set>_lt<r>``: the long-tailed version of a labelled set with imbalance ratio r (icon_lightning.data.long_tailed:
+# class sizes floor(n_max · r^(-rank/(C-1))), class 0 largest, rows drawn by default_rng(seed), one subset per seed).
+LONG_TAILED_RATIOS = (10, 100)
+LONG_TAILED_RULE = (
+    "class sizes floor(n_max * r^(-rank/(C-1))), n_max the smallest class's size in the full set, class 0 largest "
+    "(fixed order), rows of each class drawn without replacement by numpy default_rng(seed) "
+    "(icon_lightning.data.long_tailed)"
+)
+
+
+def long_tailed_names(bases: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``<base>_lt<r>`` for every base set and every ratio of ``LONG_TAILED_RATIOS``."""
+    return tuple(f"{base}_lt{r}" for base in bases for r in LONG_TAILED_RATIOS)
+
+
+def long_tailed_name(name: str) -> tuple[str, int | None]:
+    """(base set, imbalance ratio) of ``<base>_lt<r>``; (name, None) for any other name."""
+    match = re.fullmatch(r"(.+)_lt(\d+)", name)
+    return (match[1], int(match[2])) if match else (name, None)
+
+
+def long_tailed_subset(labels: np.ndarray, ratio: int, seed: int) -> tuple[np.ndarray, dict]:
+    """The sorted indices of the long-tailed subset of ``labels`` for ``seed``, and its record for a results file:
+    ratio, seed, class sizes (head class to tail), size, the sha256 of the indices (int64 bytes) and the rule."""
+    # Imported here: icon_lightning.data's package imports the DataModule (Lightning), which the light benchmarks
+    # that use this module (k-NN, kernels) need not pay for.
+    from icon_lightning.data.long_tailed import long_tailed_indices
+
+    index = long_tailed_indices(labels, ratio, seed)
+    _, sizes = np.unique(np.asarray(labels)[index], return_counts=True)  # in rank order: the sorted labels
+    record = {
+        "ratio": ratio,
+        "seed": seed,
+        "class_sizes": [int(n) for n in sizes],
+        "size": int(len(index)),
+        "of": int(len(labels)),
+        "indices_sha256": hashlib.sha256(index.tobytes()).hexdigest(),
+        "rule": LONG_TAILED_RULE,
+    }
+    return index, record

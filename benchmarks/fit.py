@@ -3,6 +3,7 @@ process per run, on real feature sets of about 2k, 10k and 60k items.
 
     python -m benchmarks.fit --dataset digits --dataset cifar10_test --dataset fashion_mnist_train
         → benchmarks/results/fit_<dataset>.json
+    python -m benchmarks.fit --dataset digits_lt10    → fit_digits_lt10.json (a long-tailed set, one subset per seed)
     python -m benchmarks.fit --table                  → the README table from those files
 
 Settings (each is README's first command plus the overrides named here, nothing else):
@@ -15,7 +16,10 @@ Settings (each is README's first command plus the overrides named here, nothing 
 
 Each row records steps, the convergence verdict, the process's wall time (imports and k-NN graph included) and the
 fit's own (``wall_time_s`` of metrics.json), the peak resident memory of the process (``wait4``), and the selected
-head's accuracy and NMI. Labels only score. Runs go one after another, under ``flock /tmp/icon-bench.lock`` in
+head's accuracy and NMI. Labels only score. Long-tailed sets (``<set>_lt10``, ``<set>_lt100`` of digits,
+cifar10_test, mnist_test and fashion_mnist_test; ``benchmarks.common.long_tailed_subset``): each seed fits its own
+subset of the set's features (``<set>_lt<r>_seed<s>.npz``), the same subset as ``benchmarks.clustering``'s for that
+seed, recorded in its row (``subset``). Runs go one after another, under ``flock /tmp/icon-bench.lock`` in
 ``make bench-fit``: figures from overlapping heavy processes would be upper bounds.
 """
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, write_result
+from benchmarks.common import LONG_TAILED_RATIOS, RESULTS, long_tailed_name, long_tailed_subset, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -48,6 +52,14 @@ DATASETS = {
     "digits": "scikit-learn digits, raw 8x8 pixels (1,797 x 64)",
     "cifar10_test": "CIFAR-10 test, EfficientNet-Lite0 features at 128 px (10,000 x 1,280, ../shared)",
     "fashion_mnist_train": "Fashion-MNIST train, raw 28x28 pixels / 255 (60,000 x 784, Debian's dataset-fashion-mnist)",
+    "mnist_test": "MNIST test, Lite0 features at 64 px (10,000 x 1,280; benchmarks.clustering's)",
+    "fashion_mnist_test": "Fashion-MNIST test, Lite0 features at 64 px (10,000 x 1,280; benchmarks.clustering's)",
+}
+LONG_TAILED_BASES = ("digits", "cifar10_test", "mnist_test", "fashion_mnist_test")
+DATASETS |= {
+    f"{base}_lt{r}": f"{DATASETS[base]}; long-tailed subset, imbalance ratio {r}, one per seed"
+    for base in LONG_TAILED_BASES
+    for r in LONG_TAILED_RATIOS
 }
 
 
@@ -66,8 +78,29 @@ def first_command(path: Path) -> list[str]:
     ]
 
 
-def features_file(name: str, cache: Path) -> Path:
-    """The ``.npz`` (features, labels) of dataset ``name``, written once into ``cache``."""
+def features_file(name: str, cache: Path, seed: int = 0) -> tuple[Path, dict | None]:
+    """The ``.npz`` (features, labels) of dataset ``name`` for ``seed``, written once into ``cache``, and for a
+    long-tailed set the record of its subset (None for the others, whose file is the same for every seed)."""
+    base, ratio = long_tailed_name(name)
+    if ratio is None or name not in DATASETS:
+        return full_features_file(name, cache), None
+    data = np.load(full_features_file(base, cache))
+    index, record = long_tailed_subset(data["labels"], ratio, seed)
+    path = cache / f"{name}_seed{seed}.npz"
+    if not path.is_file():
+        _write_npz(path, data["features"][index], data["labels"][index])
+    return path, record
+
+
+def _write_npz(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, features=x, labels=y)
+    partial.replace(path)
+
+
+def full_features_file(name: str, cache: Path) -> Path:
+    """The ``.npz`` (features, labels) of the whole set ``name``, written once into ``cache``."""
     if name == "cifar10_test":
         path = SHARED / "features" / "cifar10_test_effnetlite0_r128.npz"
         if not path.is_file():
@@ -86,12 +119,14 @@ def features_file(name: str, cache: Path) -> Path:
 
         data = IdxDataset(str(FASHION), prefix="train")
         x, y = (data.images.reshape(len(data.images), -1) / 255.0).astype(np.float32), data.labels
+    elif name in ("mnist_test", "fashion_mnist_test"):  # the clustering benchmark's features, from its defaults
+        from benchmarks.clustering import arguments, load_split
+
+        split = load_split(name, arguments().parse_args([]))
+        x, y = split.fit_x, split.score_y
     else:
         raise ValueError(f"--dataset: expected one of {sorted(DATASETS)}, got {name!r}")
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, features=x, labels=y)
-    partial.replace(path)
+    _write_npz(path, x, y)
     return path
 
 
@@ -135,18 +170,18 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def bench(name: str, settings: list[str], seeds: list[int], work: Path, extra: list[str] | None = None) -> dict:
-    path = features_file(name, work / "data")
     per_setting = {}
     for setting in settings:
         rows = []
         for seed in seeds:
+            path, subset = features_file(name, work / "data", seed)
             run_dir = work / "runs" / f"{name}-{setting}-seed{seed}"
             if run_dir.exists():
                 raise FileExistsError(f"{run_dir}: exists; benchmark runs never reuse another run's folder")
             row = run_fit(
                 [*first_command(path), *SETTINGS[setting], f"--seed_everything={seed}", *(extra or [])], run_dir
             )
-            rows.append({"seed": seed, **row})
+            rows.append({"seed": seed, **row, **({"subset": subset} if subset else {})})
             print(
                 f"{name:20s} {setting:10s} seed {seed}: {row['steps']:5d} steps "
                 f"{'converged' if row['converged'] else 'NOT CONVERGED'} {row['process_wall_s']:7.1f} s "
