@@ -1,0 +1,52 @@
+"""`python -m benchmarks.judge`: candidates of every start, judged without labels, scored; the judge's choices do
+not move when the labels do (they only score)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+def blobs_file(path, labels_order=None):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 6)) * 4
+    labels = np.repeat(np.arange(3), 60)
+    features = centres[labels] + rng.normal(size=(180, 6))
+    np.savez(path, features=features, labels=labels if labels_order is None else labels_order(labels))
+    return path
+
+
+@pytest.mark.slow
+def test_the_judge_picks_without_labels_and_records_every_candidate(tmp_path):
+    from benchmarks import judge
+
+    budget = ["--budget=--trainer.max_steps=15", "--budget=--convergence.max_steps=15"]
+    common = ["--seeds", "0", "--cache-dir", str(tmp_path / "cache"), *budget]
+    plain = blobs_file(tmp_path / "blobs.npz")
+    permuted = blobs_file(tmp_path / "permuted.npz", lambda y: np.random.default_rng(1).permutation(y))
+    (first,) = judge.main(["--features", str(plain), "--out", str(tmp_path / "a"), *common])
+    (second,) = judge.main(["--features", str(permuted), "--out", str(tmp_path / "b"), *common])
+    (a,), (b,) = first["seeds"], second["seeds"]
+    assert set(a["candidates"]) == set(judge.CANDIDATES) == set(b["candidates"])
+    for name in judge.CANDIDATES:  # labels only score: the label-free numbers and the picks are the same
+        assert a["candidates"][name]["judge"] == b["candidates"][name]["judge"]
+        assert a["candidates"][name]["loss"] == b["candidates"][name]["loss"]
+    assert a["judge_pick"] == b["judge_pick"] and a["loss_pick"] == b["loss_pick"]
+    assert a["best_acc"] > b["best_acc"]  # permuted labels are not learnable: accuracy, and only it, moves
+    accs = [c["hungarian_acc"] for c in a["candidates"].values()]
+    assert a["best_acc"] == max(accs) and a["judge_pick_acc"] == a["candidates"][a["judge_pick"]]["hungarian_acc"]
+    saved = json.loads((tmp_path / "a" / "judge_blobs.json").read_text())
+    assert saved["summary"]["seeds"] == 1 and saved["seeds"][0]["judge_pick"] == a["judge_pick"]
+
+
+def test_rank_correlation_is_spearmans_and_none_for_a_constant():
+    from scipy.stats import rankdata
+
+    from benchmarks.judge import rank_correlation
+
+    score, acc = np.array([0.1, 0.4, 0.2, 0.3]), np.array([0.5, 0.9, 0.7, 0.6])
+    expected = np.corrcoef(rankdata(score), rankdata(acc))[0, 1]  # Pearson of the ranks
+    assert rank_correlation(score, acc) == pytest.approx(expected)
+    assert rank_correlation(np.ones(4), acc) is None
