@@ -216,20 +216,16 @@ def run_record(cli, trainer, cfg) -> dict:
     """What ``metrics.json`` records of a run: its final metrics, selected head and losses, pruning, config hash,
     seed, wall time, steps, convergence verdict and checkpoints."""
     logged = {**getattr(cli, "_fit_metrics", {}), **trainer.callback_metrics}  # the fit's last step, then validation
-    metrics = live_head_metrics(logged, cli.model.head_ids)
+    metrics = live_head_metrics(logged, cli.model.live_head_ids())
     watcher = next((c for c in trainer.callbacks if isinstance(c, Convergence)), None)
     convergence = watcher.report() if watcher is not None and cli.subcommand == "fit" else None
     saving = sorted(trainer.checkpoint_callbacks, key=lambda c: not isinstance(c, RunCheckpoint))
     monitored = [c for c in saving if getattr(c, "monitor", None)]
-    measured = bool(cli.model.head_losses.ne(0).any())  # zeros: no epoch has closed yet, nothing was measured
     ckpt = cfg.get("ckpt_path")
     payload = {
         "subcommand": cli.subcommand,
         "metrics": metrics,
-        "selected_head": cli.model.live_head_ids()[cli.model.selected_position()] if measured else None,
-        "heads": [int(i) for i in cli.model.head_ids],
-        "head_losses": [float(x) for x in cli.model.head_losses] if measured else None,
-        "pruning": cli.model.pruning.history,
+        **cli.model.head_report(),  # selected_head (a number), heads, head_losses (None before an epoch), pruning
         "config_sha256": cli.config_sha256,
         "run_dir": str(cli.run_dir),
         "ckpt_path": cfg.get("ckpt_path"),

@@ -179,9 +179,9 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self.record_, self.module_, self.seed_ = run.record, model, seed
         self.preparation_ = data.preparation.fitted  # the fit's own: what `icon predict` applies from a checkpoint
         self.mean_ = self.preparation_.mean
-        self.selected_head_ = int(model.selected_head)
-        self.head_losses_ = model.head_losses.cpu().numpy()
-        self.head_ids_ = model.head_ids.cpu().numpy()
+        self.head_ids_ = np.array(run.record["heads"], dtype=np.int64)
+        self.head_losses_ = np.array(run.record["head_losses"], dtype=np.float32)
+        self.selected_head_ = self.head_ids_.tolist().index(run.record["selected_head"])
         convergence = run.record["convergence"] or {}
         self.converged_, self.steps_ = bool(convergence.get("converged")), int(run.record["steps"])
         self.labels_ = model.assign(data.train_features.float()).numpy().astype(np.int64)

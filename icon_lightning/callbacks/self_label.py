@@ -80,12 +80,13 @@ class SelfLabel(Callback):
         if features is None:
             raise ValueError("SelfLabel: needs a DataModule with train_features (ClusteringDataModule)")
         x = features.float().to(pl_module.device)
-        best = int(pl_module.selected_head)
-        probs = pl_module(x).softmax(-1).transpose(0, 1).double().cpu().numpy()  # (H, N, K)
-        chosen = consensus_probabilities(probs, best) if self.consensus else probs[best]
+        best = pl_module.selected_head  # a head's number
+        position = pl_module.live_head_ids().index(best)
+        probs = pl_module(x).softmax(-1).transpose(0, 1).double().cpu().numpy()  # (h, N, K): the live heads
+        chosen = consensus_probabilities(probs, position) if self.consensus else probs[position]
         index, label = confident_balanced(chosen, self.fraction)
         pl_module.replace_head(best, *self.fit_head(pl_module.hparams.num_clusters, x.cpu().numpy()[index], label))
-        moved = float((pl_module(x)[:, best].argmax(-1).cpu().numpy() != probs[best].argmax(1)).mean())
+        moved = float((pl_module.assign(x).cpu().numpy() != probs[position].argmax(1)).mean())
         self.summary = {"pseudo_labelled": len(index), "consensus": self.consensus, "changed_assignments": moved}
         rank_zero_info(
             f"self-labelling: {len(index)} confident, class-balanced pseudo-labels"

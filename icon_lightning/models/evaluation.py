@@ -24,19 +24,16 @@ class Evaluation(nn.Module):
         self.over_clustering = num_clusters > num_classes
         self.validated_at_step: int | None = None  # the global step of the last validation (None: none since a change)
 
-    def update(self, split: str, logits: Tensor, labels: Tensor) -> None:
-        """Counts (B, H, K) ``logits`` against ``labels`` for every head of ``split``."""
+    def update(self, split: str, logits: Tensor, labels: Tensor, heads: list[int]) -> None:
+        """Counts (B, h, K) ``logits`` of the heads numbered ``heads`` against ``labels``."""
         if self.scores.split(split) is not None:
-            self.scores.update(split, logits, labels)
+            self.scores.update(split, logits, labels, heads)
 
-    def results(self, split: str, selected: int, head_ids: list[int]) -> tuple[dict, Tensor | None]:
-        """(values to log, the selected head's accuracy or None) of ``split``; the counts start again."""
-        values = self.scores.summary(split, selected, self.over_clustering, head_ids)
+    def results(self, split: str, selected: int, heads: list[int]) -> tuple[dict, Tensor | None]:
+        """(values to log, the selected head's accuracy or None) of ``split`` for the heads numbered ``heads``
+        (``selected``: a head's number); the counts start again."""
+        values = self.scores.summary(split, selected, self.over_clustering, heads)
         return values, values.pop(f"{split}/hungarian_acc/best", None)
-
-    def keep(self, index: Tensor) -> None:
-        """Only the heads at positions ``index`` go on being scored (pruning)."""
-        self.scores.keep(index)
 
     def last_scores(self, split: str) -> tuple[Tensor, Tensor] | None:
         """(confusion (K, C), cluster sizes (K,)) of the selected head at the last scoring of ``split``, or None."""
@@ -47,8 +44,9 @@ class Evaluation(nn.Module):
 
 class ClusterEvaluation(L.LightningModule):
     """The evaluation hooks of a cluster-head module. It owns ``evaluation`` (an ``Evaluation``) and reaches the
-    module only through what it declares below: ``features(batch)``, ``forward(features) -> (B, H, K)``,
-    ``selected_position()`` and ``live_head_ids()``. Callbacks and the CLI use the public methods (``assign``,
+    module only through what it declares below: ``features(batch)``, ``forward(features, heads=None) -> (B, h,
+    K)`` (the live heads, in the order of their numbers, or the heads numbered ``heads``), ``selected_head`` (a
+    head's number) and ``live_head_ids()``. Callbacks and the CLI use the public methods (``assign``,
     ``last_scores``, ``needs_final_validation``)."""
 
     def __init__(self, num_heads: int, num_clusters: int, num_classes: int) -> None:
@@ -58,22 +56,23 @@ class ClusterEvaluation(L.LightningModule):
     def features(self, batch: ClusteringBatch) -> Tensor:
         raise NotImplementedError
 
-    def selected_position(self) -> int:
-        """The selected head's position among the live heads."""
+    @property
+    def selected_head(self) -> int:
+        """The selected head's number (heads keep their numbers through pruning)."""
         raise NotImplementedError
 
     def live_head_ids(self) -> list[int]:
-        """The live heads' numbers before any pruning (their names in logs)."""
+        """The numbers of the heads still trained, ascending (their names in logs)."""
         raise NotImplementedError
 
     def validation_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluation.update(SPLITS[dataloader_idx], self(self.features(batch)), batch.label)
+        self.evaluation.update(SPLITS[dataloader_idx], self(self.features(batch)), batch.label, self.live_head_ids())
 
     def test_step(self, batch: ClusteringBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluation.update("test", self(self.features(batch)), batch.label)
+        self.evaluation.update("test", self(self.features(batch)), batch.label, self.live_head_ids())
 
     def _log_split(self, split: str) -> None:
-        values, best = self.evaluation.results(split, self.selected_position(), self.live_head_ids())
+        values, best = self.evaluation.results(split, self.selected_head, self.live_head_ids())
         self.log_dict(values)
         if best is not None:
             self.log(f"{split}/hungarian_acc/best", best, prog_bar=split == "val")
@@ -98,7 +97,7 @@ class ClusterEvaluation(L.LightningModule):
 
     def selected(self, features: Tensor) -> Tensor:
         """(N, K) logits of the selected head."""
-        return self(features)[:, self.selected_position()]
+        return self(features, [self.selected_head])[:, 0]
 
     @torch.no_grad()
     def assign(self, features: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
-"""Heads on frozen features: H cluster heads (linear or MLP, K outputs each), or a projection for representations."""
+"""Heads on frozen features: H cluster heads (linear or MLP, K outputs each) held as stacks of per-head weights,
+or a projection for representations."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -17,13 +17,30 @@ def check_heads(num_clusters, projection_dim) -> None:
         raise ValueError("num_clusters: expected ≥ 1 (or a projection_dim for representation learning)")
 
 
-class ClusterHeads(nn.Module):
-    """features (B, D) → logits (B, H, K) = head_h(x) / temperature for each of H heads.
+def stacked_linear(in_dim: int, out_dim: int, num_heads: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """(H, out, in) weight and (H, out) bias of H linear maps, initialised as one ``nn.Linear(in, H · out)``
+    (the same draws: a seeded run starts where the single wide layer started)."""
+    wide = nn.Linear(in_dim, num_heads * out_dim)
+    weight = wide.weight.detach().view(num_heads, out_dim, in_dim).clone()
+    return nn.Parameter(weight), nn.Parameter(wide.bias.detach().view(num_heads, out_dim).clone())
 
-    hidden_dim: None → linear heads W_h x + b_h; an integer → an MLP per head, D → hidden (ReLU) → K (TEMI's heads
-        are MLPs). All heads run as one batched product either way.
+
+def apply_heads(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """(B, D) features through the stacked maps ``weight`` (h, out, D), ``bias`` (h, out) → (B, h, out): one
+    product with the heads' rows side by side (the computation of one wide ``nn.Linear``)."""
+    h, out = bias.shape
+    return nn.functional.linear(x, weight.reshape(h * out, -1), bias.reshape(-1)).view(len(x), h, out)
+
+
+class ClusterHeads(nn.Module):
+    """features (B, D) → logits (B, h, K) = head(x) / temperature for the heads numbered ``heads`` (all H heads by
+    default); only those heads are computed, so the others cost nothing and get no gradient.
+
+    Every per-head parameter is a stack over the H heads (dim 0): linear heads ``weight`` (H, K, D) and ``bias``
+    (H, K); MLP heads (``hidden_dim``: D → hidden (ReLU) → K, TEMI's heads) ``hidden_weight`` (H, hidden, D),
+    ``hidden_bias`` (H, hidden), ``out_weight`` (H, hidden, K), ``out_bias`` (H, K).
     projection_dim: when set, an MLP D → D' → D' first (representation learning); the heads then act on it.
-    With ``num_clusters=0`` the module returns the projection itself as (B, 1, D').
+    With ``num_clusters=0`` the module returns the projection itself as (B, 1, D') (one head).
     """
 
     def __init__(
@@ -38,38 +55,38 @@ class ClusterHeads(nn.Module):
         super().__init__()
         check_arguments(ClusterHeads.__init__, locals())
         check_heads(num_clusters, projection_dim)
+        num_heads = num_heads if num_clusters >= 1 else 1
         self.num_heads, self.num_clusters, self.temperature = num_heads, num_clusters, float(temperature)
-        dim = feature_dim
         self.projection = nn.Identity()
         if projection_dim is not None:
             self.projection = nn.Sequential(
                 nn.Linear(feature_dim, projection_dim), nn.ReLU(), nn.Linear(projection_dim, projection_dim)
             )
-            dim = projection_dim
-        self.out_dim = num_clusters if num_clusters >= 1 else dim
-        self.hidden = None
-        self.linear = None
-        if num_clusters >= 1 and hidden_dim is not None:
-            self.hidden = nn.Linear(dim, num_heads * hidden_dim)
-            bound = 1 / math.sqrt(hidden_dim)  # nn.Linear's default initialisation, per head
+        dim = feature_dim if projection_dim is None else projection_dim
+        self.in_dim, self.out_dim = dim, num_clusters if num_clusters >= 1 else dim
+        self.kind = "projection" if num_clusters < 1 else "linear" if hidden_dim is None else "mlp"
+        if self.kind == "linear":
+            self.weight, self.bias = stacked_linear(dim, num_clusters, num_heads)
+        elif self.kind == "mlp":
+            self.hidden_weight, self.hidden_bias = stacked_linear(dim, hidden_dim, num_heads)
+            bound = 1 / hidden_dim**0.5  # nn.Linear's default initialisation, per head
             self.out_weight = nn.Parameter(torch.empty(num_heads, hidden_dim, num_clusters).uniform_(-bound, bound))
             self.out_bias = nn.Parameter(torch.empty(num_heads, num_clusters).uniform_(-bound, bound))
-        elif num_clusters >= 1:
-            self.linear = nn.Linear(dim, num_heads * num_clusters)
 
     @property
     def is_linear(self) -> bool:
-        return self.linear is not None
+        return self.kind == "linear"
 
-    def forward(self, features: Tensor) -> Tensor:
+    def forward(self, features: Tensor, heads: Tensor | Sequence[int] | None = None) -> Tensor:
         h = self.projection(features)
-        if self.hidden is not None:
-            a = torch.relu(self.hidden(h)).view(len(features), self.num_heads, -1)  # (B, H, hidden)
-            logits = torch.einsum("bhd,hdk->bhk", a, self.out_weight) + self.out_bias
-            return logits / self.temperature
-        if self.linear is None:
+        if self.kind == "projection":
             return h.unsqueeze(1)
-        return self.linear(h).view(len(features), self.num_heads, self.num_clusters) / self.temperature
+        index = slice(None) if heads is None else torch.as_tensor(heads, dtype=torch.long, device=h.device)
+        if self.kind == "mlp":
+            a = torch.relu(apply_heads(h, self.hidden_weight[index], self.hidden_bias[index]))  # (B, h, hidden)
+            logits = torch.einsum("bhd,hdk->bhk", a, self.out_weight[index]) + self.out_bias[index]
+            return logits / self.temperature
+        return apply_heads(h, self.weight[index], self.bias[index]) / self.temperature
 
     @torch.no_grad()
     def init_from_partition(self, head: int, features: Tensor, assignment: Tensor, sharpness: float = 3.0) -> None:
@@ -79,10 +96,10 @@ class ClusterHeads(nn.Module):
         gets the mean. s makes the logits' standard deviation over clusters ``sharpness`` on average (a soft start
         that the loss can still move; chosen once, without labels).
         """
-        if self.linear is None or not isinstance(self.projection, nn.Identity):
+        if not self.is_linear or not isinstance(self.projection, nn.Identity):
             raise ValueError("head_init: starting heads from a clustering needs linear heads on the features")
         k = self.num_clusters
-        x = features.to(self.linear.weight.dtype)
+        x = features.to(self.weight.dtype)
         a = assignment.to(device=x.device, dtype=torch.long)
         if a.shape != (len(x),) or a.min() < 0 or a.max() >= k:
             raise ValueError(f"assignment: expected ({len(x)},) cluster ids in [0, {k}), got {tuple(a.shape)}")
@@ -98,51 +115,19 @@ class ClusterHeads(nn.Module):
 def set_linear_head(
     cluster_heads: ClusterHeads, head: int, weight: Tensor, bias: Tensor, stored_scale: Tensor | float | None = None
 ) -> None:
-    """Linear head ``head`` of ``cluster_heads`` computes the logits ``x @ weight.T + bias`` ((K, D), (K,)); forward
-    divides by the temperature, so they are stored times it (or times ``stored_scale``, which then includes it)."""
-    linear, k = cluster_heads.linear, cluster_heads.num_clusters
-    if linear is None:
+    """Linear head number ``head`` of ``cluster_heads`` computes the logits ``x @ weight.T + bias`` ((K, D), (K,));
+    forward divides by the temperature, so they are stored times it (or times ``stored_scale``, which then
+    includes it)."""
+    k = cluster_heads.num_clusters
+    if not cluster_heads.is_linear:
         raise ValueError("replace_head: only linear heads can be replaced; MLP heads (head_hidden_dim) have none")
-    if tuple(weight.shape) != (k, linear.in_features) or tuple(bias.shape) != (k,):
+    if tuple(weight.shape) != (k, cluster_heads.in_dim) or tuple(bias.shape) != (k,):
         raise ValueError(
-            f"replace_head: expected weight ({k}, {linear.in_features}) and bias ({k},), got "
+            f"replace_head: expected weight ({k}, {cluster_heads.in_dim}) and bias ({k},), got "
             f"{tuple(weight.shape)} and {tuple(bias.shape)}"
         )
-    rows = slice(head * k, (head + 1) * k)
+    if not 0 <= head < cluster_heads.num_heads:
+        raise ValueError(f"replace_head: expected a head number in [0, {cluster_heads.num_heads}), got {head}")
     scale = cluster_heads.temperature if stored_scale is None else stored_scale
-    linear.weight[rows] = (weight * scale).to(linear.weight)
-    linear.bias[rows] = (bias * scale).to(linear.bias)
-
-
-@torch.no_grad()
-def keep_heads(cluster_heads: ClusterHeads, heads: Sequence[int]) -> dict[str, Tensor]:
-    """``cluster_heads`` keeps only the heads at positions ``heads`` (in that order; the shared projection stays):
-    every per-head parameter is replaced by a smaller one holding the kept heads' rows. Returns, for each replaced
-    parameter's name, the indices along dim 0 of the old parameter that the new one holds (to carry optimizer state)."""
-    index = torch.as_tensor(list(heads), dtype=torch.long)
-    if index.ndim != 1 or len(index) == 0 or len(set(index.tolist())) != len(index):
-        raise ValueError(f"heads: expected distinct head positions, got {list(heads)}")
-    if int(index.min()) < 0 or int(index.max()) >= cluster_heads.num_heads:
-        raise ValueError(f"heads: expected positions in [0, {cluster_heads.num_heads}), got {list(heads)}")
-    if cluster_heads.linear is None and cluster_heads.hidden is None:
-        raise ValueError("heads: a projection (num_clusters 0) has no cluster heads to keep")
-
-    def blocks(width: int) -> Tensor:  # rows of head h are [h·width, (h+1)·width)
-        return (index.view(-1, 1) * width + torch.arange(width)).flatten()
-
-    if cluster_heads.linear is not None:
-        rows = {"linear.weight": blocks(cluster_heads.num_clusters), "linear.bias": blocks(cluster_heads.num_clusters)}
-    else:
-        hidden = cluster_heads.out_weight.shape[1]
-        rows = {"hidden.weight": blocks(hidden), "hidden.bias": blocks(hidden)}
-        rows |= {"out_weight": index, "out_bias": index}
-    for name, index_rows in rows.items():
-        owner, _, attr = name.rpartition(".")
-        module = cluster_heads.get_submodule(owner) if owner else cluster_heads
-        old = getattr(module, attr)
-        setattr(module, attr, nn.Parameter(old[index_rows.to(old.device)].clone(), requires_grad=old.requires_grad))
-    for module in (cluster_heads.linear, cluster_heads.hidden):
-        if module is not None:
-            module.out_features = module.weight.shape[0]
-    cluster_heads.num_heads = len(index)
-    return rows
+    cluster_heads.weight[head] = (weight * scale).to(cluster_heads.weight)
+    cluster_heads.bias[head] = (bias * scale).to(cluster_heads.bias)

@@ -1,10 +1,12 @@
-"""`IConModule`: frozen backbone → H cluster heads → the I-Con objective, with label-free head selection."""
+"""`IConModule`: frozen backbone → H cluster heads (a ``HeadBank``) → the I-Con objective, with label-free head
+pruning and selection."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # the CLI's config, when given
 from torch import Tensor
@@ -13,29 +15,119 @@ from icon_lightning.data.backbones import FrozenBackbone
 from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.data.prepared import check_checkpoint
 from icon_lightning.loss import Objective
+from icon_lightning.models.bank import HeadBank
 from icon_lightning.models.evaluation import ClusterEvaluation
 from icon_lightning.models.heads import ClusterHeads, set_linear_head
-from icon_lightning.models.parts import (
-    EndOfStep,
-    HeadPruning,
-    HeadSelection,
-    TargetCache,
-    check_head_init,
-    ema_teacher,
-    global_head_losses,
-    heads_of_state,
-    register_head_state,
-    start_heads,
-)
+from icon_lightning.models.parts import TargetCache, global_head_losses
 from icon_lightning.settings import OpenUnitInterval, PositiveFloat, PositiveInt, check_arguments
 from icon_lightning.supervisory.graph import table_width
 
 DEFAULT_LR = 1e-2
 DEFAULT_KEEP_HEADS = 1  # heads left by pruning: the run reports one head, and each survivor costs a head's price
 DEFAULT_PRUNE_EVERY = 10  # optimizer steps between prunings: 10 heads pay their price for 40 steps (10→5→3→2→1)
+OLD_LAYOUT = "head_ids"  # a key of the checkpoints written before the head bank (heads shrunk at each pruning)
 
 
-class IConModule(ClusterEvaluation):
+class EndOfStep(Callback):
+    """A ``HeadBankModule``'s bookkeeping after each training step, before any checkpoint of the step: Lightning
+    runs callbacks' ``on_train_batch_end`` before the module's, and checkpoint callbacks after every other callback,
+    so bookkeeping in the module's own hook came after ``last.ckpt`` was written."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs=None, batch=None, batch_idx: int = 0) -> None:
+        pl_module.end_of_step(trainer)
+
+
+def optimizers(params, optimizer: OptimizerCallable | None, scheduler: LRSchedulerCallable | None, interval: str):
+    """``configure_optimizers``' answer: ``optimizer`` (None: Adam at ``DEFAULT_LR``) and ``scheduler`` stepped
+    every ``interval``."""
+    optimizer = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=DEFAULT_LR)
+    if scheduler is None:
+        return {"optimizer": optimizer}
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler(optimizer), "interval": interval}}
+
+
+class HeadBankModule(ClusterEvaluation):
+    """The Lightning hooks of a module whose heads are a ``HeadBank`` (``self.bank``): they feed it each step's
+    losses (``record_losses``), run its end-of-step bookkeeping before the step's checkpoint (the EMA teacher,
+    pruning, the epoch's losses and selection: ``end_of_step``) and answer the evaluation's questions through it.
+    Callbacks and the CLI reach the heads through these methods only."""
+
+    bank: HeadBank
+
+    def forward(self, features: Tensor, heads: list[int] | None = None) -> Tensor:
+        """(B, D) features → (B, h, K) logits of the live heads (or those numbered ``heads``; (B, 1, D')
+        embeddings for a projection)."""
+        return self.bank(features, heads)
+
+    @property
+    def heads(self) -> ClusterHeads:
+        """The heads' stacks (every head, pruned or not)."""
+        return self.bank.heads
+
+    @property
+    def selected_head(self) -> int:
+        return int(self.bank.selected)
+
+    def live_head_ids(self) -> list[int]:
+        return self.bank.live_ids()
+
+    def head_report(self) -> dict:
+        """The heads' part of a run's record (``HeadBank.report``): selected head, live heads, losses, pruning."""
+        return self.bank.report()
+
+    def replace_head(self, head: int, weight: Tensor, bias: Tensor) -> None:
+        """Replace the weights of linear head number ``head`` by logits ``x @ weight.T + bias`` (a second stage
+        such as ``SelfLabel``); the last validation no longer scores it."""
+        set_linear_head(self.bank.heads, head, weight, bias)
+        self.evaluation.validated_at_step = None
+
+    def record_losses(self, losses: Tensor, batch_size: int) -> None:
+        """One step's (h,) live head losses: into the bank's running means, and logged per head number."""
+        self.bank.add(losses)
+        self.log("train/loss/live_heads_mean", losses.mean(), on_step=False, on_epoch=True, batch_size=batch_size)
+        for h, value in zip(self.bank.live_ids(), losses):
+            self.log(f"train/loss/head_{h}", value, on_step=False, on_epoch=True, batch_size=batch_size)
+
+    def end_of_step(self, trainer) -> None:
+        """The EMA teacher's update, the pruning due at this step and, at an epoch's last step or training's, the
+        epoch's head losses and selection (``trainer`` None: outside a fit, the first two only)."""
+        self.bank.update_teacher()
+        gather = self.all_gather if trainer is not None and trainer.world_size > 1 else None
+        self.bank.prune(self.global_step, gather)
+        if trainer is not None and (
+            trainer.is_last_batch or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        ):
+            self.on_train_epoch_end()
+
+    def on_train_epoch_end(self) -> None:
+        """The epoch's head losses and selected head (nothing when ``end_of_step`` took them at its last step)."""
+        mean = self.bank.close_epoch(self.all_gather if self.trainer.world_size > 1 else None)
+        if mean is not None:  # the selected head's
+            self.log("train/loss", mean[self.selected_head], prog_bar=True, on_step=False, on_epoch=True)
+
+    def configure_callbacks(self) -> list[EndOfStep]:
+        return [EndOfStep()]
+
+    def setup(self, stage: str) -> None:
+        """Start the bank's ``head_init`` heads from clusterings of the DataModule's clean train features, once (a
+        resumed run restores the trained weights afterwards; a second fit keeps them), with seed ``init_seed``."""
+        if stage != "fit" or not self.bank.head_init or bool(self.bank.started):
+            return
+        features = getattr(getattr(self.trainer, "datamodule", None), "train_features", None)
+        if features is None:
+            raise ValueError("head_init: needs a DataModule with train_features (ClusteringDataModule); set []")
+        self.bank.start(features, self.init_seed)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of the layout before the head bank (its heads shrunk by pruning), or with heads of another D
+        or K than the data's (``check_checkpoint``), is one line."""
+        if any(key.endswith(OLD_LAYOUT) for key in checkpoint.get("state_dict", {})):
+            ckpt = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(f"ckpt_path: {ckpt} holds heads of the layout before HeadBank (issue 32); re-fit it")
+        check_checkpoint(checkpoint, self.hparams.feature_dim, self.hparams.num_clusters, self._trainer)
+
+
+class IConModule(HeadBankModule):
     """Trains H linear cluster heads (or a projection) on frozen features with an injected I-Con objective.
 
     loss: the objective of a recipe (``configs/recipes``), e.g. ``IConLoss(p, q)``.
@@ -55,11 +147,12 @@ class IConModule(ClusterEvaluation):
         candidate side of q. A p that reads the model's output (``Supervisory.reads_output``) reads the
         teacher's when there is one, else the student's (detached), head by head, rebuilt every step.
     with_labels: hand labels to p (SupCon, cross-entropy). Unsupervised recipes never see them.
-    keep_heads / prune_every: label-free successive halving (``HeadPruning``): every ``prune_every`` optimizer
-        steps the worse half of the heads by mean training loss since the last pruning leaves the computation (its
-        parameters, optimizer state and scores), until ``keep_heads`` remain; None keeps every head to the end.
-        Heads keep their numbers (``head_ids``) in logs and records.
-    Head selection is label-free: the head with the lowest mean training loss over the last epoch.
+    keep_heads / prune_every: label-free successive halving (``HeadBank.prune``): every ``prune_every`` optimizer
+        steps the worse half of the live heads by mean training loss since the last pruning leaves the computation
+        (the bank's live mask: its weights stay in the stacks, untouched by the forward), until ``keep_heads``
+        remain; None keeps every head to the end. Heads keep their numbers in logs and records.
+    Head selection is label-free (``HeadBank.select``): today the live head with the lowest mean training loss over
+    the last epoch; ``selected_head`` is that head's number.
     """
 
     def __init__(
@@ -85,8 +178,7 @@ class IConModule(ClusterEvaluation):
         prune_every: PositiveInt = DEFAULT_PRUNE_EVERY,
     ) -> None:
         check_arguments(IConModule.__init__, locals())  # the annotations' limits, as `icon` checks them at parse time
-        num_heads = num_heads if num_clusters >= 1 else 1  # a projection for representations is one output
-        super().__init__(num_heads, num_clusters, num_classes)  # owns ``evaluation``
+        super().__init__(num_heads if num_clusters >= 1 else 1, num_clusters, num_classes)  # owns ``evaluation``
         # Under `icon` (LightningCLI) the hyper-parameters are the resolved config (the loss and backbone as
         # class_path dicts), so a checkpoint rebuilds the module; built in Python, the loss and backbone are module
         # objects, which the checkpoint's weights already hold: not hyper-parameters (Lightning's advice).
@@ -96,30 +188,11 @@ class IConModule(ClusterEvaluation):
         # torch's generator (a fresh extraction, a cached one) and the other heads' random weights (their number)
         # cannot change where head h starts
         self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        self.heads = ClusterHeads(
-            feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim
-        )
-        linear = self.heads.is_linear and projection_dim is None
-        self.head_init = check_head_init((["kmeans"] if linear else []) if head_init is None else head_init, self.heads)
-        self.teacher = ema_teacher(self.heads, ema_momentum, teacher_candidates)
-        register_head_state(self, num_heads)
-        self.selection, self.targets = HeadSelection(num_heads), TargetCache()
-        self.pruning = HeadPruning(keep_heads, prune_every)
-        self.register_load_state_dict_pre_hook(heads_of_state)  # weights of pruned heads shrink the heads first
-
-    def setup(self, stage: str) -> None:
-        """Start the ``head_init`` heads from clusterings of the DataModule's clean train features, once (a
-        resumed run restores the trained weights afterwards; a second fit keeps them)."""
-        if stage != "fit" or not self.head_init or bool(self.heads_started):
-            return
-        features = getattr(getattr(self.trainer, "datamodule", None), "train_features", None)
-        if features is None:
-            raise ValueError("head_init: needs a DataModule with train_features (ClusteringDataModule); set []")
-        self.start_heads(features)
-
-    def start_heads(self, features: Tensor) -> None:
-        start_heads(self.heads, features, self.head_init, self.init_seed, self.teacher)
-        self.heads_started.fill_(True)
+        heads = ClusterHeads(feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim)
+        linear = heads.is_linear and projection_dim is None
+        head_init = (["kmeans"] if linear else []) if head_init is None else head_init
+        self.bank = HeadBank(heads, head_init, ema_momentum, teacher_candidates, keep_heads, prune_every)
+        self.targets = TargetCache()
 
     def data_needs(self) -> dict:
         """What the objective needs from the data, for the DataModule to ask: ``knn_width``, the widest k-NN table
@@ -131,22 +204,6 @@ class IConModule(ClusterEvaluation):
             raise ValueError("batch.inputs: images need a backbone; pass model.backbone or use cached features")
         return (self.backbone(batch.inputs) if batch.inputs.ndim > 2 else batch.inputs).float()
 
-    def forward(self, features: Tensor) -> Tensor:
-        """(B, D) features → (B, H, K) logits (or (B, 1, D') embeddings)."""
-        return self.heads(features)
-
-    def selected_position(self) -> int:
-        return int(self.selected_head)
-
-    def live_head_ids(self) -> list[int]:
-        return self.head_ids.tolist()
-
-    def replace_head(self, head: int, weight: Tensor, bias: Tensor) -> None:
-        """Replace the weights of linear head ``head`` (a position among the live heads) by logits ``x @ weight.T +
-        bias`` (a second stage such as ``SelfLabel``); the last validation no longer scores it."""
-        set_linear_head(self.heads, head, weight, bias)
-        self.evaluation.validated_at_step = None
-
     @torch.no_grad()
     def neighbourhoods(self, batch: ClusteringBatch, n: int) -> tuple[Tensor, Tensor] | None:
         """p and q of the first ``n`` anchors of ``batch`` under the selected head; None for objectives that are
@@ -156,53 +213,22 @@ class IConModule(ClusterEvaluation):
         z = self.selected(self.features(batch))
         return self.loss.neighbourhoods(batch.rows(z, self.hparams.with_labels), n)
 
-    # ------------------------------------------------------------------ the objective over the global batch
     def objective(self, batch: ClusteringBatch, z: Tensor, teacher_z: Tensor | None = None) -> Tensor:
-        """(H,) loss of each head over the global batch (``parts.global_head_losses``); ``teacher_z``: the EMA
-        teacher's output of these rows."""
+        """(h,) loss of each live head over the global batch (``parts.global_head_losses``): anchors ``z`` of this
+        process against the candidates of all; ``teacher_z``: the EMA teacher's output of these rows."""
         hp = self.hparams
         return global_head_losses(
             self.loss, self.targets, batch, z, teacher_z, self.all_gather, hp.teacher_candidates, hp.num_samples,
             hp.with_labels,
         )  # fmt: skip
 
-    def training_step(self, batch: ClusteringBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: ClusteringBatch, batch_idx: int) -> dict:
         feats = self.features(batch)
-        z = self(feats)
         wants_teacher = self.hparams.teacher_candidates or self.loss.target_reads_output
-        losses = self.objective(batch, z, self.teacher(feats) if self.teacher is not None and wants_teacher else None)
-        self.selection.add(losses)
-        self.pruning.add(losses)
-        self.log("train/loss/live_heads_mean", losses.mean(), on_step=False, on_epoch=True, batch_size=len(batch))
-        for h, value in zip(self.head_ids.tolist(), losses):
-            self.log(f"train/loss/head_{h}", value, on_step=False, on_epoch=True, batch_size=len(batch))
+        losses = self.objective(batch, self(feats), self.bank.teacher_output(feats) if wants_teacher else None)
+        self.record_losses(losses, len(batch))
         return {"loss": losses.sum(), "head_losses": losses.detach()}
 
-    def configure_callbacks(self) -> list[EndOfStep]:
-        """The step's bookkeeping (EMA teacher, pruning, the epoch's head losses) runs before its checkpoint."""
-        return [EndOfStep()]
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["head_pruning"] = self.pruning.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """The pruning schedule's state (its heads shrink in ``load_state_dict``: ``parts.heads_of_state``); heads of
-        another D or K than the data's are one line (``check_checkpoint``)."""
-        check_checkpoint(checkpoint, self.hparams.feature_dim, self.hparams.num_clusters, self._trainer)
-        self.pruning.load_state_dict(checkpoint.get("head_pruning", {}))
-
-    def on_train_epoch_end(self) -> None:
-        """The epoch's head losses and selected head (nothing when ``EndOfStep`` took them at its last step)."""
-        mean = self.selection.epoch_mean(self.all_gather if self.trainer.world_size > 1 else None)
-        if mean is not None:
-            self.head_losses.copy_(mean)
-            self.selected_head.fill_(int(mean.argmin()))
-            self.log("train/loss", mean.min(), prog_bar=True, on_step=False, on_epoch=True)  # the selected head's
-
     def configure_optimizers(self):
-        params = self.heads.parameters()
-        optimizer = self.optimizer(params) if self.optimizer is not None else torch.optim.Adam(params, lr=DEFAULT_LR)
-        if self.scheduler is None:
-            return {"optimizer": optimizer}
-        interval = self.hparams.scheduler_interval
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": interval}}
+        hp = self.hparams
+        return optimizers(self.bank.heads.parameters(), self.optimizer, self.scheduler, hp.scheduler_interval)

@@ -1,23 +1,20 @@
-"""The parts `IConModule` delegates to, each small and tested on its own: heads started from clusterings, the
-EMA teacher, the shared target p of the global batch, label-free head selection and per-split scores."""
+"""The parts `IConModule` delegates to, each small and tested on its own: the clusterings heads start from, the
+shared target p of the global batch, each head's loss over it, and per-split scores (the heads themselves and
+their bookkeeping: ``bank.HeadBank``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
-from lightning.pytorch import Callback
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.distributed import world
 from icon_lightning.functional.sparse import SparseTarget
 from icon_lightning.loss import Objective
 from icon_lightning.metrics import ClusteringMetrics
-from icon_lightning.models.heads import ClusterHeads, keep_heads
 
 
 # ---------------------------------------------------------------------- heads started from clusterings
@@ -35,53 +32,6 @@ def _spectral(x, k: int, seed: int):
 
 
 HEAD_INITS: dict[str, Callable] = {"kmeans": _kmeans, "spectral": _spectral}
-
-
-def register_head_state(module: nn.Module, num_heads: int) -> None:
-    """The head bookkeeping a module checkpoints: ``head_ids`` (each head's number before any pruning),
-    ``head_losses``, ``selected_head`` and ``heads_started`` (``head_init`` ran)."""
-    module.register_buffer("head_ids", torch.arange(num_heads))
-    module.register_buffer("head_losses", torch.zeros(num_heads))
-    module.register_buffer("selected_head", torch.zeros((), dtype=torch.long))
-    module.register_buffer("heads_started", torch.zeros((), dtype=torch.bool))
-
-
-def check_head_init(head_init: Sequence[str], heads: ClusterHeads) -> list[str]:
-    """The ``head_init`` list, checked against the heads it starts."""
-    head_init = list(head_init)
-    if len(head_init) > heads.num_heads:
-        raise ValueError(f"head_init: {len(head_init)} started heads but num_heads is {heads.num_heads}")
-    unknown = sorted(set(head_init) - set(HEAD_INITS))
-    if unknown:
-        raise ValueError(f"head_init: unknown {unknown}; expected entries of {list(HEAD_INITS)}")
-    if head_init and (not heads.is_linear or not isinstance(heads.projection, nn.Identity)):
-        raise ValueError("head_init: heads started from a clustering must be linear heads on the features")
-    return head_init
-
-
-@torch.no_grad()
-def start_heads(
-    heads: ClusterHeads, features: Tensor, head_init: Sequence[str], seed: int, teacher: AveragedModel | None = None
-) -> None:
-    """Head h starts at the nearest-centroid rule of the ``head_init[h]`` clustering of ``features`` (N, D), with
-    seed ``seed + h``; an EMA ``teacher`` starts where the heads start."""
-    x = features.detach().float().cpu()
-    for head, method in enumerate(head_init):
-        assignment = HEAD_INITS[method](x.numpy(), heads.num_clusters, seed + head)
-        heads.init_from_partition(head, x, torch.as_tensor(assignment))
-    if teacher is not None:
-        teacher.module.load_state_dict(heads.state_dict())
-
-
-# ---------------------------------------------------------------------- the EMA teacher
-def ema_teacher(heads: nn.Module, momentum: float | None, teacher_candidates: bool = False) -> AveragedModel | None:
-    """An exponential moving average of ``heads`` (a module: it moves devices and is checkpointed), or None;
-    ``teacher_candidates`` (its outputs as the candidates of q) needs one."""
-    if teacher_candidates and momentum is None:
-        raise ValueError("teacher_candidates: needs an EMA teacher (set ema_momentum, e.g. 0.996)")
-    if momentum is None:
-        return None
-    return AveragedModel(heads, multi_avg_fn=get_ema_multi_avg_fn(momentum), use_buffers=True)
 
 
 # ---------------------------------------------------------------------- the shared target p
@@ -166,7 +116,7 @@ class GlobalRows:
         return torch.stack([out.loss for out in outs])
 
 
-# ---------------------------------------------------------------------- label-free head selection
+# ---------------------------------------------------------------------- each head's loss over the global batch
 def global_head_losses(
     loss: Objective,
     targets: TargetCache,
@@ -196,162 +146,6 @@ def global_head_losses(
     return rows.head_losses(loss, targets, z, candidates_z, gathered if teacher is None else teacher, reuse)
 
 
-class HeadSelection:
-    """Running mean of each head's training loss over an epoch; the selected head has the lowest."""
-
-    def __init__(self, num_heads: int) -> None:
-        self.total, self.count = torch.zeros(num_heads), 0
-
-    def add(self, losses: Tensor) -> None:
-        self.total = self.total.to(losses.device) + losses.detach()
-        self.count += 1
-
-    def epoch_mean(self, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
-        """(H,) mean since the last call (averaged over processes through ``gather``), or None; then resets."""
-        mean = self.total / self.count if self.count else None
-        if mean is not None and gather is not None:
-            mean = gather(mean).reshape(-1, len(mean)).mean(0)
-        self.total, self.count = torch.zeros_like(self.total), 0
-        return mean
-
-    def keep(self, index: Tensor) -> None:
-        """Only the heads at positions ``index`` go on."""
-        self.total = self.total[index.to(self.total.device)]
-
-
-class EndOfStep(Callback):
-    """An ``IConModule``'s bookkeeping after each training step, before any checkpoint of the step: Lightning runs
-    callbacks' ``on_train_batch_end`` before the module's, and checkpoint callbacks after every other callback, so
-    bookkeeping in the module's own hook came after ``last.ckpt`` was written (the checkpoint held the step's heads
-    unpruned, the teacher one update behind and the previous epoch's head losses)."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs=None, batch=None, batch_idx: int = 0) -> None:
-        """The EMA teacher's update, the pruning due at this step and, at an epoch's last step or training's, the
-        epoch's head losses and selection (``trainer`` None: outside a fit, the first two only)."""
-        if pl_module.teacher is not None:
-            pl_module.teacher.update_parameters(pl_module.heads)
-        gather = pl_module.all_gather if trainer is not None and trainer.world_size > 1 else None
-        kept = pl_module.pruning.survivors(pl_module.global_step, pl_module.head_ids, gather)
-        if kept is not None:
-            keep_module_heads(pl_module, kept)  # only the heads at ``kept`` (best first) go on
-        if trainer is not None and (
-            trainer.is_last_batch or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
-        ):
-            pl_module.on_train_epoch_end()
-
-
-# ---------------------------------------------------------------------- label-free head pruning
-class HeadPruning:
-    """Successive halving of the heads by their training loss, label-free: every ``every`` optimizer steps the
-    worse half of the heads by their mean training loss since the last pruning (averaged over processes) is
-    dropped, until ``keep`` heads remain (``keep`` None: no pruning). ``history`` records each pruning."""
-
-    def __init__(self, keep: int | None, every: int) -> None:  # their limits: IConModule's keep_heads, prune_every
-        self.keep, self.every = keep, every
-        self.window = HeadSelection(0)
-        self.history: list[dict] = []
-
-    def add(self, losses: Tensor) -> None:
-        if self.window.count == 0:
-            self.window.total = torch.zeros_like(losses.detach())
-        self.window.add(losses)
-
-    def survivors(self, step: int, ids: Tensor, gather: Callable[[Tensor], Tensor] | None = None) -> Tensor | None:
-        """Positions of the heads that go on after optimizer step ``step`` (best first), or None when no pruning is
-        due; ``ids`` (H,) names the heads in the record."""
-        num_heads = len(ids)
-        if self.keep is None or num_heads <= self.keep or step % self.every or not self.window.count:
-            return None
-        mean = self.window.epoch_mean(gather).detach().cpu().double()
-        order = sorted(range(num_heads), key=lambda h: (float(mean[h]), h))  # ties: the lower position
-        kept = order[: max(self.keep, math.ceil(num_heads / 2))]
-        names = [int(i) for i in ids.tolist()]
-        self.history.append(
-            {
-                "step": int(step),
-                "kept": [names[h] for h in kept],
-                "dropped": [names[h] for h in order[len(kept) :]],
-                "losses": {str(names[h]): float(mean[h]) for h in order},
-            }
-        )
-        return torch.tensor(kept, dtype=torch.long)
-
-    def state_dict(self) -> dict:
-        """The record and the window so far: a resumed run prunes as the uninterrupted one."""
-        window = self.window.total.detach().cpu().tolist() if self.window.count else []
-        return {"history": [dict(entry) for entry in self.history], "window": window, "count": self.window.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history = [dict(entry) for entry in state.get("history", [])]
-        self.window.total = torch.tensor(state.get("window", []), dtype=torch.float32)
-        self.window.count = int(state.get("count", 0)) if len(self.window.total) else 0
-
-
-@torch.no_grad()
-def carry_optimizer_state(optimizer: torch.optim.Optimizer, replaced: dict[nn.Parameter, tuple[nn.Parameter, Tensor]]):
-    """Point ``optimizer`` at new parameters: each old parameter (a key of ``replaced``) becomes its new one, and
-    every state tensor shaped like the old parameter (Adam's moments, SGD's momentum) keeps the rows the new one
-    holds (the second entry: indices along dim 0); scalar state (steps) is kept as it is."""
-    for group in optimizer.param_groups:
-        group["params"] = [replaced[p][0] if p in replaced else p for p in group["params"]]
-    for old, (new, rows) in replaced.items():
-        state = optimizer.state.pop(old, None)
-        if state is None:
-            continue
-        optimizer.state[new] = {
-            key: value[rows.to(value.device)].clone()
-            if isinstance(value, Tensor) and value.shape == old.shape and value.ndim > 0
-            else value
-            for key, value in state.items()
-        }
-
-
-def rewrap_ddp(strategy) -> None:
-    """After parameters were replaced during a fit, wrap the module in a new ``DistributedDataParallel`` (its reducer
-    holds the old parameters); every process calls this at the same step. Nothing to do outside DDP."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(getattr(strategy, "model", None), DistributedDataParallel):
-        strategy.model = strategy._setup_model(strategy.lightning_module)  # Lightning's own wrapping, its DDP kwargs
-        strategy._register_ddp_hooks()
-
-
-@torch.no_grad()
-def keep_module_heads(module, positions: Tensor) -> None:
-    """Only the heads of ``module`` (an ``IConModule``) at ``positions`` (best first) go on: their parameters, the
-    teacher's, the optimizers' state, the scores and the head bookkeeping shrink to them; the selected head becomes
-    the first of them; under DDP the module is wrapped anew."""
-    index = torch.as_tensor(positions, dtype=torch.long).cpu()
-    before = dict(module.heads.named_parameters())
-    rows = keep_heads(module.heads, index.tolist())
-    after = dict(module.heads.named_parameters())
-    if module.teacher is not None:
-        keep_heads(module.teacher.module, index.tolist())
-    trainer = module._trainer
-    for optimizer in trainer.optimizers if trainer is not None else []:
-        carry_optimizer_state(optimizer, {before[name]: (after[name], r) for name, r in rows.items()})
-    module.head_ids = module.head_ids[index.to(module.head_ids.device)]
-    module.head_losses = module.head_losses[index.to(module.head_losses.device)]
-    module.selected_head.fill_(0)
-    module.selection.keep(index)
-    module.evaluation.keep(index)
-    if trainer is not None and trainer.optimizers:
-        rewrap_ddp(trainer.strategy)
-
-
-def heads_of_state(module, state: dict, prefix: str = "", *_) -> None:
-    """``module``'s (an ``IConModule``) ``load_state_dict`` pre-hook: before the weights ``state`` are loaded
-    (from a checkpoint, or ``ddp_spawn``'s workers handing theirs back), only the heads they hold go on, by
-    number (``head_ids``; weights from before pruning existed hold them all)."""
-    ids = state.setdefault(prefix + "head_ids", torch.arange(len(module.head_ids)))
-    if len(ids) != len(module.head_ids) or not torch.equal(ids.cpu(), module.head_ids.cpu()):
-        position = {int(i): h for h, i in enumerate(module.head_ids.tolist())}
-        missing = [int(i) for i in ids.tolist() if int(i) not in position]
-        if missing:
-            raise ValueError(f"checkpoint: heads {missing} are not among this model's heads {position}")
-        keep_module_heads(module, torch.tensor([position[int(i)] for i in ids.tolist()]))
-
-
 # ---------------------------------------------------------------------- scores per split and head
 class SplitScores(nn.ModuleDict):
     """One ``ClusteringMetrics`` per head for each split (none without labels); ``summary`` turns a split's
@@ -370,26 +164,23 @@ class SplitScores(nn.ModuleDict):
     def split(self, split: str) -> nn.ModuleList | None:
         return self[f"{split}_split"] if f"{split}_split" in self else None
 
-    def update(self, split: str, z: Tensor, label: Tensor) -> None:
-        for h, metric in enumerate(self.split(split) or []):
-            metric.update(z[:, h].argmax(-1), label)
+    def update(self, split: str, z: Tensor, label: Tensor, heads: Sequence[int]) -> None:
+        """Counts the (B, h, K) logits ``z`` of the heads numbered ``heads`` against ``label``."""
+        metrics = self.split(split) or []
+        for position, h in enumerate(heads if metrics else []):
+            metrics[h].update(z[:, position].argmax(-1), label)
 
-    def keep(self, index: Tensor) -> None:
-        """Only the heads at positions ``index`` go on being scored."""
-        for key in list(self.keys()):
-            self[key] = nn.ModuleList(self[key][int(h)] for h in index)
-
-    def summary(self, split: str, best: int, over_clustering: bool, ids: Sequence[int] | None = None) -> dict:
-        """The values to log; head h is named ``head_{ids[h]}`` (its number before any pruning)."""
+    def summary(self, split: str, best: int, over_clustering: bool, heads: Sequence[int]) -> dict:
+        """The values to log of the heads numbered ``heads`` (``head_{h}``); ``best``: the selected head's number."""
         metrics = self.split(split)
-        if metrics is None or not metrics[0].update_called:
+        if metrics is None or not any(metrics[h].update_called for h in heads):
             return {}
-        ids = list(range(len(metrics))) if ids is None else [int(i) for i in ids]
-        out = {f"{split}/selected_head": torch.tensor(float(ids[best]))}
-        for h, metric in enumerate(metrics):
+        out = {f"{split}/selected_head": torch.tensor(float(best))}
+        for h in heads:
+            metric = metrics[h]
             values = metric.compute()  # counts are already summed over processes
             names = ("hungarian_acc", "nmi", "ari", "ami")
-            out.update({f"{split}/{name}/head_{ids[h]}": values[name] for name in names})
+            out.update({f"{split}/{name}/head_{h}": values[name] for name in names})
             if h == best:
                 out.update({f"{split}/{name}": values[name] for name in ("nmi", "ari", "ami")})
                 out[f"{split}/hungarian_acc/best"] = values["hungarian_acc"]

@@ -44,8 +44,8 @@ def _blobs(n_per: int = 60):
     return torch.as_tensor(x, dtype=torch.float32), truth
 
 
-@pytest.mark.parametrize("consensus", [False, True])
-def test_the_stage_replaces_a_noisy_selected_head_by_the_classifier_of_its_confident_part(consensus):
+@pytest.mark.parametrize("consensus, pruned_first", [(False, False), (True, False), (False, True)])
+def test_the_stage_replaces_a_noisy_selected_head_by_the_classifier_of_its_confident_part(consensus, pruned_first):
     x, truth = _blobs()
     module = IConModule(load_recipe("icon_clustering"), feature_dim=5, num_clusters=3, num_heads=2, head_init=[])
     for head in (0, 1):  # the blobs' own centroids, then a boundary pushed into the others: a biased head
@@ -54,13 +54,14 @@ def test_the_stage_replaces_a_noisy_selected_head_by_the_classifier_of_its_confi
         logits = module(x)[:, 1]
         margin = (logits[:, 0:1] - logits).min(1).values  # how far cluster 0 is from winning
         push = float(torch.quantile(-margin[torch.as_tensor(truth) != 0], 0.15))
-        module.heads.linear.bias[3] += push  # head 1's cluster 0 now takes about 15 % of the other blobs
-    module.selected_head.fill_(1)
-    before = module(x)[:, 1].argmax(1).numpy()
+        module.heads.bias[1, 0] += push  # head 1's cluster 0 now takes about 15 % of the other blobs
+    module.bank.selected.fill_(1)  # head number 1 (the only live head, at position 0, when head 0 was pruned)
+    module.bank.live[0] = not pruned_first
+    before = module(x, [1])[:, 0].argmax(1).numpy()
     assert (before != truth).sum() >= 10
     stage = SelfLabel(fraction=0.5, consensus=consensus)
     stage.on_fit_end(SimpleNamespace(datamodule=SimpleNamespace(train_features=x)), module)
-    after = module(x)[:, 1].argmax(1).detach().numpy()
+    after = module(x, [1])[:, 0].argmax(1).detach().numpy()
     assert (after == truth).mean() == 1.0 and (before != truth).any()  # the classifier separates the blobs
     assert stage.summary["pseudo_labelled"] == 3 * int(0.5 * 180 / 3)
 

@@ -45,7 +45,7 @@ def loss_and_grads(model: IConModule, batch: ClusteringBatch) -> tuple[torch.Ten
     z = model(batch.inputs.double())
     losses = model.objective(batch, z)
     losses.sum().backward()
-    return losses.detach(), model.heads.linear.weight.grad.clone()
+    return losses.detach(), model.heads.weight.grad.clone()
 
 
 def _rank(rank: int, world: int, port: int, recipe: str, queue) -> None:

@@ -20,8 +20,8 @@ def test_mlp_heads_are_independent_mlps_run_as_one_product():
     x = torch.randn(11, 7, dtype=torch.float64)
     out = heads(x)
     assert out.shape == (11, 3, 4)
-    w1 = heads.hidden.weight.view(3, 5, 7)
-    b1 = heads.hidden.bias.view(3, 5)
+    w1 = heads.hidden_weight
+    b1 = heads.hidden_bias
     for h in range(3):  # the reference: head h alone, written out
         hidden = torch.relu(x @ w1[h].T + b1[h])
         expected = (hidden @ heads.out_weight[h] + heads.out_bias[h]) / 0.5
@@ -36,14 +36,14 @@ def test_a_head_started_from_a_partition_is_its_nearest_centroid_rule():
     assignment = torch.randint(0, 5, (300,), generator=g)
     assignment[assignment == 4] = 3  # cluster 4 has no member: it gets the overall mean
     heads = ClusterHeads(6, 5, num_heads=2, temperature=0.7).double()
-    before = heads.linear.weight[:5].clone()
+    before = heads.weight[0].clone()
     heads.init_from_partition(1, x, assignment, sharpness=3.0)
     means = torch.stack([x[assignment == c].mean(0) if (assignment == c).any() else x.mean(0) for c in range(5)])
     nearest = torch.cdist(x, means).argmin(1)  # brute force
     logits = heads(x)[:, 1]
     assert torch.equal(logits.argmax(1), nearest)
     assert logits.std(1).mean().item() == pytest.approx(3.0, rel=1e-9)  # the documented softness
-    assert torch.equal(heads.linear.weight[:5], before)  # the other head is untouched
+    assert torch.equal(heads.weight[0], before)  # the other head is untouched
 
 
 def test_partition_start_needs_linear_heads_and_valid_ids():
@@ -60,25 +60,25 @@ def test_module_starts_its_first_head_from_kmeans_once(tmp_path):
     dm.setup("fit")
     torch.manual_seed(0)
     module = IConModule(load_recipe("icon_clustering"), feature_dim=64, num_clusters=10, num_heads=3)
-    assert module.head_init == ["kmeans"]  # the default for linear heads
+    assert module.bank.head_init == ["kmeans"]  # the default for linear heads
     torch.manual_seed(0)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # the module's first draw, before the heads' weights
     torch.randn(1000)  # what data preparation draws in between (a fresh extraction's loader) changes nothing
-    module.start_heads(dm.train_features)
+    module.bank.start(dm.train_features, module.init_seed)
     x = dm.train_features.numpy()
     labels = FaissKMeans(10, n_init=10, random_state=seed).fit(x).labels_
     with torch.no_grad():
         start = module(dm.train_features)[:, 0].argmax(1).numpy()
     assert np.array_equal(start, labels)  # k-means' own partition, not just a similar one
-    assert bool(module.heads_started)
+    assert bool(module.bank.started)
 
     class Trainer:  # setup() must not start the heads again (a second fit, or after a restored checkpoint)
         datamodule = dm
 
     module._trainer = Trainer()
-    weights = module.heads.linear.weight.clone()
+    weights = module.heads.weight.clone()
     module.setup("fit")
-    assert torch.equal(module.heads.linear.weight, weights)
+    assert torch.equal(module.heads.weight, weights)
 
 
 def test_the_kmeans_start_does_not_depend_on_the_number_of_heads():
@@ -101,7 +101,7 @@ def test_bad_head_arguments():
         IConModule(recipe, feature_dim=4, num_heads=2, head_init=["agglomerative"])
     with pytest.raises(ValueError, match="head_init"):
         IConModule(recipe, feature_dim=4, num_heads=2, head_hidden_dim=8, head_init=["kmeans"])
-    assert IConModule(recipe, feature_dim=4, head_hidden_dim=8).head_init == []  # MLP heads start at random
+    assert IConModule(recipe, feature_dim=4, head_hidden_dim=8).bank.head_init == []  # MLP heads start at random
     with pytest.raises(ValueError, match="scheduler_interval"):
         IConModule(recipe, feature_dim=4, scheduler_interval="batch")
 

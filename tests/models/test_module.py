@@ -7,21 +7,21 @@ import torch
 
 from icon_lightning.data.batch import ClusteringBatch
 from icon_lightning.models import IConModule
-from icon_lightning.models.parts import EndOfStep
+from icon_lightning.models.module import EndOfStep
 from icon_lightning.recipes import load_recipe
 from tests.models.test_ddp import global_batch
 
 
 def test_ema_teacher_is_a_registered_module_that_follows_the_heads():
     model = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, ema_momentum=0.9)
-    assert any(k.startswith("teacher.") for k in model.state_dict())  # checkpointed, moves with .to()
-    w0 = model.heads.linear.weight.detach().clone()
+    assert any(k.startswith("bank.teacher.") for k in model.state_dict())  # checkpointed, moves with .to()
+    w0 = model.heads.weight.detach().clone()
     EndOfStep().on_train_batch_end(None, model)  # first update copies the student
     with torch.no_grad():
-        model.heads.linear.weight.add_(1.0)
+        model.heads.weight.add_(1.0)
     EndOfStep().on_train_batch_end(None, model)
     expected = 0.9 * w0 + 0.1 * (w0 + 1.0)
-    torch.testing.assert_close(model.teacher.module.linear.weight, expected)
+    torch.testing.assert_close(model.bank.teacher.heads.weight, expected)
 
 
 def test_teacher_outputs_can_form_the_candidate_side():
@@ -32,14 +32,14 @@ def test_teacher_outputs_can_form_the_candidate_side():
     batch = global_batch()
     EndOfStep().on_train_batch_end(None, model)
     with torch.no_grad():
-        model.heads.linear.weight.mul_(3.0)  # student and teacher now differ
+        model.heads.weight.mul_(3.0)  # student and teacher now differ
     z = model(batch.inputs)
-    with_teacher = model.objective(batch, z, model.teacher(batch.inputs))
+    with_teacher = model.objective(batch, z, model.bank.teacher_output(batch.inputs))
     without = model.objective(batch, z)
     assert torch.isfinite(with_teacher).all() and not torch.allclose(with_teacher, without)
     with_teacher.sum().backward()
-    assert model.heads.linear.weight.grad is not None
-    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.heads.weight.grad is not None
+    assert all(p.grad is None for p in model.bank.teacher.parameters())
 
 
 def test_bad_teacher_arguments():

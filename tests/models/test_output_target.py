@@ -15,7 +15,7 @@ from icon_lightning.learned import Debiased as DebiasedQ
 from icon_lightning.learned import UniformCluster
 from icon_lightning.loss import IConLoss
 from icon_lightning.models import IConModule
-from icon_lightning.models.parts import EndOfStep
+from icon_lightning.models.module import EndOfStep
 from icon_lightning.recipes import load_recipe
 from icon_lightning.rows import Rows
 from icon_lightning.supervisory import Debiased, KNNGraph, Mixture, SameCluster
@@ -101,7 +101,7 @@ def test_module_builds_p_from_each_teacher_head_every_step_even_in_full_batch(mo
         model.loss, "target", lambda rows, *a, **kw: seen.append(rows.z.clone()) or target(rows, *a, **kw)
     )
     for step in range(2):  # the same full batch twice: a p of the rows alone would be reused
-        teacher_z = model.teacher(batch.inputs)
+        teacher_z = model.bank.teacher_output(batch.inputs)
         losses = model.objective(batch, model(batch.inputs), teacher_z)
         assert torch.isfinite(losses).all()
         assert len(seen) == 2 * (step + 1)  # one p per head, every step
@@ -109,7 +109,7 @@ def test_module_builds_p_from_each_teacher_head_every_step_even_in_full_batch(mo
             torch.testing.assert_close(seen[2 * step + h], teacher_z[:, h].detach())  # the teacher's head h
         losses.sum().backward()
         with torch.no_grad():  # the student moves, then the teacher follows it
-            model.heads.linear.weight.add_(torch.randn_like(model.heads.linear.weight))
+            model.heads.weight.add_(torch.randn_like(model.heads.weight))
         EndOfStep().on_train_batch_end(None, model)
     assert not torch.equal(seen[0].argmax(-1), seen[2].argmax(-1))  # the teacher's clusters changed: p did too
 
