@@ -325,6 +325,58 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed_everything: expected an integer in [0, {SEED_MAX}] or true (a random seed), got {seed}")
 
 
+# Length is the Convergence callback's (`convergence.*`): a training-loss plateau, within a step budget that scales
+# with N. max_epochs -1 leaves it alone; the ImageNet experiment sets the paper's 30 epochs. Validation every 100
+# optimizer steps, whatever an epoch is (one step in full batch), and once more after the last step (after_fit), so
+# the reported metrics are the final model's.
+TRAINER_DEFAULTS = {
+    "trainer.logger": DEFAULT_LOGGER,
+    "trainer.default_root_dir": "runs",
+    "trainer.max_epochs": -1,
+    "trainer.check_val_every_n_epoch": None,
+    "trainer.val_check_interval": VALIDATE_EVERY_STEPS,
+}
+
+
+def add_run_arguments(parser) -> None:
+    """`icon`'s own keys (``run_dir``, ``allow_untrained``), its trainer defaults, the ``convergence.*`` callback
+    and the data facts linked into the model (``DATA_FACTS``)."""
+    parser.add_argument(
+        "--run_dir",
+        type=str | None,
+        default=None,
+        help="this run's own folder (default: <trainer.default_root_dir>/<config>-<key>/<subcommand>-<time>-<id>)",
+    )
+    parser.add_argument(
+        "--allow_untrained",
+        type=bool,
+        default=False,
+        help="let validate, test and predict run without --ckpt_path, on the untrained heads",
+    )
+    parser.set_defaults(dict(TRAINER_DEFAULTS))
+    parser.add_lightning_class_args(Convergence, "convergence")
+    for source, target in DATA_FACTS:
+        parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+
+
+def place_run(cfg, subcommand: str) -> tuple[str, Path]:
+    """Hashes the run's config ``cfg``, resolves its ``ckpt_path`` (``--ckpt_path last``) and chooses its own folder
+    (``runs.choose_run_dir``), at which the run's outputs and loggers then point. Returns (config sha256, folder)."""
+    plain = cfg.as_dict()
+    sha = config_sha256(plain)
+    key = experiment_key(plain)
+    root = cfg.trainer.default_root_dir or "runs"
+    check_takes_steps(subcommand, cfg.trainer.get("max_steps"), None)
+    ckpt = resolve_checkpoint(cfg.get("ckpt_path"), subcommand, root, key, cfg.allow_untrained)
+    if ckpt != cfg.get("ckpt_path"):
+        cfg.ckpt_path = ckpt
+    experiment = f"{config_name(cfg.get('config'))}-{key}"
+    run_dir = choose_run_dir(root, experiment, subcommand, cfg.get("run_dir"))
+    os.environ[RUN_DIR_ENV] = cfg.run_dir = cfg.trainer.default_root_dir = str(run_dir)
+    point_loggers_at(cfg, run_dir)
+    return sha, run_dir
+
+
 class IConCLI(LightningCLI):
     """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model, gives every run
     a directory of its own (`icon_lightning.runs`), resolves ``--ckpt_path last`` and writes ``metrics.json``
@@ -342,34 +394,7 @@ class IConCLI(LightningCLI):
         read_checkpoint_hparams(self, super()._parse_ckpt_path)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument(
-            "--run_dir",
-            type=str | None,
-            default=None,
-            help="this run's own folder (default: <trainer.default_root_dir>/<config>-<key>/<subcommand>-<time>-<id>)",
-        )
-        parser.add_argument(
-            "--allow_untrained",
-            type=bool,
-            default=False,
-            help="let validate, test and predict run without --ckpt_path, on the untrained heads",
-        )
-        # Length is the Convergence callback's (`convergence.*`): a training-loss plateau, within a step budget
-        # that scales with N. max_epochs -1 leaves it alone; the ImageNet experiment sets the paper's 30 epochs.
-        # Validation every 100 optimizer steps, whatever an epoch is (one step in full batch), and once more after
-        # the last step (after_fit), so the reported metrics are the final model's.
-        parser.set_defaults(
-            {
-                "trainer.logger": DEFAULT_LOGGER,
-                "trainer.default_root_dir": "runs",
-                "trainer.max_epochs": -1,
-                "trainer.check_val_every_n_epoch": None,
-                "trainer.val_check_interval": VALIDATE_EVERY_STEPS,
-            }
-        )
-        parser.add_lightning_class_args(Convergence, "convergence")
-        for source, target in DATA_FACTS:
-            parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+        add_run_arguments(parser)
 
     def _run_config(self):
         """This run's config: the subcommand's section (the whole config with ``run=False``: no subcommand)."""
@@ -377,24 +402,12 @@ class IConCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Hash the config, resolve the checkpoint, and point every output of the run at its own folder."""
-        cfg, subcommand = self._run_config(), self.subcommand or "fit"
-        plain = cfg.as_dict()
-        self.config_sha256, key, root = (
-            config_sha256(plain),
-            experiment_key(plain),
-            cfg.trainer.default_root_dir or "runs",
-        )
-        check_takes_steps(subcommand, cfg.trainer.get("max_steps"), None)
-        ckpt = resolve_checkpoint(cfg.get("ckpt_path"), subcommand, root, key, cfg.allow_untrained)
-        if ckpt != cfg.get("ckpt_path"):
-            cfg.ckpt_path = ckpt
-        experiment = f"{config_name(cfg.get('config'))}-{key}"
-        self.run_dir = choose_run_dir(root, experiment, subcommand, cfg.get("run_dir"))
-        os.environ[RUN_DIR_ENV] = cfg.run_dir = cfg.trainer.default_root_dir = str(self.run_dir)
-        point_loggers_at(cfg, self.run_dir)
+        cfg = self._run_config()
+        subcommand = self.subcommand or "fit"
+        self.config_sha256, self.run_dir = place_run(cfg, subcommand)
         if cfg.trainer.get("enable_checkpointing") is not False and subcommand == "fit":
-            self.trainer_defaults = {**self.trainer_defaults}
-            self.trainer_defaults["callbacks"] = [*self.trainer_defaults.get("callbacks", []), RunCheckpoint()]
+            callbacks = [*self.trainer_defaults.get("callbacks", []), RunCheckpoint()]
+            self.trainer_defaults = {**self.trainer_defaults, "callbacks": callbacks}
 
     def _start(self) -> None:
         self._started = time.time()
@@ -405,15 +418,15 @@ class IConCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _start
 
     def _finish(self) -> None:
-        trainer, run_dir, cfg = self.trainer, self.run_dir, self._run_config()
+        trainer = self.trainer
         if not trainer.interrupted:
             check_takes_steps(self.subcommand, None, trainer.global_step)
         if not trainer.is_global_zero:
             return
-        payload = run_record(self, trainer, cfg)
-        atomic_write_json(run_dir / "metrics.json", payload)
+        payload = run_record(self, trainer, self._run_config())
+        atomic_write_json(self.run_dir / "metrics.json", payload)
         self.record = payload
-        print_summary(payload["metrics"], payload["convergence"], trainer.global_step, run_dir)
+        print_summary(payload["metrics"], payload["convergence"], trainer.global_step, self.run_dir)
         finish_wandb()
 
     def after_fit(self) -> None:
