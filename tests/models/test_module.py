@@ -86,3 +86,37 @@ def test_p_is_built_once_per_step_for_all_heads_and_equals_each_heads_own(name, 
     assert len(calls) == 1
     own = torch.stack([model.loss(batch.rows(z[:, h]), batch.rows(z[:, h]), self_offset=0).loss for h in range(3)])
     torch.testing.assert_close(shared, own)
+
+
+@pytest.mark.parametrize("hidden", [None, 5])
+def test_the_teacher_is_torchs_ema_of_the_heads(hidden):
+    """``EmaTeacher`` against ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn`` (the teacher
+    before the head bank): the first update copies the heads, later ones move by 1 − m."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = IConModule(
+        load_recipe("icon_clustering"), feature_dim=6, num_clusters=4, num_heads=3, ema_momentum=0.9,
+        head_hidden_dim=hidden,
+    )  # fmt: skip
+    reference = AveragedModel(model.heads, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.heads.parameters():
+                p.add_(torch.randn_like(p))
+        model.end_of_step(None)
+        reference.update_parameters(model.heads)
+        for (name, ema), ref in zip(model.bank.teacher.heads.named_parameters(), reference.module.parameters()):
+            torch.testing.assert_close(ema, ref, rtol=1e-6, atol=1e-7, msg=name)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(model.bank.teacher_output(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert not any(p.requires_grad for p in model.bank.teacher.parameters())  # no optimizer, no DDP bucket
+
+
+def test_a_projection_is_one_head():
+    torch.manual_seed(0)
+    model = IConModule(load_recipe("icon_clustering"), feature_dim=6, num_clusters=0, projection_dim=5)
+    x = torch.randn(7, 6)
+    assert model(x).shape == (7, 1, 5) and model.live_head_ids() == [0] and model.bank.head_init == []
+    projection = model.heads.projection
+    torch.testing.assert_close(model(x)[:, 0], projection[2](torch.relu(projection[0](x))))
