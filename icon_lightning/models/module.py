@@ -37,6 +37,14 @@ class EndOfStep(Callback):
         pl_module.end_of_step(trainer)
 
 
+def attached_trainer(module):
+    """``module``'s Trainer, or None (``load_from_checkpoint``: Lightning's ``trainer`` property raises then)."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
 def optimizers(params, optimizer: OptimizerCallable | None, scheduler: LRSchedulerCallable | None, interval: str):
     """``configure_optimizers``' answer: ``optimizer`` (None: Adam at ``DEFAULT_LR``) and ``scheduler`` stepped
     every ``interval``."""
@@ -121,10 +129,11 @@ class HeadBankModule(ClusterEvaluation):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A checkpoint of the layout before the head bank (its heads shrunk by pruning), or with heads of another D
         or K than the data's (``check_checkpoint``), is one line."""
+        trainer = attached_trainer(self)
         if any(key.endswith(OLD_LAYOUT) for key in checkpoint.get("state_dict", {})):
-            ckpt = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            ckpt = getattr(trainer, "ckpt_path", None) or "the checkpoint"
             raise ValueError(f"ckpt_path: {ckpt} holds heads of the layout before HeadBank (issue 32); re-fit it")
-        check_checkpoint(checkpoint, self.hparams.feature_dim, self.hparams.num_clusters, self._trainer)
+        check_checkpoint(checkpoint, self.hparams.feature_dim, self.hparams.num_clusters, trainer)
 
 
 class IConModule(HeadBankModule):
