@@ -296,7 +296,8 @@ def run_method(split: Split, make: Callable[[int], object], seed: int, clusters:
     if subset is not None:
         result["subset"] = subset
     if pipeline:
-        result["selected_head"] = estimator.selected_head_
+        result["selected_head"] = estimator.selected_head_  # a head's number (of ``heads``)
+        result["heads"] = [int(h) for h in estimator.head_ids_]
         result["head_losses"] = [float(v) for v in estimator.head_losses_]
         result["steps"] = estimator.steps_
         result["converged"] = bool(estimator.converged_)

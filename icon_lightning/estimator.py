@@ -130,7 +130,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     folder goes (None: a temporary directory, removed after ``fit``). ``verbose``: show the run's output.
     X is checked (dense, real, finite, N ≥ 2) before anything is written to ``cache_dir``; every refusal, a wrong
     override included, is an exception with one line (an override `icon` does not parse: ``icon: error: …``).
-    Attributes: labels_ (N,), n_features_in_ (D), seed_, selected_head_ (a position among the surviving heads),
+    Attributes: labels_ (N,), n_features_in_ (D), seed_, selected_head_ (the selected head's number),
     head_ids_ (their numbers), head_losses_, converged_, steps_, record_ (the run's ``metrics.json``), mean_ (the
     centring mean, None without normalisation), preparation_ (the fit's ``FitPreparation``: mean, normalisation, D,
     K), module_ (the ``IConModule``, on the CPU).
@@ -181,7 +181,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self.mean_ = self.preparation_.mean
         self.head_ids_ = np.array(run.record["heads"], dtype=np.int64)
         self.head_losses_ = np.array(run.record["head_losses"], dtype=np.float32)
-        self.selected_head_ = self.head_ids_.tolist().index(run.record["selected_head"])
+        self.selected_head_ = int(run.record["selected_head"])  # a head's number, as everywhere
         convergence = run.record["convergence"] or {}
         self.converged_, self.steps_ = bool(convergence.get("converged")), int(run.record["steps"])
         self.labels_ = model.assign(data.train_features.float()).numpy().astype(np.int64)

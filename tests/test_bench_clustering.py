@@ -31,7 +31,8 @@ def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monk
         assert method["hungarian_acc"]["std"] == pytest.approx(np.std(accs, ddof=1))
         assert all(0.1 < a <= 1 for a in accs), name
     icon_run = data["methods"]["icon"]["runs"][0]
-    assert icon_run["selected_head"] == int(np.argmin(icon_run["head_losses"]))  # label-free selection
+    best = icon_run["heads"][int(np.argmin(icon_run["head_losses"]))]
+    assert icon_run["selected_head"] == best  # label-free selection, by the head's number
     assert icon_run["steps"] == 12 and icon_run["converged"] is False  # the shrunk budget ends it, and it says so
     assert "| kmeans_faiss |" in capsys.readouterr().out
 
