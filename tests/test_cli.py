@@ -213,7 +213,8 @@ def test_predict_writes_assignments_per_dataset_index(trained, tmp_path):
     assert clusters.shape == (1797,) and clusters.min() >= 0 and clusters.max() < 10
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 1797 and int(rows[5]["cluster"]) == clusters[5]
-    expected = cli.model(cli.datamodule.train_features)[:, int(cli.model.selected_head)].argmax(-1).numpy()
+    head = [int(cli.model.selected_head)]  # by its number: the forward of the heads named
+    expected = cli.model(cli.datamodule.train_features, head)[:, 0].argmax(-1).numpy()
     np.testing.assert_array_equal(clusters, expected)
 
 

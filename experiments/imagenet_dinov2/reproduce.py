@@ -312,12 +312,8 @@ def icon_clusters(model, features, device, chunk: int = 65536):
     import torch
 
     model = model.to(device).eval()
-    head = int(model.selected_head)
     with torch.no_grad():
-        parts = [
-            model(features[i : i + chunk].to(device).float())[:, head].argmax(-1).cpu()
-            for i in range(0, len(features), chunk)
-        ]
+        parts = [model.assign(features[i : i + chunk].to(device).float()).cpu() for i in range(0, len(features), chunk)]
     return torch.cat(parts)
 
 
@@ -358,8 +354,8 @@ def score_icon(trainer, model, data, run: dict) -> tuple[dict, float]:
     icon = score_assignments(
         icon_clusters(model, val_features, device), val_labels, model.hparams.num_clusters, data.num_classes
     )
-    icon["selected_head"] = int(model.selected_head)
-    icon["head_losses"] = [float(x) for x in model.head_losses]
+    report = model.head_report()  # the selected head's number, the live heads and their losses
+    icon.update(selected_head=report["selected_head"], heads=report["heads"], head_losses=report["head_losses"])
     last_val = trainer.callback_metrics.get("val/hungarian_acc/best")
     icon["last_validation_hungarian_acc"] = None if last_val is None else float(last_val)
     return icon, time.time() - started
