@@ -265,21 +265,31 @@ def _seed_sweep(path: Path, cache: Path) -> Path:
     return path
 
 
+def built_with(monkeypatch, callback_for) -> list[list[str]]:
+    """Every run the sweep builds gets ``callback_for(runs built before it)`` among its callbacks; returns the list
+    of the runs' arguments, in order."""
+    from icon_lightning import cli
+
+    assemble, built = cli.assemble, []
+
+    def assemble_with(argv):
+        run = assemble(argv)
+        run.trainer.callbacks.append(callback_for(built))
+        built.append(argv)
+        return run
+
+    monkeypatch.setattr(cli, "assemble", assemble_with)
+    return built
+
+
 def test_sigterm_in_a_real_fit_stops_the_sweep_and_the_rerun_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """Real digits fits (30 full-batch steps): SIGTERM at step 12 of trial 1 of 3 → exit 143, trial 2 never ran, the
     record says interrupted with its last.ckpt; the re-run resumes trial 1 from step 12 to the metrics of an unbroken
     fit, runs trials 2 and 3, and exits 0."""
     from icon_lightning import cli
 
-    assemble, starts, built = cli.assemble, [], []
-
-    def assemble_with_signal(argv):
-        run = assemble(argv)
-        run.trainer.callbacks.append(SendAt(12 if not built else None, starts))
-        built.append(argv)
-        return run
-
-    monkeypatch.setattr(cli, "assemble", assemble_with_signal)
+    starts: list[int] = []
+    built = built_with(monkeypatch, lambda before: SendAt(12 if not before else None, starts))
     sweep, out = _seed_sweep(tmp_path / "sweep.yaml", tmp_path / "cache"), tmp_path / "out"
     with pytest.raises(SystemExit) as end:
         sweep_main([str(sweep), "--out", str(out)])
@@ -311,17 +321,7 @@ class SendAtSetup(Callback):
 def test_sigterm_while_a_real_fit_sets_up_stops_the_sweep_at_once(tmp_path, monkeypatch, sigterm_guard):
     """Before Lightning's handler is in place (data, setup) SIGTERM used to take Python's default: the process died
     with no summary, or, under a handler of its own, the trial ran to its end."""
-    from icon_lightning import cli
-
-    assemble, built = cli.assemble, []
-
-    def assemble_with_signal(argv):
-        run = assemble(argv)
-        run.trainer.callbacks.append(SendAtSetup())
-        built.append(argv)
-        return run
-
-    monkeypatch.setattr(cli, "assemble", assemble_with_signal)
+    built = built_with(monkeypatch, lambda before: SendAtSetup())
     sweep, out = _seed_sweep(tmp_path / "sweep.yaml", tmp_path / "cache"), tmp_path / "out"
     with pytest.raises(SystemExit) as end:
         sweep_main([str(sweep), "--out", str(out)])
