@@ -228,7 +228,7 @@ def run_record(cli, trainer, cfg) -> dict:
         **cli.model.head_report(),  # selected_head (a number), heads, head_losses (None before an epoch), pruning
         "config_sha256": cli.config_sha256,
         "run_dir": str(cli.run_dir),
-        "ckpt_path": cfg.get("ckpt_path"),
+        "ckpt_path": ckpt,
         "seed": cfg.get("seed_everything"),
         "wall_time_s": round(time.time() - getattr(cli, "_started", time.time()), 2),
         "version": __version__,
@@ -242,8 +242,6 @@ def run_record(cli, trainer, cfg) -> dict:
 
 def checkpoint_step(path: str) -> int | None:
     """The optimizer step a checkpoint was saved at (what ``validate``, ``test`` and ``predict`` evaluate)."""
-    import torch
-
     try:
         return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
     except (KeyError, TypeError, ValueError):

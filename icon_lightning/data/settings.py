@@ -43,7 +43,7 @@ def check_settings(dataset: IndexedDataset, backbone, views: str, num_clusters, 
         check_clusters(num_clusters, dataset)
     if num_clusters is None and dataset.num_classes == 0:
         raise ValueError(
-            f"data.num_clusters: {getattr(dataset, 'path', type(dataset).__name__)} has no labels, so the number of "
+            f"data.num_clusters: {source(dataset)} has no labels, so the number of "
             "clusters cannot be taken from them: pass --data.num_clusters K (the number of clusters to find)"
         )
     if views != "clean" and backbone is None:
