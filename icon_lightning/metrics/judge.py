@@ -57,6 +57,42 @@ def silhouette(features: np.ndarray, assignment: np.ndarray, rows: np.ndarray | 
     return float(silhouette_score(features.astype(np.float64), assignment, metric="cosine"))
 
 
+class Judge:
+    """The judge of one run's candidates: the rows (``judge_rows``) and their (S, S) cosine distances, computed
+    once, so each candidate costs one (S, S) @ (S, K) product (``score``); the same numbers as ``silhouette`` (to
+    float32 rounding of the distances). ``features`` (N, D) are the prepared features the heads see."""
+
+    def __init__(self, features, sample: int = SAMPLE, seed: int = 0) -> None:
+        import torch
+
+        x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        self.rows = torch.as_tensor(judge_rows(len(x), sample, seed))
+        self.features = x[self.rows]
+        unit = torch.nn.functional.normalize(self.features, dim=1)
+        self.distances = (1 - unit @ unit.T).clamp_(0, 2).fill_diagonal_(0).float()  # scikit-learn's cosine
+
+    def score(self, assignment) -> float:
+        """The cosine silhouette of ``assignment`` of the judged rows (S,) (e.g. a head's argmax on
+        ``features``): higher is better; fewer than two clusters, or every row alone, score -1."""
+        import torch
+
+        a = torch.as_tensor(assignment, dtype=torch.long).flatten()
+        if a.shape != (len(self.rows),):
+            raise ValueError(
+                f"assignment: expected shape ({len(self.rows)},) for the judged rows, got {tuple(a.shape)}"
+            )
+        used, a = torch.unique(a, return_inverse=True)
+        if not 2 <= len(used) < len(a):
+            return -1.0
+        onehot = torch.nn.functional.one_hot(a, len(used)).float()
+        sums, counts = (self.distances @ onehot).double(), onehot.sum(0).double()  # (S, C) distance sums, (C,)
+        own = counts[a]
+        inside = sums.gather(1, a[:, None]).squeeze(1) / (own - 1).clamp(min=1)
+        between = (sums / counts).scatter(1, a[:, None], torch.inf).min(1).values
+        s = (between - inside) / torch.maximum(inside, between)
+        return float(torch.where(own > 1, s.nan_to_num(0.0), 0.0).mean())  # a row alone in its cluster scores 0
+
+
 def judge(features: np.ndarray, candidates: Sequence[np.ndarray], sample: int = SAMPLE, seed: int = 0) -> np.ndarray:
     """(C,) judge scores of C candidate assignments of the same rows (higher is better), all on one subsample."""
     rows = judge_rows(len(features), sample, seed)

@@ -74,3 +74,30 @@ def test_choose_takes_the_highest_score_then_the_lowest_loss():
     assert choose([0.1, 0.3, 0.2]) == 1
     assert choose([0.3, 0.1, 0.3], losses=[2.0, 0.5, 1.0]) == 2
     assert choose([0.3, 0.3]) == 0
+
+
+def test_the_cached_judge_scores_as_the_silhouette_on_its_rows():
+    """``Judge`` (distances computed once, one product a candidate) against scikit-learn's silhouette on the same
+    seeded rows, for good, random, unbalanced partitions and singleton clusters."""
+    from sklearn.datasets import make_blobs
+    from sklearn.metrics import silhouette_score
+
+    from icon_lightning.metrics.judge import Judge
+
+    rng = np.random.default_rng(3)
+    x, labels = make_blobs(n_samples=600, n_features=8, centers=5, random_state=1)
+    judge_ = Judge(x, sample=256, seed=4)
+    rows = judge_rows(600, 256, 4)
+    assert np.array_equal(judge_.rows.numpy(), rows)
+    partitions = [
+        labels,
+        rng.integers(0, 3, 600),
+        (labels > 0).astype(int),
+        np.where(np.arange(600) == rows[0], 9, labels),
+    ]
+    for assignment in partitions:
+        expected = silhouette_score(x[rows], assignment[rows], metric="cosine")
+        assert judge_.score(assignment[rows]) == pytest.approx(expected, abs=1e-5)
+    assert judge_.score(np.zeros(256, dtype=int)) == -1.0
+    with pytest.raises(ValueError, match="assignment: expected shape"):
+        judge_.score(labels)
