@@ -13,10 +13,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from icon_lightning.metrics.judge import Judge
 from icon_lightning.models.heads import ClusterHeads
 from icon_lightning.models.parts import HEAD_INITS
 
 Gather = Callable[[Tensor], Tensor] | None
+JUDGE_RULE = "cosine silhouette of the head's argmax partition of the prepared train features (metrics.judge)"
+
+
+def scores_of(scores: dict[int, float] | None, heads: Sequence[int] | None = None) -> dict[str, float] | None:
+    """Judge scores by head number as a record holds them (keys: strings), for ``heads`` (default all)."""
+    if scores is None:
+        return None
+    return {str(h): float(v) for h, v in scores.items() if heads is None or h in heads}
 
 
 class RunningMean:
@@ -80,12 +89,16 @@ class EmaTeacher(nn.Module):
 
 
 class SuccessiveHalving:
-    """Label-free pruning: every ``every`` optimizer steps the worse half of the live heads by their mean training
-    loss since the last pruning (averaged over processes) leaves, until ``keep`` remain (None: no pruning).
-    ``history`` records each pruning by head number (kept best first, dropped, the window's mean losses)."""
+    """Label-free pruning: every ``every`` optimizer steps the worse half of the live heads that may be pruned by
+    their mean training loss since the last pruning (averaged over processes) leaves, until ``keep`` of them remain
+    (None: no pruning). Heads numbered in ``protected`` (those started from a clustering) are never compared: the
+    loss carries a balance prior (log N − H(π)), so it must not drop a start of other balance before it converged;
+    they go on to the end, and the judge chooses among the survivors. ``history`` records each pruning by head
+    number (kept best first, dropped, the window's mean losses)."""
 
-    def __init__(self, num_heads: int, keep: int | None, every: int) -> None:
+    def __init__(self, num_heads: int, keep: int | None, every: int, protected: Sequence[int] = ()) -> None:
         self.keep, self.every, self.window, self.history = keep, every, RunningMean(num_heads), []
+        self.protected = set(protected)
 
     def add(self, live: Tensor, losses: Tensor) -> None:
         if self.keep is not None:
@@ -93,14 +106,16 @@ class SuccessiveHalving:
 
     def survivors(self, step: int, live: list[int], gather: Gather = None) -> list[int] | None:
         """The heads that go on after optimizer step ``step`` (best first), or None when no pruning is due."""
-        if self.keep is None or len(live) <= self.keep or step % self.every or not self.window.count:
+        compared = [h for h in live if h not in self.protected]
+        if self.keep is None or len(compared) <= self.keep or step % self.every or not self.window.count:
             return None
         mean = self.window.take(gather).detach().cpu().double()
-        order = sorted(live, key=lambda h: (float(mean[h]), h))  # ties: the lower number
-        kept = order[: max(self.keep, math.ceil(len(live) / 2))]
+        order = sorted(compared, key=lambda h: (float(mean[h]), h))  # ties: the lower number
+        kept = order[: max(self.keep, math.ceil(len(compared) / 2))]
         losses = {str(h): float(mean[h]) for h in order}
         self.history.append({"step": int(step), "kept": kept, "dropped": order[len(kept) :], "losses": losses})
-        return kept
+        protected = [h for h in live if h in self.protected]
+        return sorted(protected + kept, key=lambda h: (float(mean[h]), h))
 
     def state(self) -> dict:
         return {"history": [dict(entry) for entry in self.history], "window": self.window.state()}
@@ -158,10 +173,13 @@ class LiveHeads(nn.Module):
 class HeadBank(LiveHeads):
     """H heads with a live mask and all their bookkeeping, through declared methods only: the stacks, starts and
     EMA teacher (``LiveHeads``), each step's training losses (``add``), successive halving (``prune``: keep / every,
-    ``SuccessiveHalving``) and selection: the live head with the lowest ``selection_scores()`` (today the last
-    epoch's mean training loss: the declared place of a label-free judge), ``selected`` being its number.
-    ``state_dict`` holds the stacks, the teacher, the mask, the last losses, the selected head, the running windows
-    and the pruning history: a resumed run continues as the uninterrupted one.
+    ``SuccessiveHalving``; the started heads are never pruned) and selection: the live head with the lowest
+    ``selection_scores()``, ``selected`` being its number. The scores are the judge's (``use_judge``: the cosine
+    silhouette of each live head's partition in the prepared features, ``metrics.judge``; higher is better, so its
+    negative), taken by ``judge_heads``, else the last epoch's mean training loss (which carries the loss's balance
+    prior and so cannot judge between partitions of other balance).
+    ``state_dict`` holds the stacks, the teacher, the mask, the last losses, the selected head, the running windows,
+    the pruning history and the judge's last scores: a resumed run continues as the uninterrupted one.
     """
 
     def __init__(
@@ -178,7 +196,27 @@ class HeadBank(LiveHeads):
         super().__init__(heads, head_init, ema_momentum)
         self.register_buffer("losses", torch.zeros(heads.num_heads))  # the last closed epoch's mean training losses
         self.register_buffer("selected", torch.zeros((), dtype=torch.long))  # a head's number
-        self.epoch, self.halving = RunningMean(heads.num_heads), SuccessiveHalving(heads.num_heads, keep, every)
+        started = range(len(self.head_init))
+        self.epoch = RunningMean(heads.num_heads)
+        self.halving = SuccessiveHalving(heads.num_heads, keep, every, protected=started)
+        self.judge: Judge | None = None  # what judges the heads (``use_judge``); not state: it is the data's
+        self.judged: dict = {"step": None, "scores": None}  # the judge's last scores by head number, and their step
+
+    # ------------------------------------------------------------------ the judge
+    def use_judge(self, features: Tensor | None) -> None:
+        """Judge the heads' partitions of ``features`` (N, D) (the prepared train features the heads see; None: no
+        judge, selection by training loss); the rows judged are ``metrics.judge``'s seeded subsample."""
+        self.judge = None if features is None else Judge(features.detach().cpu())
+
+    @torch.no_grad()
+    def judge_heads(self, step: int) -> dict[int, float]:
+        """The judge's score of each live head's partition (its argmax on the judged rows), recorded with ``step``."""
+        weight = next(self.heads.parameters())
+        x = self.judge.features.to(weight.device, weight.dtype)
+        assignments = self(x).argmax(-1).cpu()  # (S, h)
+        scores = {h: self.judge.score(assignments[:, i]) for i, h in enumerate(self.live_ids())}
+        self.judged = {"step": int(step), "scores": scores}
+        return scores
 
     # ------------------------------------------------------------------ losses, pruning, selection
     def add(self, losses: Tensor) -> None:
@@ -199,35 +237,59 @@ class HeadBank(LiveHeads):
         return True
 
     def selection_scores(self) -> Tensor:
-        """(H,) the score each head is selected by, lower is better (pruned heads: inf): today the last closed
-        epoch's mean training loss. The declared place of a label-free judge."""
+        """(H,) the score each head is selected by, lower is better (pruned heads: inf): minus the judge's last
+        scores when it judged every live head, else the last closed epoch's mean training loss."""
+        scores = self.judged["scores"]
+        if scores is not None and all(h in scores for h in self.live_ids()):
+            judged = torch.tensor([-scores.get(h, -math.inf) for h in range(len(self.live))], dtype=torch.float64)
+            return judged.masked_fill(~self.live.cpu(), math.inf)
         return self.losses.masked_fill(~self.live, math.inf)
 
     def select(self, scores: Tensor) -> int:
         """The number of the live head with the lowest ``scores`` (ties: the lower number)."""
         return int(scores.masked_fill(~self.live.to(scores.device), math.inf).argmin())
 
-    def close_epoch(self, gather: Gather = None) -> Tensor | None:
-        """The epoch's (H,) mean losses (None when no step was added since the last close); the selection."""
+    def close_epoch(self, gather: Gather = None, judge_at: int | None = None) -> Tensor | None:
+        """The epoch's (H,) mean losses (None when no step was added since the last close); the selection, after
+        the judge scored the live heads when ``judge_at`` (the step) is given and there is a judge."""
         mean = self.epoch.take(gather)
         if mean is not None:
             self.losses.copy_(mean)
+            if judge_at is not None and self.judge is not None:
+                self.judge_heads(judge_at)
             self.selected.fill_(self.select(self.selection_scores()))
         return mean
+
+    def judge_due(self, step: int, every: int, last: bool) -> bool:
+        """Whether the judge scores the heads at an epoch closed at ``step``: at the run's ``last`` step, and at
+        most once every ``every`` steps before (each judging costs an (S, S) @ (S, K) product a live head)."""
+        before = self.judged["step"]
+        return self.judge is not None and (last or before is None or step - before >= every) and before != step
 
     def report(self) -> dict:
         """The record of a run: the selected head's number, the live heads, their losses, the pruning history."""
         measured, live = bool(self.losses[self.live].ne(0).any()), self.live_ids()  # zeros: no epoch closed yet
+        scores, step = self.judged["scores"], self.judged["step"]
+        by_judge = measured and scores is not None and set(live) <= set(scores)
         return {
             "selected_head": int(self.selected) if measured else None,
             "heads": live,
             "head_losses": [float(self.losses[h]) for h in live] if measured else None,
+            "selection": "judge" if by_judge else "training loss",
+            "judge": None if scores is None else {"rule": JUDGE_RULE, "step": step, "scores": scores_of(scores, live)},
             "pruning": [dict(entry) for entry in self.halving.history],
         }
 
     def get_extra_state(self) -> dict:
-        return {"epoch": self.epoch.state(), "halving": self.halving.state()}
+        judged = {"step": self.judged["step"], "scores": scores_of(self.judged["scores"])}
+        return {"epoch": self.epoch.state(), "halving": self.halving.state(), "judged": judged}
 
     def set_extra_state(self, state: dict) -> None:
         self.epoch.load(state["epoch"])
         self.halving.load(state["halving"])
+        judged = state.get("judged", {"step": None, "scores": None})  # checkpoints before the judge: none
+        scores = judged["scores"]
+        self.judged = {
+            "step": judged["step"],
+            "scores": None if scores is None else {int(h): v for h, v in scores.items()},
+        }

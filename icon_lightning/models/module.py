@@ -23,8 +23,12 @@ from icon_lightning.settings import OpenUnitInterval, PositiveFloat, PositiveInt
 from icon_lightning.supervisory.graph import table_width
 
 DEFAULT_LR = 1e-2
+# the heads started from clusterings: a start of each kind (k-means suits balanced data, spectral clustering of the
+# k-NN graph long tails: issue 32), never pruned, the judge choosing between them and the random heads' survivor
+DEFAULT_HEAD_INIT = ("kmeans", "spectral")
 DEFAULT_KEEP_HEADS = 1  # heads left by pruning: the run reports one head, and each survivor costs a head's price
 DEFAULT_PRUNE_EVERY = 10  # optimizer steps between prunings: 10 heads pay their price for 40 steps (10→5→3→2→1)
+JUDGE_EVERY = 50  # optimizer steps between the judge's scorings before the last step (``HeadBank.judge_due``)
 OLD_LAYOUT = "head_ids"  # a key of the checkpoints written before the head bank (heads shrunk at each pruning)
 
 
@@ -36,6 +40,9 @@ class EndOfStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs=None, batch=None, batch_idx: int = 0) -> None:
         pl_module.end_of_step(trainer)
 
+    def on_train_end(self, trainer, pl_module) -> None:  # before the checkpoint callbacks' (the final model)
+        pl_module.final_selection(trainer)
+
 
 def attached_trainer(module):
     """``module``'s Trainer, or None (``load_from_checkpoint``: Lightning's ``trainer`` property raises then)."""
@@ -43,6 +50,11 @@ def attached_trainer(module):
         return module.trainer
     except RuntimeError:
         return None
+
+
+def last_step(trainer) -> bool:
+    """Whether the step just taken is training's last (stopped by a callback, or the step budget reached)."""
+    return bool(trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step)
 
 
 def optimizers(params, optimizer: OptimizerCallable | None, scheduler: LRSchedulerCallable | None, interval: str):
@@ -102,16 +114,26 @@ class HeadBankModule(ClusterEvaluation):
         self.bank.update_teacher()
         gather = self.all_gather if trainer is not None and trainer.world_size > 1 else None
         self.bank.prune(self.global_step, gather)
-        if trainer is not None and (
-            trainer.is_last_batch or trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
-        ):
-            self.on_train_epoch_end()
+        if trainer is not None and (trainer.is_last_batch or last_step(trainer)):
+            self.close_epoch(last_step(trainer))
 
-    def on_train_epoch_end(self) -> None:
-        """The epoch's head losses and selected head (nothing when ``end_of_step`` took them at its last step)."""
-        mean = self.bank.close_epoch(self.all_gather if self.trainer.world_size > 1 else None)
+    def close_epoch(self, last: bool = False) -> None:
+        """The epoch's head losses and selected head (nothing when ``end_of_step`` took them at its last step),
+        judged when due (``HeadBank.judge_due``: at the ``last`` step, else at most every ``JUDGE_EVERY`` steps)."""
+        judge_at = self.global_step if self.bank.judge_due(self.global_step, JUDGE_EVERY, last) else None
+        mean = self.bank.close_epoch(self.all_gather if self.trainer.world_size > 1 else None, judge_at)
         if mean is not None:  # the selected head's
             self.log("train/loss", mean[self.selected_head], prog_bar=True, on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self) -> None:
+        self.close_epoch()
+
+    def final_selection(self, trainer) -> None:
+        """When training ended at a step the judge has not scored (a time limit, an epoch limit): judge the live
+        heads there and select, before the final checkpoint is saved."""
+        if self.bank.judge_due(trainer.global_step, JUDGE_EVERY, last=True):
+            self.bank.judge_heads(trainer.global_step)
+            self.bank.selected.fill_(self.bank.select(self.bank.selection_scores()))
 
     def configure_callbacks(self) -> list[EndOfStep]:
         return [EndOfStep()]
@@ -119,9 +141,14 @@ class HeadBankModule(ClusterEvaluation):
     def setup(self, stage: str) -> None:
         """Start the bank's ``head_init`` heads from clusterings of the DataModule's clean train features, once (a
         resumed run restores the trained weights afterwards; a second fit keeps them), with seed ``init_seed``."""
-        if stage != "fit" or not self.bank.head_init or bool(self.bank.started):
+        if stage != "fit":
             return
         features = getattr(getattr(self.trainer, "datamodule", None), "train_features", None)
+        hp = self.hparams
+        if hp.selection == "judge" and hp.num_clusters >= 2 and hp.projection_dim is None:
+            self.bank.use_judge(None if features is None else torch.as_tensor(features))
+        if not self.bank.head_init or bool(self.bank.started):
+            return
         if features is None:
             raise ValueError("head_init: needs a DataModule with train_features (ClusteringDataModule); set []")
         self.bank.start(features, self.init_seed)
@@ -143,11 +170,11 @@ class IConModule(HeadBankModule):
     backbone: frozen extractor for batches of images (``views: online``); None on cached features.
     feature_dim, num_clusters, num_classes, num_samples: linked from the DataModule by the CLI.
     num_heads, head_temperature, projection_dim, head_hidden_dim: see ``ClusterHeads`` (hidden: MLP heads).
-    head_init: None → ``["kmeans"]`` for linear cluster heads, none otherwise. How the first heads start, one
-        entry a head: ``kmeans`` (k-means of the clean train features, a different seed each) or ``spectral``
-        (spectral clustering of their 10-NN graph), as the nearest-centroid rule of that partition; the other
-        heads start at random. The training loss picks the head (label-free), so a started head is kept only
-        when the objective prefers it. Linear heads only.
+    head_init: None → ``["kmeans", "spectral"]`` for linear cluster heads, none otherwise. How the first heads
+        start, one entry a head: ``kmeans`` (k-means of the clean train features, a different seed each) or
+        ``spectral`` (spectral clustering of their 10-NN graph), as the nearest-centroid rule of that partition;
+        the other heads start at random. Started heads are never pruned (``keep_heads``); the selection chooses
+        among them and the random heads' survivors. Linear heads only.
     optimizer: None → Adam at lr 1e-2. scheduler: None → no fixed schedule (the ``Convergence`` callback halves
         the LR on plateaus); any ``LRSchedulerCallable``, stepped every optimizer step or, with
         ``scheduler_interval: epoch``, every epoch (the ImageNet preset: the paper's StepLR, halved every 10 of
@@ -156,12 +183,15 @@ class IConModule(HeadBankModule):
         candidate side of q. A p that reads the model's output (``Supervisory.reads_output``) reads the
         teacher's when there is one, else the student's (detached), head by head, rebuilt every step.
     with_labels: hand labels to p (SupCon, cross-entropy). Unsupervised recipes never see them.
-    keep_heads / prune_every: label-free successive halving (``HeadBank.prune``): every ``prune_every`` optimizer
-        steps the worse half of the live heads by mean training loss since the last pruning leaves the computation
-        (the bank's live mask: its weights stay in the stacks, untouched by the forward), until ``keep_heads``
-        remain; None keeps every head to the end. Heads keep their numbers in logs and records.
-    Head selection is label-free (``HeadBank.select``): today the live head with the lowest mean training loss over
-    the last epoch; ``selected_head`` is that head's number.
+    keep_heads / prune_every: label-free successive halving (``HeadBank.prune``) of the randomly started heads:
+        every ``prune_every`` optimizer steps the worse half of them by mean training loss since the last pruning
+        leaves the computation (the bank's live mask: its weights stay in the stacks, untouched by the forward),
+        until ``keep_heads`` remain; None keeps every head to the end. Heads keep their numbers in logs and records.
+    selection: how the run's head is chosen among the live heads, without labels (``HeadBank.select``; its number
+        is ``selected_head``). ``judge``: the highest cosine silhouette of the head's partition in the prepared
+        train features (``metrics.judge``: its rule and reasons), scored every ``JUDGE_EVERY`` steps and at the last
+        step; ``loss``: the lowest mean training loss over the last epoch (the loss carries a balance prior, so it
+        prefers balanced partitions: issue 32). Cluster heads only; a projection is selected by ``loss``.
     """
 
     def __init__(
@@ -185,6 +215,7 @@ class IConModule(HeadBankModule):
         with_labels: bool = False,
         keep_heads: PositiveInt | None = DEFAULT_KEEP_HEADS,
         prune_every: PositiveInt = DEFAULT_PRUNE_EVERY,
+        selection: Literal["judge", "loss"] = "judge",
     ) -> None:
         check_arguments(IConModule.__init__, locals())  # the annotations' limits, as `icon` checks them at parse time
         super().__init__(num_heads if num_clusters >= 1 else 1, num_clusters, num_classes)  # owns ``evaluation``
@@ -199,7 +230,7 @@ class IConModule(HeadBankModule):
         self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
         heads = ClusterHeads(feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim)
         linear = heads.is_linear and projection_dim is None
-        head_init = (["kmeans"] if linear else []) if head_init is None else head_init
+        head_init = (list(DEFAULT_HEAD_INIT) if linear else []) if head_init is None else head_init
         self.bank = HeadBank(heads, head_init, ema_momentum, teacher_candidates, keep_heads, prune_every)
         self.targets = TargetCache()
 

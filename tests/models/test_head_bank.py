@@ -2,7 +2,7 @@
 and the labels recorded from the heads as they were (one ``nn.Linear``, or MLP layers, shrunk at each pruning,
 their optimizer state carried row by row, the EMA teacher a torch ``AveragedModel`` shrunk with them), to float
 tolerance. The references were recorded by running this file as a script on the code before the bank (commit
-dbc5f21: ``PYTHONPATH=<that tree> python -m tests.models.test_head_bank`` from outside the checkout)."""
+dbc5f21: ``PYTHONPATH=<that tree> python -m tests.models.test_head_bank`` in that tree, this file copied in)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ REFERENCE = Path(__file__).with_name("head_bank_reference.json")
 
 
 CASES = {  # README's first command on digits' 64 pixels, 30 steps, seed 0: 10 heads halved every 10 steps
-    "linear": [],  # linear heads, head 0 started from k-means
+    "linear": ["--model.head_init=[]"],  # linear heads, all started at random (a started head is never pruned now)
     "mlp_teacher": ["--model.head_hidden_dim=16", "--model.ema_momentum=0.9", "--model.teacher_candidates=true"],
 }
+SINCE = ["--model.selection=loss"]  # what the code before the bank did, named since the judge became the default
 
 
 def pruned_digits_fit(tmp_path, overrides=()):
@@ -44,7 +45,7 @@ def summary(est) -> dict:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_pruned_fit_gives_the_losses_and_labels_of_the_heads_before_the_bank(tmp_path, case):
-    got, want = summary(pruned_digits_fit(tmp_path, CASES[case])), json.loads(REFERENCE.read_text())[case]
+    got, want = summary(pruned_digits_fit(tmp_path, CASES[case] + SINCE)), json.loads(REFERENCE.read_text())[case]
     # the live heads by number (the bank lists them ascending; the shrunk heads listed them best first)
     assert sorted(got["heads"]) == sorted(want["heads"]) and got["selected_head"] == want["selected_head"]
     assert [(h["step"], h["kept"], h["dropped"]) for h in got["pruning"]] == [

@@ -110,6 +110,8 @@ def test_selection_is_a_heads_number_through_the_declared_scores():
         "selected_head": 3,
         "heads": [2, 3],
         "head_losses": [pytest.approx(0.3), pytest.approx(0.25)],  # the epoch's two steps
+        "selection": "training loss",  # no judge given
+        "judge": None,
         "pruning": bank.report()["pruning"],
     }
     assert bank.select(torch.tensor([0.0, 0.0, 0.7, 0.6])) == 3  # a pruned head is never selected
