@@ -96,7 +96,9 @@ def point_loggers_at(cfg, run_dir: Path) -> None:
             init_args.save_dir = str(run_dir)
 
 
-def print_summary(metrics: dict, convergence: dict | None, steps: int, run_dir: Path) -> None:
+def print_summary(
+    metrics: dict, convergence: dict | None, steps: int, run_dir: Path, search: dict | None = None
+) -> None:
     rows = sorted(metrics.items())
     width = max((len(k) for k, _ in rows), default=10)
     print(f"\n{'metric':<{width}}  value")
@@ -106,6 +108,12 @@ def print_summary(metrics: dict, convergence: dict | None, steps: int, run_dir: 
     if convergence is not None:
         verdict = "converged" if convergence["converged"] else "NOT CONVERGED"
         print(f"{verdict} after {steps} steps: {convergence['reason']}")
+    if search is not None:
+        lo, hi = search["range"]
+        print(
+            f"K = {search['chosen']} chosen by the judge from {lo}..{hi} ({len(search['scores'])} K tried in "
+            f"{search['wall_time_s']:.1f} s; num_clusters_search in metrics.json, {SEARCH_PLOT})"
+        )
     print(f"metrics.json: {run_dir / 'metrics.json'}")
 
 
@@ -178,7 +186,7 @@ def read_checkpoint_hparams(cli, parse) -> None:
     """Lightning's ``parse`` of a checkpoint's hyper-parameters, with a file that is not a readable checkpoint
     answered in one line naming it (torch alone says ``[Errno 22] Invalid argument``), as is a checkpoint of another
     objective than the config's (``check_same_recipe``). Validate, test and predict with ``data.num_clusters`` unset
-    take the checkpoint's K (its fit's ``FitPreparation``), not the data's classes."""
+    or ``auto`` take the checkpoint's K (its fit's ``FitPreparation``), not the data's classes."""
     subcommand = cli.config.get("subcommand")
     ckpt = cli.config[subcommand].get("ckpt_path") if subcommand else None
     if not (ckpt and Path(ckpt).is_file()):
@@ -191,7 +199,8 @@ def read_checkpoint_hparams(cli, parse) -> None:
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"ckpt_path: {ckpt} is not a readable checkpoint ({type(err).__name__}: {err})") from None
     data = cli.config[subcommand].data  # the config after the parse (Lightning replaces it)
-    if subcommand != "fit" and data.get("num_clusters") is None and (fit := saved_preparation(checkpoint)) is not None:
+    unset = data.get("num_clusters") in (None, "auto")
+    if subcommand != "fit" and unset and (fit := saved_preparation(checkpoint)) is not None:
         data.num_clusters = fit.num_clusters
 
 
@@ -234,6 +243,7 @@ def run_record(cli, trainer, cfg) -> dict:
         "version": __version__,
         "steps": trainer.global_step if cli.subcommand == "fit" or not ckpt else checkpoint_step(ckpt),
         "convergence": convergence,
+        "num_clusters_search": getattr(getattr(cli, "datamodule", None), "num_clusters_search", None),
         "best_checkpoint": next((c.best_model_path for c in monitored if Path(c.best_model_path).is_file()), None),
         "last_checkpoint": next((c.last_model_path for c in saving if Path(c.last_model_path).is_file()), None),
     }
@@ -336,9 +346,10 @@ TRAINER_DEFAULTS = {
 }
 
 
-def add_run_arguments(parser) -> None:
+def add_run_arguments(parser, num_clusters=None) -> None:
     """`icon`'s own keys (``run_dir``, ``allow_untrained``), its trainer defaults, the ``convergence.*`` callback
-    and the data facts linked into the model (``DATA_FACTS``)."""
+    and the data facts linked into the model (``DATA_FACTS``); K through ``num_clusters(datamodule)`` when given
+    (``IConCLI.resolved_num_clusters``: ``auto`` searched), else the data's ``num_clusters``."""
     parser.add_argument(
         "--run_dir",
         type=str | None,
@@ -354,7 +365,10 @@ def add_run_arguments(parser) -> None:
     parser.set_defaults(dict(TRAINER_DEFAULTS))
     parser.add_lightning_class_args(Convergence, "convergence")
     for source, target in DATA_FACTS:
-        parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
+        if source == "num_clusters" and num_clusters is not None:
+            parser.link_arguments("data", f"model.{target}", compute_fn=num_clusters, apply_on="instantiate")
+        else:
+            parser.link_arguments(f"data.{source}", f"model.{target}", apply_on="instantiate")
 
 
 def place_run(cfg, subcommand: str) -> tuple[str, Path]:
@@ -375,6 +389,27 @@ def place_run(cfg, subcommand: str) -> tuple[str, Path]:
     return sha, run_dir
 
 
+SEARCH_PLOT = "num_clusters_search.png"  # the K search's curve, in the fit's run folder
+
+
+def plot_k_search(search: dict, path: Path) -> None:
+    """The K search's curve (``choose_k.plot_search``); a plot that fails warns and the run goes on (as
+    ``ClusteringPlots``)."""
+    import traceback
+    import warnings
+
+    from icon_lightning.models.choose_k import plot_search
+
+    try:
+        plot_search(search, path)
+    except Exception:  # noqa: BLE001 - a picture never ends a run; the traceback is in the warning
+        warnings.warn(f"{path.name}: the plot failed:\n{traceback.format_exc()}", stacklevel=2)
+
+
+class KSearchRefused(ValueError):
+    """``data.num_clusters auto`` where no fit chooses K (raised inside jsonargparse's link, then unwrapped)."""
+
+
 class IConCLI(LightningCLI):
     """LightningCLI for `IConModule` on `ClusteringDataModule`; links data facts into the model, gives every run
     a directory of its own (`icon_lightning.runs`), resolves ``--ckpt_path last`` and writes ``metrics.json``
@@ -392,7 +427,34 @@ class IConCLI(LightningCLI):
         read_checkpoint_hparams(self, super()._parse_ckpt_path)
 
     def add_arguments_to_parser(self, parser) -> None:
-        add_run_arguments(parser)
+        add_run_arguments(parser, self.resolved_num_clusters)
+
+    def resolved_num_clusters(self, data) -> int:
+        """The model's K: the data's, with ``auto`` chosen first on a fit by the judge (``models.choose_k``; its
+        record then goes into ``metrics.json``); validate, test and predict take their checkpoint's K instead
+        (``read_checkpoint_hparams``), so ``auto`` without one is one line."""
+        ckpt = self._run_config().get("ckpt_path") if self.subcommand else None
+        if getattr(data, "needs_k_search", False) and (fit := saved_preparation(ckpt)) is not None:
+            data.resolve_num_clusters(fit.num_clusters)  # a resumed fit: its checkpoint's K (chosen by its search)
+        if getattr(data, "needs_k_search", False):
+            if self.subcommand not in (None, "fit"):
+                raise KSearchRefused(
+                    f"data.num_clusters: auto chooses K in a fit; {self.subcommand} takes K from its --ckpt_path, "
+                    "or pass --data.num_clusters K"
+                )
+            from icon_lightning.models.choose_k import search_num_clusters
+
+            search = search_num_clusters(data.search_features(), data.num_clusters_range)
+            data.resolve_num_clusters(search.chosen, search.record())
+        return data.num_clusters
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:  # jsonargparse wraps what a link's compute_fn raised: the one line is ours
+            if isinstance(error.__cause__, KSearchRefused):
+                raise ValueError(str(error.__cause__)) from None
+            raise
 
     def _run_config(self):
         """This run's config: the subcommand's section (the whole config with ``run=False``: no subcommand)."""
@@ -409,6 +471,9 @@ class IConCLI(LightningCLI):
 
     def _start(self) -> None:
         self._started = time.time()
+        search = getattr(self.datamodule, "num_clusters_search", None)
+        if search is not None and self.subcommand == "fit" and self.trainer.is_global_zero:
+            plot_k_search(search, Path(self.run_dir) / SEARCH_PLOT)
         for callback in self.trainer.callbacks:  # pictures and predictions go to the run's folder, whatever the logger
             if isinstance(callback, (ClusteringPlots, ClusterAssignmentWriter)) and callback.output_dir is None:
                 callback.output_dir = str(self.run_dir)
@@ -424,7 +489,8 @@ class IConCLI(LightningCLI):
         payload = run_record(self, trainer, self._run_config())
         atomic_write_json(self.run_dir / "metrics.json", payload)
         self.record = payload
-        print_summary(payload["metrics"], payload["convergence"], trainer.global_step, self.run_dir)
+        search = payload["num_clusters_search"]
+        print_summary(payload["metrics"], payload["convergence"], trainer.global_step, self.run_dir, search)
         finish_wandb()
 
     def after_fit(self) -> None:

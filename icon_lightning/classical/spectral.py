@@ -22,6 +22,17 @@ def nearest_train(x: np.ndarray, train: np.ndarray, k: int, chunk_size: int = 40
     return torch.cat(out).numpy()
 
 
+def knn_affinity(x: np.ndarray, n_neighbors: int) -> sp.csr_matrix:
+    """The symmetrised cosine k-NN connectivity graph of ``x`` (N, D) with self loops, (A + Aᵀ)/2 (N × N sparse):
+    what scikit-learn's ``affinity='nearest_neighbors'`` builds, found with this project's exact k-NN."""
+    indices, _ = knn(x, n_neighbors)
+    n = len(x)
+    rows = np.repeat(np.arange(n), n_neighbors + 1)
+    cols = np.concatenate([np.arange(n)[:, None], indices], axis=1).ravel()
+    a = sp.csr_matrix((np.ones(len(rows), dtype=np.float64), (rows, cols)), shape=(n, n))
+    return 0.5 * (a + a.T)
+
+
 class KNNSpectralClustering(ClusterMixin, BaseEstimator):
     """scikit-learn ``SpectralClustering`` on the symmetrised cosine k-NN connectivity graph.
 
@@ -52,12 +63,7 @@ class KNNSpectralClustering(ClusterMixin, BaseEstimator):
         x = _as_features(X)
         if not 0 < self.n_neighbors < len(x):
             raise ValueError(f"n_neighbors: expected 1..{len(x) - 1}, got {self.n_neighbors}")
-        indices, _ = knn(x, self.n_neighbors)
-        n = len(x)
-        rows = np.repeat(np.arange(n), self.n_neighbors + 1)
-        cols = np.concatenate([np.arange(n)[:, None], indices], axis=1).ravel()
-        a = sp.csr_matrix((np.ones(len(rows), dtype=np.float64), (rows, cols)), shape=(n, n))
-        self.affinity_matrix_ = 0.5 * (a + a.T)
+        self.affinity_matrix_ = knn_affinity(x, self.n_neighbors)
         spectral = SpectralClustering(
             self.n_clusters,
             affinity="precomputed",
