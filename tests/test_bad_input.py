@@ -116,6 +116,12 @@ def _npz(folder, name: str, make) -> str:
     return str(path)
 
 
+def _unlabelled(folder) -> str:
+    return _npz(
+        folder, "unlabelled.npz", lambda p, np: np.savez(p, features=np.random.default_rng(0).normal(size=(60, 8)))
+    )
+
+
 def _tar_with_a_truncated_jpeg(folder, np) -> str:
     import io
     import tarfile
@@ -240,9 +246,25 @@ CLI_CASES = {
         ),
         "obj.npz: 'features' is an object array (ragged rows or Python objects)",
     ),
-    "a features file without labels and no `num_clusters`": (
-        lambda d: _features_command(_npz(d, "unlabelled.npz", lambda p, np: np.savez(p, features=np.eye(8)))),
-        "unlabelled.npz has no labels, so the number of clusters cannot be taken from them: pass --data.num_clusters K",
+    "a `num_clusters_range` with lo > hi (no labels: K is `auto`)": (
+        lambda d: _features_command(_unlabelled(d), "--data.num_clusters_range=[5,3]"),
+        "data.num_clusters_range: expected [lo, hi] with 2 ≤ lo ≤ hi < 60 (the rows the search clusters",
+    ),
+    "a `num_clusters_range` from 1": (
+        lambda d: _features_command(_unlabelled(d), "--data.num_clusters=auto", "--data.num_clusters_range=[1,4]"),
+        "data.num_clusters_range: expected [lo, hi] with 2 ≤ lo ≤ hi < 60",
+    ),
+    "a `num_clusters_range` up to N": (
+        lambda d: _features_command(_unlabelled(d), "--data.num_clusters_range=[2,60]"),
+        "data.num_clusters_range: expected [lo, hi] with 2 ≤ lo ≤ hi < 60",
+    ),
+    "a `num_clusters_range` with a fixed K": (
+        lambda d: _features_command(_unlabelled(d), "--data.num_clusters=3", "--data.num_clusters_range=[2,4]"),
+        "data.num_clusters_range: only read with data.num_clusters auto, but data.num_clusters is 3",
+    ),
+    "`num_clusters auto` for validate without a checkpoint": (
+        lambda d: ["validate", *_features_command(_unlabelled(d), "--allow_untrained=true")[1:]],
+        "data.num_clusters: auto chooses K in a fit; validate takes K from its --ckpt_path, or pass --data.num",
     ),
     "N ≤ k + 1 rows (every loss 0)": (
         lambda d: _features_command(

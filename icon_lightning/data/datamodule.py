@@ -75,7 +75,7 @@ class ClusteringDataModule(L.LightningDataModule):
         seed: int = 0,
         distributed_extraction: bool = False,
         extract_precision: Literal["bf16", "fp32"] = "bf16",
-        num_clusters: int | Literal["auto"] | None = None,
+        num_clusters: PositiveInt | Literal["auto"] | None = None,
         num_clusters_range: tuple[int, int] | None = None,
         evaluate_train: bool = True,
         views_in_memory: bool = False,
