@@ -123,7 +123,9 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
 
     Every default is ``icon fit``'s: the features are centred and L2-normalised, full batch up to 4,096 anchors
     (else 128 per cluster), 10 heads pruned by training loss to one, Adam 1e-2 halved on training-loss plateaus
-    until the third (``Convergence``). ``n_clusters`` is ``data.num_clusters`` (an integer, 2 ≤ K ≤ N).
+    until the third (``Convergence``). ``n_clusters`` is ``data.num_clusters`` (an integer, 2 ≤ K ≤ N, or ``"auto"``:
+    the judge chooses K, ``models.choose_k``; ``n_clusters_`` is the fit's K, ``record_["num_clusters_search"]``
+    what the search tried).
     ``random_state`` gives the run's seed (``seed_everything`` and the DataModule's sampling, ``data.seed``) as in
     scikit-learn: an int is the seed itself; a ``numpy.random.RandomState`` gives one drawn seed per fit; None a
     fresh seed each fit (so two fits differ; ``seed_`` says which seed a fit used). ``run_root``: where the run's
@@ -140,7 +142,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self,
         config: str | Path = "icon_clustering",
         overrides: Sequence[str] = (),
-        n_clusters: int = 10,
+        n_clusters: int | str = 10,
         random_state=0,
         accelerator: str = "cpu",
         cache_dir: str = ".cache/icon_lightning",
@@ -150,7 +152,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         self.config, self.overrides, self.n_clusters, self.random_state = config, overrides, n_clusters, random_state
         self.accelerator, self.cache_dir, self.run_root, self.verbose = accelerator, cache_dir, run_root, verbose
 
-    def command(self, path: Path, root: str, n_clusters: int, seed: int) -> list[str]:
+    def command(self, path: Path, root: str, n_clusters: int | str, seed: int) -> list[str]:
         """The `icon` words of the fit on the features file ``path`` (the run's folder under ``root``)."""
         return [
             *features_command(path, self.config),
@@ -177,6 +179,7 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
             run = executed(assembled(self.command(path, self.run_root or tmp, n_clusters, seed)))
         model, data = run.model.cpu().eval(), run.datamodule
         self.record_, self.module_, self.seed_ = run.record, model, seed
+        self.n_clusters_ = int(data.num_clusters)  # n_clusters, or what ``auto`` chose
         self.preparation_ = data.preparation.fitted  # the fit's own: what `icon predict` applies from a checkpoint
         self.mean_ = self.preparation_.mean
         self.head_ids_ = np.array(run.record["heads"], dtype=np.int64)
@@ -199,12 +202,14 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
         return self.predict_proba(X).argmax(1).astype(np.int64)
 
 
-def checked_settings(estimator: HeadClusterer, n: int) -> tuple[int, int]:
+def checked_settings(estimator: HeadClusterer, n: int) -> tuple[int | str, int]:
     """(K, the run's seed) from ``estimator``'s ``n_clusters`` and ``random_state`` (one draw), checked (with its
     ``overrides``) for ``n`` samples before anything is written."""
     k = estimator.n_clusters
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 2 <= k <= n:
-        raise ValueError(f"n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = {n} (X's samples), got {k!r}")
+    if k != "auto" and (isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 2 <= k <= n):
+        raise ValueError(
+            f"n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = {n} (X's samples) or 'auto', got {k!r}"
+        )
     if isinstance(estimator.overrides, str) or not all(isinstance(word, str) for word in estimator.overrides):
         raise ValueError(f"overrides: expected a list of `icon fit` words (--key=value), got {estimator.overrides!r}")
     try:
@@ -212,6 +217,7 @@ def checked_settings(estimator: HeadClusterer, n: int) -> tuple[int, int]:
     except ValueError:
         expected = "None, an int in [0, 2**32 - 1] or a numpy.random.RandomState"
         raise ValueError(f"random_state: expected {expected}, got {estimator.random_state!r}") from None
+    k = k if k == "auto" else int(k)
     if isinstance(estimator.random_state, numbers.Integral):
-        return int(k), int(estimator.random_state)
-    return int(k), int(rng.randint(np.iinfo(np.int32).max))
+        return k, int(estimator.random_state)
+    return k, int(rng.randint(np.iinfo(np.int32).max))

@@ -145,3 +145,14 @@ def test_auto_where_no_fit_chooses_k_is_one_line(tmp_path):
         cli_main(
             [*features_command(train), *quiet(tmp_path), "--data.num_clusters=3", "--data.num_clusters_range=[2,4]"]
         )
+
+
+def test_the_estimator_with_auto_fits_and_predicts_at_the_chosen_k(tmp_path):
+    from icon_lightning.estimator import HeadClusterer
+
+    x, _ = blobs(n=240, centers=4, seed=3)
+    overrides = ["--trainer.max_steps=10", "--model.num_heads=2", "--data.num_clusters_range=[2,6]"]
+    est = HeadClusterer(n_clusters="auto", cache_dir=str(tmp_path), overrides=overrides).fit(x)
+    search = est.record_["num_clusters_search"]
+    assert est.n_clusters_ == search["chosen"] == 4 == est.module_.hparams.num_clusters
+    assert est.predict_proba(x[:7]).shape == (7, 4) and np.array_equal(est.predict(x), est.labels_)

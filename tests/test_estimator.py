@@ -58,7 +58,7 @@ def test_random_state_takes_what_scikit_learn_takes(blobs, tmp_path):
     [
         (
             {"n_clusters": 10.0},
-            r"n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = 60 \(X's samples\), got 10.0",
+            r"n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = 60 \(X's samples\) or 'auto', got 10.0",
         ),
         ({"n_clusters": 1}, "n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = 60"),
         ({"n_clusters": 61}, "n_clusters: expected an integer with 2 ≤ n_clusters ≤ N = 60"),
