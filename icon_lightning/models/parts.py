@@ -24,10 +24,16 @@ def _kmeans(x, k: int, seed: int):
     return FaissKMeans(k, n_init=10, random_state=seed).fit(x).labels_
 
 
+# rows above which the spectral start solves its eigenproblem with LOBPCG: on CIFAR-10 test's 10,000 Lite0 rows
+# ARPACK's shift-invert took 34.9 s, LOBPCG 2.5 s, the partitions agreeing to ARI 0.984; on digits' 1,797 rows
+# both take 0.1 s and agree exactly (one thread, 2026-12-07)
+SPECTRAL_LOBPCG_ROWS = 2_000
+
+
 def _spectral(x, k: int, seed: int):
     from icon_lightning.classical import KNNSpectralClustering
 
-    solver = "lobpcg" if len(x) > 20_000 else None
+    solver = "lobpcg" if len(x) > SPECTRAL_LOBPCG_ROWS else None
     return KNNSpectralClustering(k, 10, eigen_solver=solver, random_state=seed).fit(x).labels_
 
 
