@@ -80,3 +80,57 @@ def test_the_judges_scores_survive_a_checkpoint():
     older = _two_heads()
     older.load_state_dict(state)
     assert older.report()["judge"] is None
+
+
+# ---------------------------------------------------------------------- a user's fit
+def _long_tailed_digits(root, labels_seed: int = 0):
+    from sklearn.datasets import load_digits
+
+    from icon_lightning.data.long_tailed import long_tailed_indices
+
+    x, y = load_digits(return_X_y=True)
+    keep = long_tailed_indices(y, 10, seed=0)
+    labels = y[keep] if not labels_seed else np.random.default_rng(labels_seed).permutation(y[keep])
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"digits_lt10_{labels_seed}.npz"
+    np.savez(path, features=x[keep].astype(np.float32), labels=labels.astype(np.int64))
+    return path
+
+
+def _fit(root, labels_seed: int = 0):
+    from icon_lightning.cli import cli_main, features_command
+
+    quiet = [f"--data.cache_dir={root / 'cache'}", f"--trainer.default_root_dir={root / 'runs'}"]
+    quiet += ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu"]
+    path = _long_tailed_digits(root, labels_seed)
+    return path, quiet, cli_main([*features_command(path), *quiet, "--seed_everything=0"])
+
+
+def test_a_users_fit_keeps_both_starts_and_reports_the_judges_head_everywhere(tmp_path):
+    from pathlib import Path
+
+    from icon_lightning.cli import cli_main, features_command
+
+    path, quiet, fit = _fit(tmp_path / "a")
+    record = fit.record
+    assert record["selection"] == "judge" and {0, 1} <= set(record["heads"])  # k-means and spectral starts survive
+    scores = {int(h): v for h, v in record["judge"]["scores"].items()}
+    assert sorted(scores) == record["heads"] and record["selected_head"] == max(scores, key=scores.get)
+    assert record["judge"]["step"] == record["steps"]  # judged at the last step
+    # each score is scikit-learn's cosine silhouette of that head's argmax partition on the judged rows
+    x = fit.datamodule.train_features.float()
+    rows = judge_rows(len(x))
+    with torch.no_grad():
+        labels = fit.model.cpu()(x[rows], record["heads"]).argmax(-1).numpy()
+    for i, h in enumerate(record["heads"]):
+        assert scores[h] == pytest.approx(silhouette_score(x[rows].numpy(), labels[:, i], metric="cosine"), abs=1e-5)
+    # the checkpoint holds the judge's head: predicting the training file gives its labels
+    ckpt = Path(fit.run_dir) / "checkpoints" / "last.ckpt"
+    assert int(torch.load(ckpt, weights_only=False)["state_dict"]["bank.selected"]) == record["selected_head"]
+    predicted = cli_main(["predict", *features_command(path)[1:], *quiet, f"--ckpt_path={ckpt}"])
+    with torch.no_grad():
+        own = fit.model(x, [record["selected_head"]])[:, 0].argmax(-1).numpy()
+    assert np.array_equal(np.load(Path(predicted.run_dir) / "predictions.npy"), own)
+    # labels are never read: the same rows with permuted labels give the same scores and the same head
+    _, _, shuffled = _fit(tmp_path / "b", labels_seed=5)
+    assert shuffled.record["judge"] == record["judge"] and shuffled.record["selected_head"] == record["selected_head"]
