@@ -243,7 +243,7 @@ def run_record(cli, trainer, cfg) -> dict:
         "version": __version__,
         "steps": trainer.global_step if cli.subcommand == "fit" or not ckpt else checkpoint_step(ckpt),
         "convergence": convergence,
-        "num_clusters_search": getattr(getattr(cli, "datamodule", None), "num_clusters_search", None),
+        "num_clusters_search": k_search(getattr(cli, "datamodule", None)),
         "best_checkpoint": next((c.best_model_path for c in monitored if Path(c.best_model_path).is_file()), None),
         "last_checkpoint": next((c.last_model_path for c in saving if Path(c.last_model_path).is_file()), None),
     }
@@ -389,17 +389,24 @@ def place_run(cfg, subcommand: str) -> tuple[str, Path]:
     return sha, run_dir
 
 
+def k_search(datamodule) -> dict | None:
+    """The record of the K search ``datamodule`` ran (``--data.num_clusters auto``), or None."""
+    return getattr(getattr(datamodule, "data", None), "clusters", None) and datamodule.data.clusters.search
+
+
 SEARCH_PLOT = "num_clusters_search.png"  # the K search's curve, in the fit's run folder
 
 
-def plot_k_search(search: dict, path: Path) -> None:
-    """The K search's curve (``choose_k.plot_search``); a plot that fails warns and the run goes on (as
-    ``ClusteringPlots``)."""
+def plot_k_search(search: dict | None, path: Path) -> None:
+    """The K search's curve (``choose_k.plot_search``; nothing without a search); a plot that fails warns and the
+    run goes on (as ``ClusteringPlots``)."""
     import traceback
     import warnings
 
     from icon_lightning.models.choose_k import plot_search
 
+    if search is None:
+        return
     try:
         plot_search(search, path)
     except Exception:  # noqa: BLE001 - a picture never ends a run; the traceback is in the warning
@@ -408,6 +415,40 @@ def plot_k_search(search: dict, path: Path) -> None:
 
 class KSearchRefused(ValueError):
     """``data.num_clusters auto`` where no fit chooses K (raised inside jsonargparse's link, then unwrapped)."""
+
+
+def resolved_num_clusters(datamodule, cli: IConCLI) -> int:
+    """The model's K (the CLI's link into ``model.num_clusters``): the data's, with ``auto`` chosen first on a fit
+    by the judge (``models.choose_k``; its record then goes into ``metrics.json``), or a resumed fit's checkpoint's;
+    validate, test and predict take their checkpoint's K (``read_checkpoint_hparams``), so ``auto`` without one is
+    one line."""
+    clusters = datamodule.data.clusters  # the DataModule's declared K part (``data.num_clusters.ClusterCount``)
+    ckpt = cli._run_config().get("ckpt_path") if cli.subcommand else None
+    if clusters.needs_search and (fit := saved_preparation(ckpt)) is not None:
+        clusters.resolve(fit.num_clusters)  # a resumed fit: its checkpoint's K (chosen by its search)
+    if clusters.needs_search:
+        if cli.subcommand not in (None, "fit"):
+            raise KSearchRefused(
+                f"data.num_clusters: auto chooses K in a fit; {cli.subcommand} takes K from its --ckpt_path, "
+                "or pass --data.num_clusters K"
+            )
+        from icon_lightning.models.choose_k import search_num_clusters
+
+        search = search_num_clusters(clusters.features(), clusters.range)
+        clusters.resolve(search.chosen, search.record())
+    return datamodule.num_clusters
+
+
+@contextlib.contextmanager
+def unwrapped_link_errors():
+    """jsonargparse wraps what a link's compute_fn raised (``Call to compute_fn of link … failed: …``): a
+    ``KSearchRefused`` comes out as its own one line."""
+    try:
+        yield
+    except ValueError as error:
+        if isinstance(error.__cause__, KSearchRefused):
+            raise ValueError(str(error.__cause__)) from None
+        raise
 
 
 class IConCLI(LightningCLI):
@@ -427,34 +468,11 @@ class IConCLI(LightningCLI):
         read_checkpoint_hparams(self, super()._parse_ckpt_path)
 
     def add_arguments_to_parser(self, parser) -> None:
-        add_run_arguments(parser, self.resolved_num_clusters)
-
-    def resolved_num_clusters(self, data) -> int:
-        """The model's K: the data's, with ``auto`` chosen first on a fit by the judge (``models.choose_k``; its
-        record then goes into ``metrics.json``); validate, test and predict take their checkpoint's K instead
-        (``read_checkpoint_hparams``), so ``auto`` without one is one line."""
-        ckpt = self._run_config().get("ckpt_path") if self.subcommand else None
-        if getattr(data, "needs_k_search", False) and (fit := saved_preparation(ckpt)) is not None:
-            data.resolve_num_clusters(fit.num_clusters)  # a resumed fit: its checkpoint's K (chosen by its search)
-        if getattr(data, "needs_k_search", False):
-            if self.subcommand not in (None, "fit"):
-                raise KSearchRefused(
-                    f"data.num_clusters: auto chooses K in a fit; {self.subcommand} takes K from its --ckpt_path, "
-                    "or pass --data.num_clusters K"
-                )
-            from icon_lightning.models.choose_k import search_num_clusters
-
-            search = search_num_clusters(data.search_features(), data.num_clusters_range)
-            data.resolve_num_clusters(search.chosen, search.record())
-        return data.num_clusters
+        add_run_arguments(parser, lambda datamodule: resolved_num_clusters(datamodule, self))
 
     def instantiate_classes(self) -> None:
-        try:
+        with unwrapped_link_errors():
             super().instantiate_classes()
-        except ValueError as error:  # jsonargparse wraps what a link's compute_fn raised: the one line is ours
-            if isinstance(error.__cause__, KSearchRefused):
-                raise ValueError(str(error.__cause__)) from None
-            raise
 
     def _run_config(self):
         """This run's config: the subcommand's section (the whole config with ``run=False``: no subcommand)."""
@@ -471,9 +489,8 @@ class IConCLI(LightningCLI):
 
     def _start(self) -> None:
         self._started = time.time()
-        search = getattr(self.datamodule, "num_clusters_search", None)
-        if search is not None and self.subcommand == "fit" and self.trainer.is_global_zero:
-            plot_k_search(search, Path(self.run_dir) / SEARCH_PLOT)
+        if self.subcommand == "fit" and self.trainer.is_global_zero:
+            plot_k_search(k_search(self.datamodule), Path(self.run_dir) / SEARCH_PLOT)
         for callback in self.trainer.callbacks:  # pictures and predictions go to the run's folder, whatever the logger
             if isinstance(callback, (ClusteringPlots, ClusterAssignmentWriter)) and callback.output_dir is None:
                 callback.output_dir = str(self.run_dir)

@@ -93,8 +93,9 @@ def test_separated_blobs_give_their_number_and_labels_change_nothing(tmp_path):
         data = ClusteringDataModule(
             FeaturesFile(str(path)), views="clean", num_clusters="auto", cache_dir=str(tmp_path / "cache")
         )
-        assert data.needs_k_search and data.num_clusters_range == (2, 30)
-        found = search_num_clusters(data.search_features(), data.num_clusters_range)
+        clusters = data.data.clusters  # the DataModule's K part, which the CLI reads
+        assert clusters.needs_search and clusters.range == (2, 30)
+        found = search_num_clusters(clusters.features(), clusters.range)
         records.append({k: v for k, v in found.record().items() if k != "wall_time_s"})
     assert records[0] == records[1] == records[2] and records[0]["chosen"] == 6
 

@@ -44,7 +44,9 @@ class ClusteringDataModule(L.LightningDataModule):
     extract_precision: bf16 autocast (default) or fp32 for extraction on CUDA; the CPU always runs fp32.
     num_clusters: K for the model (linked by the CLI); None → the number of classes (the usual protocol), or
         ``auto`` for data without labels; ``auto``: `icon fit` chooses K with the judge (``models.choose_k``)
-        over ``num_clusters_range`` [lo, hi] (None: 2 to min(50, N // 20); ``data.num_clusters``).
+        over ``num_clusters_range`` [lo, hi] (None: 2 to min(50, N // 20); ``data.num_clusters``), through the
+        declared part ``data.clusters`` (``num_clusters.ClusterCount``: ``needs_search``, ``range``,
+        ``features()``, ``resolve``, ``search``, the search's record).
     evaluate_train: validation also scores the train split (a second validation dataloader).
     views_in_memory: keep the prepared cached views as a float32 copy in each process; by default they are one
         float16 memory map in the cache folder, shared by every process of a node (README "Memory at scale").
@@ -75,7 +77,7 @@ class ClusteringDataModule(L.LightningDataModule):
         seed: int = 0,
         distributed_extraction: bool = False,
         extract_precision: Literal["bf16", "fp32"] = "bf16",
-        num_clusters: PositiveInt | Literal["auto"] | None = None,
+        num_clusters: NonNegativeInt | Literal["auto"] | None = None,
         num_clusters_range: tuple[int, int] | None = None,
         evaluate_train: bool = True,
         views_in_memory: bool = False,
@@ -88,12 +90,6 @@ class ClusteringDataModule(L.LightningDataModule):
     num_classes = property(attrgetter("data.dataset.num_classes"))
     num_clusters = property(attrgetter("data.num_clusters"), doc="K: data.num_clusters, else the number of classes")
     online_backbone = property(attrgetter("data.online_backbone"), doc="The backbone the model must run itself")
-    # K ``auto``: the search reads ``search_features()`` over ``num_clusters_range``, then ``resolve_num_clusters``
-    needs_k_search = property(attrgetter("data.needs_k_search"), doc="K is auto and not chosen yet")
-    num_clusters_range = property(attrgetter("data.num_clusters_range"), doc="(lo, hi) auto searches (else None)")
-    num_clusters_search = property(attrgetter("data.num_clusters_search"), doc="The K search's record (or None)")
-    search_features = property(attrgetter("data.search_features"), doc="(N, D) prepared clean train features")
-    resolve_num_clusters = property(attrgetter("data.resolve_num_clusters"), doc="Sets auto's K (and the record)")
     feature_dim = property(attrgetter("data.feature_dim"))
     # ------------------------------------------------------------------ the settings and parts users read
     dataset = property(attrgetter("data.dataset"))

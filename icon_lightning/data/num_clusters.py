@@ -7,6 +7,11 @@ The default range, stated before any result was looked at (issue 32): K from 2 t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
+
+from icon_lightning.data.prepared import source
 from icon_lightning.metrics.judge import SAMPLE
 
 RANGE_MAX = 50  # the largest K the default range searches
@@ -41,16 +46,49 @@ def checked_range(value, n: int) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def requested_clusters(num_clusters, num_clusters_range, n: int, labelled: bool, where: str):
-    """(K asked for, the range searched): an int K (None range), None for the number of classes (labelled data),
-    or ``"auto"`` (asked for, or unset without labels) with its checked range. A range without ``auto`` is one
-    line naming ``data.num_clusters_range`` (``where``: the data, for messages)."""
-    if num_clusters == "auto" or (num_clusters is None and not labelled):
-        return "auto", checked_range(num_clusters_range, n)
-    if num_clusters_range is not None:
-        k = num_clusters if num_clusters is not None else f"unset (the number of classes of {where})"
-        raise ValueError(
-            f"data.num_clusters_range: only read with data.num_clusters auto, but data.num_clusters is {k}; "
-            "set --data.num_clusters auto to search it"
-        )
-    return num_clusters, None
+def search_features(prep, dataset) -> np.ndarray:
+    """(N, D) float32 clean train features of ``dataset``, prepared by ``prep`` (a ``FeaturePrep``) as the fit
+    prepares them (their own mean, ``normalize``): what the search reads (never labels)."""
+    return prep.prepared(prep.raw(dataset, "clean", distributed=False))
+
+
+class ClusterCount:
+    """K of a DataModule (``data.num_clusters``): ``requested`` (an int; None: the number of classes; ``"auto"``:
+    searched over ``range`` (lo, hi)), the K a search chose (``resolve``) and its record (``search``, for
+    ``metrics.json``); ``features()``: the prepared train features the search reads (``search_features``)."""
+
+    def __init__(self, requested, k_range: tuple[int, int] | None, features: Callable[[], np.ndarray]) -> None:
+        self.requested, self.range, self.features = requested, k_range, features
+        self.chosen: int | None = None
+        self.search: dict | None = None
+
+    @classmethod
+    def of(cls, num_clusters, num_clusters_range, dataset, features: Callable[[], np.ndarray]) -> ClusterCount:
+        """``data.num_clusters`` and ``data.num_clusters_range`` for ``dataset``: ``auto`` when asked for, or unset
+        without labels, with its checked range; a range without ``auto`` is one line naming it."""
+        if num_clusters == "auto" or (num_clusters is None and dataset.num_classes == 0):
+            return cls("auto", checked_range(num_clusters_range, len(dataset)), features)
+        if num_clusters_range is not None:
+            k = num_clusters if num_clusters is not None else f"unset (the number of classes of {source(dataset)})"
+            raise ValueError(
+                f"data.num_clusters_range: only read with data.num_clusters auto, but data.num_clusters is {k}; "
+                "set --data.num_clusters auto to search it"
+            )
+        return cls(num_clusters, None, features)
+
+    @property
+    def needs_search(self) -> bool:
+        """K is ``auto`` and not chosen yet."""
+        return self.requested == "auto" and self.chosen is None
+
+    def value(self, num_classes: int) -> int:
+        """K: the requested one, the number of classes, or the one the search chose."""
+        if self.requested != "auto":
+            return self.requested or num_classes
+        if self.chosen is None:
+            raise RuntimeError("data.num_clusters: auto is not chosen yet (ClusterCount.resolve; `icon fit` does)")
+        return self.chosen
+
+    def resolve(self, k: int, search: dict | None = None) -> None:
+        """``auto``'s K, chosen by a search (``search``: its record; None: taken from a checkpoint)."""
+        self.chosen, self.search = int(k), search

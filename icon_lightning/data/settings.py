@@ -18,7 +18,7 @@ from icon_lightning.data.backbones import FrozenBackbone, Identity
 from icon_lightning.data.datasets import IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore
 from icon_lightning.data.loaders import Loaders
-from icon_lightning.data.num_clusters import requested_clusters
+from icon_lightning.data.num_clusters import ClusterCount, search_features
 from icon_lightning.data.prepare import FeaturePrep
 from icon_lightning.data.prepared import (
     Preparation,
@@ -39,7 +39,7 @@ def check_settings(dataset: IndexedDataset, backbone, views: str, num_clusters, 
     """One-line errors for the DataModule's settings that depend on the data or on each other (a setting's own
     limits are its annotation: ``settings.check_arguments``, and `icon` at parse time). K ≤ N is a fit's limit
     (``prepared.check_clusters``, checked when fitting): validate, test and predict take any number of rows. K
-    unset without labels is ``auto`` (``num_clusters.requested_clusters``).
+    unset without labels is ``auto`` (``num_clusters.ClusterCount``).
     Returns V, the views per anchor (``num_views``, or its default)."""
     if isinstance(num_clusters, int) and num_clusters < 2:
         check_clusters(num_clusters, dataset)
@@ -118,20 +118,14 @@ class ClusteringData:
     runs itself), its preparation (``prepare_data``, ``setup``, the checkpointed ``FitPreparation``) and its
     loaders (``Loaders`` over the ``Preparation``'s items), each given the Trainer the hook runs under."""
 
-    def __init__(
-        self, dataset, val_dataset, backbone, prep: FeaturePrep, fit: FitSettings, loaders: Loaders, num_clusters,
-        num_clusters_range: tuple[int, int] | None = None,
-    ):  # fmt: skip
+    def __init__(self, dataset, val_dataset, backbone, prep: FeaturePrep, fit: FitSettings, loaders: Loaders, clusters):
         self.dataset = dataset
         self.val_dataset = val_dataset
         self.backbone = backbone  # Identity when the items already are feature vectors
         self.prep = prep
         self.fit = fit
         self.loaders = loaders
-        self.requested_clusters = num_clusters  # data.num_clusters (None: the number of classes; auto: searched)
-        self.num_clusters_range = num_clusters_range  # (lo, hi) auto searches (None: not auto)
-        self.num_clusters_search: dict | None = None  # the search's record, once ``resolve_num_clusters`` took it
-        self.chosen_clusters: int | None = None
+        self.clusters: ClusterCount = clusters  # data.num_clusters (None: the number of classes; auto: searched)
         # what ``setup`` builds, and the fit's preparation (this fit's or a checkpoint's)
         self.preparation = Preparation(partial(prepare_evaluation, prep, dataset, val_dataset))
 
@@ -141,26 +135,7 @@ class ClusteringData:
 
     @property
     def num_clusters(self) -> int:
-        if self.requested_clusters == "auto":
-            if self.chosen_clusters is None:
-                raise RuntimeError("data.num_clusters: auto is not chosen yet (resolve_num_clusters; `icon fit` does)")
-            return self.chosen_clusters
-        return self.requested_clusters or self.dataset.num_classes
-
-    @property
-    def needs_k_search(self) -> bool:
-        """K is ``auto`` and not chosen yet."""
-        return self.requested_clusters == "auto" and self.chosen_clusters is None
-
-    def search_features(self) -> np.ndarray:
-        """(N, D) float32 clean train features, prepared as the fit prepares them (its mean, ``normalize``): what
-        the K search reads (never labels)."""
-        return self.prep.prepared(self.prep.raw(self.dataset, "clean", distributed=False))
-
-    def resolve_num_clusters(self, k: int, record: dict | None = None) -> None:
-        """``auto``'s K, chosen by a search (``record``: what it tried, for ``metrics.json``)."""
-        check_clusters(int(k), self.dataset)
-        self.chosen_clusters, self.num_clusters_search = int(k), record
+        return self.clusters.value(self.dataset.num_classes)
 
     @property
     def online_backbone(self) -> FrozenBackbone | None:
@@ -231,8 +206,6 @@ def assemble_data(settings: dict) -> ClusteringData:
     checked against the data and each other (``check_settings``) and assembled into its parts."""
     s = SimpleNamespace(**settings)
     num_views = check_settings(s.dataset, s.backbone, s.views, s.num_clusters, s.num_views)
-    labelled = s.dataset.num_classes > 0
-    k, k_range = requested_clusters(s.num_clusters, s.num_clusters_range, len(s.dataset), labelled, source(s.dataset))
     backbone = s.backbone if s.backbone is not None else Identity()
     prep = FeaturePrep(
         FeatureStore(s.cache_dir),
@@ -259,7 +232,10 @@ def assemble_data(settings: dict) -> ClusteringData:
         views_in_memory=s.views_in_memory,
     )
     loaders = Loaders(s.batch_size, s.val_batch_size, s.num_workers, s.seed, s.evaluate_train)
-    return ClusteringData(s.dataset, s.val_dataset, backbone, prep, fit, loaders, k, k_range)
+    clusters = ClusterCount.of(
+        s.num_clusters, s.num_clusters_range, s.dataset, partial(search_features, prep, s.dataset)
+    )
+    return ClusteringData(s.dataset, s.val_dataset, backbone, prep, fit, loaders, clusters)
 
 
 def checked_data(init, arguments: dict) -> ClusteringData:
