@@ -8,11 +8,18 @@ process per run, on real feature sets of about 2k, 10k and 60k items.
 
 Settings (each is README's first command plus the overrides named here, nothing else):
 
-- ``default``: the defaults (10 heads pruned by training loss to 1; batch ``auto``);
+- ``default``: the defaults (10 heads: k-means and spectral starts kept to the end, the 8 random heads halved by
+  training loss to 1, the judge choosing among the 3; batch ``auto``);
 - ``one_head``: ``--model.num_heads 1``;
 - ``unpruned``: ``--model.keep_heads null`` (all 10 heads to the last step: the heads before pruning);
 - ``batch_4096``: ``--data.batch_size 4096`` (the paper's ImageNet batch, the rule before ``auto`` sized it from K);
-- ``before``: ``unpruned`` and ``batch_4096`` together, the defaults before issue 18.
+- ``before``: ``unpruned`` and ``batch_4096`` together, the defaults before issue 18;
+- ``k30``: ``--data.num_clusters 30`` (K ≥ 20 on the same rows).
+
+Each setting's seeds are followed by the reference: scikit-learn ``KMeans(K, n_init=10)`` on the same features file
+at the same K, in a process of its own (``KMEANS``: imports and loading included, as the fit's process wall time),
+and the table gives the fit's process wall time over it (issue 32's target: at most 10× on sets of 5,000 rows or
+more).
 
 Each row records steps, the convergence verdict, the process's wall time (imports and k-NN graph included) and the
 fit's own (``wall_time_s`` of metrics.json), the peak resident memory of the process (``wait4``), and the selected
@@ -47,7 +54,12 @@ SETTINGS: dict[str, list[str]] = {
     "unpruned": ["--model.keep_heads=null"],
     "batch_4096": ["--data.batch_size=4096"],
     "before": ["--model.keep_heads=null", "--data.batch_size=4096"],
+    "k30": ["--data.num_clusters=30"],  # K ≥ 20 on the same rows: the uniform term's B·M cost (issue 32's target)
 }
+KMEANS = (  # the reference a fit's wall time is compared with: scikit-learn k-means, a process of its own
+    "import sys, numpy as np; from sklearn.cluster import KMeans; d = np.load(sys.argv[1]); "
+    "KMeans(int(sys.argv[2]), n_init=10, random_state=int(sys.argv[3])).fit(d['features'])"
+)
 DATASETS = {
     "digits": "scikit-learn digits, raw 8x8 pixels (1,797 x 64)",
     "cifar10_test": "CIFAR-10 test, EfficientNet-Lite0 features at 128 px (10,000 x 1,280, ../shared)",
@@ -160,10 +172,24 @@ def run_fit(args: list[str], run_dir: Path, env: dict | None = None) -> dict:
     }
 
 
+def run_kmeans(path: Path, k: int, seed: int) -> float:
+    """The wall time of one scikit-learn k-means process (``KMEANS``) on the features file ``path`` at K = ``k``."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", KMEANS, str(path), str(k), str(seed)], check=True)
+    return round(time.perf_counter() - start, 2)
+
+
+def clusters_of(setting: str, path: Path) -> int:
+    """K of a setting's runs: its ``--data.num_clusters``, else the file's number of classes (the CLI's rule)."""
+    given = [a.split("=", 1)[1] for a in SETTINGS[setting] if a.startswith("--data.num_clusters=")]
+    return int(given[0]) if given else len(np.unique(np.load(path)["labels"]))
+
+
 def summarise(rows: list[dict]) -> dict:
     out = {"seeds": len(rows), "converged": sum(r["converged"] for r in rows)}
-    for key in ("steps", "process_wall_s", "fit_wall_s", "peak_rss_mb", "hungarian_acc", "nmi", "train_loss"):
-        values = np.array([r[key] for r in rows if r[key] is not None], dtype=float)
+    keys = ("steps", "process_wall_s", "fit_wall_s", "peak_rss_mb", "hungarian_acc", "nmi", "train_loss")
+    for key in (*keys, "kmeans_process_wall_s"):
+        values = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
         if len(values):
             out[key] = {"mean": float(values.mean()), "std": float(values.std())}
     return out
@@ -181,11 +207,13 @@ def bench(name: str, settings: list[str], seeds: list[int], work: Path, extra: l
             row = run_fit(
                 [*first_command(path), *SETTINGS[setting], f"--seed_everything={seed}", *(extra or [])], run_dir
             )
+            row["kmeans_process_wall_s"] = run_kmeans(path, clusters_of(setting, path), seed)
             rows.append({"seed": seed, **row, **({"subset": subset} if subset else {})})
             print(
                 f"{name:20s} {setting:10s} seed {seed}: {row['steps']:5d} steps "
                 f"{'converged' if row['converged'] else 'NOT CONVERGED'} {row['process_wall_s']:7.1f} s "
-                f"{row['peak_rss_mb']:7.0f} MB acc {row['hungarian_acc']:.4f}",
+                f"{row['peak_rss_mb']:7.0f} MB acc {row['hungarian_acc']:.4f}; "
+                f"k-means {row['kmeans_process_wall_s']} s",
                 flush=True,
             )
         per_setting[setting] = {
@@ -216,8 +244,9 @@ def merged(result: dict, path: Path) -> dict:
 def table(results: Path = RESULTS) -> str:
     """The README table: one line per dataset and setting, mean ± std over seeds."""
     lines = [
-        "| set | setting | seeds | converged | steps | wall (s, process) | peak RSS (MB) | accuracy | NMI |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| set | setting | seeds | converged | steps | wall (s, process) | × k-means | peak RSS (MB) | accuracy "
+        "| NMI |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(summary: dict, key: str, digits: int) -> str:
@@ -226,13 +255,18 @@ def table(results: Path = RESULTS) -> str:
         m, s = summary[key]["mean"], summary[key]["std"]
         return f"{m:.{digits}f} ± {s:.{digits}f}" if summary["seeds"] > 1 else f"{m:.{digits}f}"
 
+    def ratio(summary: dict) -> str:  # mean process wall time over the mean of scikit-learn k-means' processes
+        if "kmeans_process_wall_s" not in summary:
+            return "–"
+        return f"{summary['process_wall_s']['mean'] / summary['kmeans_process_wall_s']['mean']:.1f}"
+
     for path in sorted(results.glob("fit_*.json")):
         data = json.loads(path.read_text())
         for setting, entry in data["settings"].items():
             s = entry["summary"]
             lines.append(
                 f"| {data['dataset']} | {setting} | {s['seeds']} | {s['converged']}/{s['seeds']} | "
-                f"{cell(s, 'steps', 0)} | {cell(s, 'process_wall_s', 1)} | {cell(s, 'peak_rss_mb', 0)} | "
+                f"{cell(s, 'steps', 0)} | {cell(s, 'process_wall_s', 1)} | {ratio(s)} | {cell(s, 'peak_rss_mb', 0)} | "
                 f"{cell(s, 'hungarian_acc', 3)} | {cell(s, 'nmi', 3)} |"
             )
     return "\n".join(lines)

@@ -44,7 +44,16 @@ def test_one_run_records_what_its_metrics_json_says(tmp_path):
     assert row["steps"] == report["steps"] == 30 and row["converged"] is False
     assert row["hungarian_acc"] == report["metrics"]["val/hungarian_acc/best"] and 0 < row["hungarian_acc"] <= 1
     assert row["peak_rss_mb"] > 100 and row["process_wall_s"] > row["fit_wall_s"] > 0
-    assert "| digits | default | 1 | 0/1 | 30 |" in bench.table(out)
+    assert row["kmeans_process_wall_s"] > 0  # the reference: scikit-learn k-means at the same K, its own process
+    ratio = row["process_wall_s"] / row["kmeans_process_wall_s"]
+    assert f"| digits | default | 1 | 0/1 | 30 | {row['process_wall_s']:.1f} | {ratio:.1f} |" in bench.table(out)
+
+
+def test_the_k_means_reference_runs_at_the_settings_k(tmp_path):
+    path = tmp_path / "x.npz"
+    np.savez(path, features=np.zeros((5, 2), np.float32), labels=np.array([0, 1, 2, 0, 1]))
+    assert bench.clusters_of("default", path) == 3 and bench.clusters_of("k30", path) == 30
+    assert "KMeans(int(sys.argv[2]), n_init=10" in bench.KMEANS
 
 
 def test_a_run_of_one_setting_keeps_the_files_other_settings(tmp_path):
