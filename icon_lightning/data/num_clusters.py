@@ -74,7 +74,8 @@ class ClusterCount:
                 f"data.num_clusters_range: only read with data.num_clusters auto, but data.num_clusters is {k}; "
                 "set --data.num_clusters auto to search it"
             )
-        return cls(num_clusters, None, features)
+        return cls(None if num_clusters is None else int(num_clusters), None, features)  # a plain int, not the
+        # annotation's type (``NonNegativeInt``), which checkpoints' weights-only loading refuses
 
     @property
     def needs_search(self) -> bool:
