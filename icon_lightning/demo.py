@@ -125,17 +125,25 @@ def peers(x, y, k: int, seed: int) -> dict[str, dict[str, float]]:
     }
 
 
+def selection(record: dict, losses: str) -> str:
+    """How the run's head was chosen, with the scores it was chosen by (the live heads' order)."""
+    if record.get("selection") != "judge":
+        return f"lowest training loss ({losses})"
+    scores = ", ".join(f"{record['judge']['scores'][str(h)]:.3f}" for h in record["heads"])
+    return f"the judge's highest silhouette ({scores}; training losses {losses})"
+
+
 def report(args, title: str, run: AssembledRun, results: dict, fit_s: float) -> None:
     data, model, record = run.datamodule, run.model, run.record
     k, losses = model.hparams.num_clusters, ", ".join(f"{v:.4f}" for v in record["head_losses"])
     print(f"\n{title}\n{data.num_samples} items, centred and L2-normalised, {k} clusters")
     steps = "full-batch Adam steps" if data.full_batch else f"Adam steps of {data.anchors_per_step} anchors"
-    heads = model.hparams.num_heads
-    print(f"fit: recipe {args.recipe}, {heads} heads pruned to {len(record['heads'])}, {record['steps']} {steps}")
+    heads, live = model.hparams.num_heads, ", ".join(str(h) for h in record["heads"])
+    print(f"fit: recipe {args.recipe}, {heads} heads, live at the end {live}; {record['steps']} {steps}")
     print(f"  ({fit_s:.1f} s with features, validations and plots; the `icon fit` run's folder: {run.run_dir})")
     convergence = record["convergence"]
     print(f"{'converged' if convergence['converged'] else 'NOT CONVERGED'}: {convergence['reason']}")
-    print(f"selected head {record['selected_head']} by lowest training loss ({losses}); labels only score\n")
+    print(f"selected head {record['selected_head']} by {selection(record, losses)}; labels only score\n")
     names = {
         "icon": f"I-Con ({args.recipe})",
         "kmeans": "k-means (sklearn, n_init=10)",

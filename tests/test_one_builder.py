@@ -42,7 +42,8 @@ def test_icon_fit_the_estimator_and_the_benchmark_give_the_same_predictions(digi
     cli = cli_main(user)  # what `icon fit …` does, validation and checkpoints included
     fitted = cli.model.assign(cli.datamodule.train_features).numpy()
     record = json.loads((cli.run_dir / "metrics.json").read_text())
-    assert record["steps"] == 60 and len(record["heads"]) == 1  # the defaults: 10 heads pruned to 1
+    # the defaults: the k-means and spectral starts and the random heads' survivor
+    assert record["steps"] == 60 and record["heads"][:2] == [0, 1] and len(record["heads"]) == 3
 
     x = np.load(digits_file)["features"]
     est = HeadClusterer(overrides=STEPS, random_state=1, cache_dir=str(tmp_path / "cache")).fit(x)
