@@ -135,6 +135,26 @@ def test_icon_fit_without_labels_searches_k_fits_it_and_predicts_with_it(tmp_pat
         np.testing.assert_array_equal(labels, own)
 
 
+def test_a_resumed_auto_fit_takes_its_checkpoints_k_without_searching(tmp_path, monkeypatch):
+    import icon_lightning.models.choose_k as choose_k
+
+    x, _ = blobs(n=300, centers=5, seed=2)
+    train = tmp_path / "train.npz"
+    np.savez(train, features=x)
+    argv = [*features_command(train), *quiet(tmp_path), "--data.num_clusters_range=[2,8]"]
+    fit = cli_main([*argv, "--trainer.max_steps=10"])
+    assert fit.model.hparams.num_clusters == 5
+
+    def refused(*_args, **_kwargs):
+        raise AssertionError("a resumed fit searched K again")
+
+    monkeypatch.setattr(choose_k, "search_num_clusters", refused)
+    ckpt = Path(fit.run_dir) / "checkpoints" / "last.ckpt"
+    resumed = cli_main([*argv, "--trainer.max_steps=14", f"--ckpt_path={ckpt}"])
+    assert resumed.model.hparams.num_clusters == 5 and resumed.trainer.global_step == 14
+    assert resumed.record["num_clusters_search"] is None  # the search is in the first fit's record
+
+
 def test_auto_where_no_fit_chooses_k_is_one_line(tmp_path):
     train = tmp_path / "train.npz"
     np.savez(train, features=blobs(n=60)[0])
