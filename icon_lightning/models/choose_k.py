@@ -26,7 +26,7 @@ import numpy as np
 
 from icon_lightning.classical.spectral import knn_affinity
 from icon_lightning.metrics.judge import Judge
-from icon_lightning.models.parts import HEAD_INITS
+from icon_lightning.models.parts import HEAD_INITS, SPECTRAL_LOBPCG_ROWS
 
 STARTS = ("kmeans", "spectral")  # the clusterings the run's heads start from
 GRID_STEP = 1.25  # the coarse grid's ratio between neighbouring K
@@ -93,7 +93,10 @@ class Starts:
 
         self.x, self.seed = np.ascontiguousarray(x, dtype=np.float32), seed
         affinity = knn_affinity(self.x, SPECTRAL_NEIGHBOURS)
-        self.maps = spectral_embedding(affinity, n_components=k_max, random_state=seed, drop_first=False)
+        solver = "lobpcg" if len(self.x) > SPECTRAL_LOBPCG_ROWS else None  # the heads' spectral start's rule
+        self.maps = spectral_embedding(
+            affinity, n_components=k_max, eigen_solver=solver, random_state=seed, drop_first=False
+        )
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         """{start: (S,) assignment} at K = ``k``."""
