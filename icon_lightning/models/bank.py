@@ -170,14 +170,65 @@ class LiveHeads(nn.Module):
             self.teacher.update(self.heads)
 
 
+class HeadJudge:
+    """The judge of a bank's live heads (``use``: on the prepared features, ``metrics.judge.Judge``; None: none):
+    each live head's score (``score``: the cosine silhouette of its argmax partition of the judged rows, higher is
+    better), the step they were taken at, when the next scoring is due (``due``) and what a record holds of them."""
+
+    def __init__(self) -> None:
+        self.judge: Judge | None = None  # not state: it is the data's, rebuilt by ``use`` when a fit starts
+        self.step: int | None = None
+        self.scores: dict[int, float] | None = None  # by head number
+
+    def use(self, features: Tensor | None) -> None:
+        """Judge partitions of ``features`` (N, D): the prepared train features the heads see (None: no judge)."""
+        self.judge = None if features is None else Judge(features.detach().cpu())
+
+    @torch.no_grad()
+    def score(self, bank: LiveHeads, step: int) -> dict[int, float]:
+        """The score of each of ``bank``'s live heads, taken at ``step``."""
+        weight = next(bank.heads.parameters())
+        assignments = bank(self.judge.features.to(weight.device, weight.dtype)).argmax(-1).cpu()  # (S, h)
+        self.step, self.scores = int(step), {h: self.judge.score(a) for h, a in zip(bank.live_ids(), assignments.T)}
+        return self.scores
+
+    def due(self, step: int, every: int, last: bool) -> bool:
+        """Whether to score at an epoch closed at ``step``: at the run's ``last`` step, and at most once every
+        ``every`` steps before (a scoring costs an (S, S) @ (S, K) product a live head)."""
+        before = self.step
+        return self.judge is not None and (last or before is None or step - before >= every) and before != step
+
+    def covers(self, live: Sequence[int]) -> bool:
+        return self.scores is not None and set(live) <= set(self.scores)
+
+    def negated(self, num_heads: int) -> Tensor:
+        """(H,) minus the scores (lower is better, as selection reads them); heads never scored: inf."""
+        return torch.tensor([-self.scores.get(h, -math.inf) for h in range(num_heads)], dtype=torch.float64)
+
+    def record(self, live: Sequence[int]) -> dict | None:
+        return (
+            None
+            if self.scores is None
+            else {"rule": JUDGE_RULE, "step": self.step, "scores": scores_of(self.scores, live)}
+        )
+
+    def state(self) -> dict:
+        return {"step": self.step, "scores": scores_of(self.scores)}
+
+    def load(self, state: dict | None) -> None:
+        state = state or {"step": None, "scores": None}  # checkpoints before the judge: nothing judged
+        self.step, scores = state["step"], state["scores"]
+        self.scores = None if scores is None else {int(h): v for h, v in scores.items()}
+
+
 class HeadBank(LiveHeads):
     """H heads with a live mask and all their bookkeeping, through declared methods only: the stacks, starts and
     EMA teacher (``LiveHeads``), each step's training losses (``add``), successive halving (``prune``: keep / every,
     ``SuccessiveHalving``; the started heads are never pruned) and selection: the live head with the lowest
-    ``selection_scores()``, ``selected`` being its number. The scores are the judge's (``use_judge``: the cosine
-    silhouette of each live head's partition in the prepared features, ``metrics.judge``; higher is better, so its
-    negative), taken by ``judge_heads``, else the last epoch's mean training loss (which carries the loss's balance
-    prior and so cannot judge between partitions of other balance).
+    ``selection_scores()``, ``selected`` being its number. The scores are the judge's (``judged``, a ``HeadJudge``,
+    given the features by its ``use``: the cosine silhouette of each live head's partition in the prepared features;
+    higher is better, so its negative), taken by ``judge_heads``, else the last epoch's mean training loss (which
+    carries the loss's balance prior and so cannot judge between partitions of other balance).
     ``state_dict`` holds the stacks, the teacher, the mask, the last losses, the selected head, the running windows,
     the pruning history and the judge's last scores: a resumed run continues as the uninterrupted one.
     """
@@ -196,27 +247,13 @@ class HeadBank(LiveHeads):
         super().__init__(heads, head_init, ema_momentum)
         self.register_buffer("losses", torch.zeros(heads.num_heads))  # the last closed epoch's mean training losses
         self.register_buffer("selected", torch.zeros((), dtype=torch.long))  # a head's number
-        started = range(len(self.head_init))
-        self.epoch = RunningMean(heads.num_heads)
-        self.halving = SuccessiveHalving(heads.num_heads, keep, every, protected=started)
-        self.judge: Judge | None = None  # what judges the heads (``use_judge``); not state: it is the data's
-        self.judged: dict = {"step": None, "scores": None}  # the judge's last scores by head number, and their step
+        self.epoch, self.judged = RunningMean(heads.num_heads), HeadJudge()
+        self.halving = SuccessiveHalving(heads.num_heads, keep, every, protected=range(len(self.head_init)))
 
     # ------------------------------------------------------------------ the judge
-    def use_judge(self, features: Tensor | None) -> None:
-        """Judge the heads' partitions of ``features`` (N, D) (the prepared train features the heads see; None: no
-        judge, selection by training loss); the rows judged are ``metrics.judge``'s seeded subsample."""
-        self.judge = None if features is None else Judge(features.detach().cpu())
-
-    @torch.no_grad()
     def judge_heads(self, step: int) -> dict[int, float]:
         """The judge's score of each live head's partition (its argmax on the judged rows), recorded with ``step``."""
-        weight = next(self.heads.parameters())
-        x = self.judge.features.to(weight.device, weight.dtype)
-        assignments = self(x).argmax(-1).cpu()  # (S, h)
-        scores = {h: self.judge.score(assignments[:, i]) for i, h in enumerate(self.live_ids())}
-        self.judged = {"step": int(step), "scores": scores}
-        return scores
+        return self.judged.score(self, step)
 
     # ------------------------------------------------------------------ losses, pruning, selection
     def add(self, losses: Tensor) -> None:
@@ -239,10 +276,8 @@ class HeadBank(LiveHeads):
     def selection_scores(self) -> Tensor:
         """(H,) the score each head is selected by, lower is better (pruned heads: inf): minus the judge's last
         scores when it judged every live head, else the last closed epoch's mean training loss."""
-        scores = self.judged["scores"]
-        if scores is not None and all(h in scores for h in self.live_ids()):
-            judged = torch.tensor([-scores.get(h, -math.inf) for h in range(len(self.live))], dtype=torch.float64)
-            return judged.masked_fill(~self.live.cpu(), math.inf)
+        if self.judged.covers(self.live_ids()):
+            return self.judged.negated(len(self.live)).masked_fill(~self.live.cpu(), math.inf)
         return self.losses.masked_fill(~self.live, math.inf)
 
     def select(self, scores: Tensor) -> int:
@@ -255,41 +290,28 @@ class HeadBank(LiveHeads):
         mean = self.epoch.take(gather)
         if mean is not None:
             self.losses.copy_(mean)
-            if judge_at is not None and self.judge is not None:
+            if judge_at is not None and self.judged.judge is not None:
                 self.judge_heads(judge_at)
             self.selected.fill_(self.select(self.selection_scores()))
         return mean
 
-    def judge_due(self, step: int, every: int, last: bool) -> bool:
-        """Whether the judge scores the heads at an epoch closed at ``step``: at the run's ``last`` step, and at
-        most once every ``every`` steps before (each judging costs an (S, S) @ (S, K) product a live head)."""
-        before = self.judged["step"]
-        return self.judge is not None and (last or before is None or step - before >= every) and before != step
-
     def report(self) -> dict:
-        """The record of a run: the selected head's number, the live heads, their losses, the pruning history."""
+        """The record of a run: the selected head's number, the live heads, their losses, how the head was selected
+        (``judge`` or ``training loss``) and the judge's scores, the pruning history."""
         measured, live = bool(self.losses[self.live].ne(0).any()), self.live_ids()  # zeros: no epoch closed yet
-        scores, step = self.judged["scores"], self.judged["step"]
-        by_judge = measured and scores is not None and set(live) <= set(scores)
         return {
             "selected_head": int(self.selected) if measured else None,
             "heads": live,
             "head_losses": [float(self.losses[h]) for h in live] if measured else None,
-            "selection": "judge" if by_judge else "training loss",
-            "judge": None if scores is None else {"rule": JUDGE_RULE, "step": step, "scores": scores_of(scores, live)},
+            "selection": "judge" if measured and self.judged.covers(live) else "training loss",
+            "judge": self.judged.record(live),
             "pruning": [dict(entry) for entry in self.halving.history],
         }
 
     def get_extra_state(self) -> dict:
-        judged = {"step": self.judged["step"], "scores": scores_of(self.judged["scores"])}
-        return {"epoch": self.epoch.state(), "halving": self.halving.state(), "judged": judged}
+        return {"epoch": self.epoch.state(), "halving": self.halving.state(), "judged": self.judged.state()}
 
     def set_extra_state(self, state: dict) -> None:
         self.epoch.load(state["epoch"])
         self.halving.load(state["halving"])
-        judged = state.get("judged", {"step": None, "scores": None})  # checkpoints before the judge: none
-        scores = judged["scores"]
-        self.judged = {
-            "step": judged["step"],
-            "scores": None if scores is None else {int(h): v for h, v in scores.items()},
-        }
+        self.judged.load(state.get("judged"))

@@ -28,7 +28,7 @@ DEFAULT_LR = 1e-2
 DEFAULT_HEAD_INIT = ("kmeans", "spectral")
 DEFAULT_KEEP_HEADS = 1  # heads left by pruning: the run reports one head, and each survivor costs a head's price
 DEFAULT_PRUNE_EVERY = 10  # optimizer steps between prunings: 10 heads pay their price for 40 steps (10→5→3→2→1)
-JUDGE_EVERY = 50  # optimizer steps between the judge's scorings before the last step (``HeadBank.judge_due``)
+JUDGE_EVERY = 50  # optimizer steps between the judge's scorings before the last step (``HeadJudge.due``)
 OLD_LAYOUT = "head_ids"  # a key of the checkpoints written before the head bank (heads shrunk at each pruning)
 
 
@@ -119,8 +119,8 @@ class HeadBankModule(ClusterEvaluation):
 
     def close_epoch(self, last: bool = False) -> None:
         """The epoch's head losses and selected head (nothing when ``end_of_step`` took them at its last step),
-        judged when due (``HeadBank.judge_due``: at the ``last`` step, else at most every ``JUDGE_EVERY`` steps)."""
-        judge_at = self.global_step if self.bank.judge_due(self.global_step, JUDGE_EVERY, last) else None
+        judged when due (``HeadJudge.due``: at the ``last`` step, else at most every ``JUDGE_EVERY`` steps)."""
+        judge_at = self.global_step if self.bank.judged.due(self.global_step, JUDGE_EVERY, last) else None
         mean = self.bank.close_epoch(self.all_gather if self.trainer.world_size > 1 else None, judge_at)
         if mean is not None:  # the selected head's
             self.log("train/loss", mean[self.selected_head], prog_bar=True, on_step=False, on_epoch=True)
@@ -131,7 +131,7 @@ class HeadBankModule(ClusterEvaluation):
     def final_selection(self, trainer) -> None:
         """When training ended at a step the judge has not scored (a time limit, an epoch limit): judge the live
         heads there and select, before the final checkpoint is saved."""
-        if self.bank.judge_due(trainer.global_step, JUDGE_EVERY, last=True):
+        if self.bank.judged.due(trainer.global_step, JUDGE_EVERY, last=True):
             self.bank.judge_heads(trainer.global_step)
             self.bank.selected.fill_(self.bank.select(self.bank.selection_scores()))
 
@@ -146,7 +146,7 @@ class HeadBankModule(ClusterEvaluation):
         features = getattr(getattr(self.trainer, "datamodule", None), "train_features", None)
         hp = self.hparams
         if hp.selection == "judge" and hp.num_clusters >= 2 and hp.projection_dim is None:
-            self.bank.use_judge(None if features is None else torch.as_tensor(features))
+            self.bank.judged.use(None if features is None else torch.as_tensor(features))
         if not self.bank.head_init or bool(self.bank.started):
             return
         if features is None:
@@ -170,7 +170,8 @@ class IConModule(HeadBankModule):
     backbone: frozen extractor for batches of images (``views: online``); None on cached features.
     feature_dim, num_clusters, num_classes, num_samples: linked from the DataModule by the CLI.
     num_heads, head_temperature, projection_dim, head_hidden_dim: see ``ClusterHeads`` (hidden: MLP heads).
-    head_init: None → ``["kmeans", "spectral"]`` for linear cluster heads, none otherwise. How the first heads
+    head_init: None → ``["kmeans", "spectral"]`` for linear cluster heads (one head: ``["kmeans"]``), none
+        otherwise. How the first heads
         start, one entry a head: ``kmeans`` (k-means of the clean train features, a different seed each) or
         ``spectral`` (spectral clustering of their 10-NN graph), as the nearest-centroid rule of that partition;
         the other heads start at random. Started heads are never pruned (``keep_heads``); the selection chooses
@@ -230,7 +231,7 @@ class IConModule(HeadBankModule):
         self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
         heads = ClusterHeads(feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim)
         linear = heads.is_linear and projection_dim is None
-        head_init = (list(DEFAULT_HEAD_INIT) if linear else []) if head_init is None else head_init
+        head_init = (list(DEFAULT_HEAD_INIT[:num_heads]) if linear else []) if head_init is None else head_init
         self.bank = HeadBank(heads, head_init, ema_momentum, teacher_candidates, keep_heads, prune_every)
         self.targets = TargetCache()
 

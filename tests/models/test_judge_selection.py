@@ -47,7 +47,7 @@ def test_the_judge_selects_by_silhouette_where_the_loss_prefers_the_balanced_spl
     bank.add(torch.tensor([2.0, 1.0]))  # the loss prefers head 1 (a balance prior would)
     bank.close_epoch()
     assert int(bank.selected) == 1 and bank.report()["selection"] == "training loss"
-    bank.use_judge(torch.as_tensor(x))
+    bank.judged.use(torch.as_tensor(x))
     bank.add(torch.tensor([2.0, 1.0]))
     bank.close_epoch(judge_at=7)
     rows = judge_rows(len(x))
@@ -67,14 +67,14 @@ def test_the_judge_selects_by_silhouette_where_the_loss_prefers_the_balanced_spl
 def test_the_judges_scores_survive_a_checkpoint():
     x, _ = _unbalanced()
     bank = _two_heads()
-    bank.use_judge(torch.as_tensor(x))
+    bank.judged.use(torch.as_tensor(x))
     bank.add(torch.tensor([2.0, 1.0]))
     bank.close_epoch(judge_at=3)
     restored = _two_heads()
     restored.load_state_dict(bank.state_dict())
     assert restored.report() == bank.report() and int(restored.selected) == 0
-    restored.use_judge(torch.as_tensor(x))
-    assert restored.judge_due(53, every=50, last=False) and not restored.judge_due(40, every=50, last=False)
+    restored.judged.use(torch.as_tensor(x))
+    assert restored.judged.due(53, every=50, last=False) and not restored.judged.due(40, every=50, last=False)
     state = bank.state_dict()  # a checkpoint written before the judge existed: nothing judged
     state["_extra_state"] = {k: v for k, v in state["_extra_state"].items() if k != "judged"}
     older = _two_heads()

@@ -217,10 +217,12 @@ def test_on_digits_the_pruned_run_selects_a_head_as_good_by_training_loss(tmp_pa
     x = load_digits().data.astype(np.float32)
     runs = {}
     for keep in (1, None):
-        est = HeadClusterer(overrides=[f"--model.keep_heads={keep or 'null'}"], cache_dir=str(tmp_path))
+        # one k-means start (never pruned), selected by training loss: the halving of the 9 random heads against none
+        overrides = [f"--model.keep_heads={keep or 'null'}", "--model.head_init=[kmeans]", "--model.selection=loss"]
+        est = HeadClusterer(overrides=overrides, cache_dir=str(tmp_path))
         runs[keep] = est.fit(x)
     pruned, full = runs[1], runs[None]
-    assert len(pruned.head_losses_) == 1 and len(full.head_losses_) == 10
+    assert len(pruned.head_losses_) == 2 and len(full.head_losses_) == 10 and 0 in pruned.head_ids_
     # the same seed: the pruned run's head is at least as good by training loss (to float rounding of the batched
     # 10-head products against the 1-head ones, 1e-4 relative)
     selected = pruned.head_losses_[list(pruned.head_ids_).index(pruned.selected_head_)]  # selected_head_: a number
