@@ -224,7 +224,9 @@ def methods(
     k = num_clusters  # the cluster count (never a k-NN width: those are in the configs)
     over = OVERCLUSTER * k
 
-    def fit(*overrides: str, config: str | Path = "icon_clustering", clusters: int = k) -> Callable[[int], object]:
+    def fit(
+        *overrides: str, config: str | Path = "icon_clustering", clusters: int | str = k
+    ) -> Callable[[int], object]:
         words = [*overrides, *BUDGET]
         return lambda seed: HeadClusterer(config, words, clusters, seed, cache_dir=cache_dir)
 
@@ -251,6 +253,7 @@ def methods(
             fit(config=PEERS / "turtle.yaml"),
         ),
         "icon": (f"I-Con defaults (icon fit): k-NN (k = 3) + 1-step walks, α = {ALPHA}", fit()),
+        "icon_auto_k": ("I-Con defaults, K chosen by the judge (--data.num_clusters auto)", fit(clusters="auto")),
         "icon_random_heads": ("I-Con ablation: every head at random", fit("--model.head_init=[]")),
         "icon_3_heads": ("I-Con ablation: 3 heads, one from k-means", fit("--model.num_heads=3")),
         "icon_one_head": ("I-Con ablation: one head, from k-means", fit("--model.num_heads=1")),
@@ -273,9 +276,11 @@ def methods(
             fit(ablation(ALPHA, ALPHA, 3), "--data.walk_steps=3"),
         ),
     }
-    return {
-        name: (desc, make, over if name.startswith("icon_overcluster") else k) for name, (desc, make) in table.items()
+    clusters = {
+        name: over if name.startswith("icon_overcluster") else "auto" if name.endswith("auto_k") else k
+        for name in table
     }
+    return {name: (desc, make, clusters[name]) for name, (desc, make) in table.items()}
 
 
 def run_method(split: Split, make: Callable[[int], object], seed: int, clusters: int) -> dict:
@@ -291,7 +296,13 @@ def run_method(split: Split, make: Callable[[int], object], seed: int, clusters:
     estimator.fit(fit_x)
     pred = np.asarray(estimator.labels_ if split.transductive else estimator.predict(score_x), dtype=np.int64)
     elapsed = time.perf_counter() - start
+    searched = clusters == "auto"
+    clusters = estimator.n_clusters_ if searched else clusters  # K chosen by the judge, never by the labels
     result = {"seed": seed, **score_assignments(pred, split.score_y, clusters, split.num_classes), "wall_s": elapsed}
+    if searched:
+        search = estimator.record_["num_clusters_search"]
+        result["num_clusters"] = clusters
+        result["num_clusters_search"] = {key: search[key] for key in ("range", "chosen", "scores", "wall_time_s")}
     result["assignments_sha256"] = hashlib.sha256(pred.tobytes()).hexdigest()
     if subset is not None:
         result["subset"] = subset
@@ -299,6 +310,8 @@ def run_method(split: Split, make: Callable[[int], object], seed: int, clusters:
         result["selected_head"] = estimator.selected_head_  # a head's number (of ``heads``)
         result["heads"] = [int(h) for h in estimator.head_ids_]
         result["head_losses"] = [float(v) for v in estimator.head_losses_]
+        result["selection"] = estimator.record_["selection"]
+        result["judge_scores"] = (estimator.record_["judge"] or {}).get("scores")  # by head number
         result["steps"] = estimator.steps_
         result["converged"] = bool(estimator.converged_)
     return result
@@ -428,11 +441,13 @@ def markdown_table(paths: list[Path]) -> str:
         ]
         best = max((m for m in rows if rows[m].get("clusters", k) == k), key=lambda m: rows[m]["hungarian_acc"]["mean"])
         for name, m in rows.items():
-            over = m.get("clusters", k) > k
+            searched = m.get("clusters") == "auto"  # K chosen by the judge: the chosen Ks follow its scores
+            over = not searched and m.get("clusters", k) > k
             score = m["over_clustering_acc"] if over else m["hungarian_acc"]
             acc = f"{score['mean']:.3f} ± {score['std']:.3f}"
             acc = f"**{acc}**" if name == best else acc
             acc = acc + " (over-clustering acc)" if over else acc
+            acc = acc + f" (K = {', '.join(str(r['num_clusters']) for r in m['runs'])})" if searched else acc
             runs = m["runs"]
             steps = "—"
             if "steps" in runs[0]:

@@ -16,11 +16,11 @@ def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monk
     monkeypatch.setattr(bc, "RESULTS", tmp_path)
     monkeypatch.setattr(bc, "BUDGET", ["--data.batch_size=256", "--convergence.max_steps=12", "--model.num_heads=3"])
     args = ["--dataset", "digits", "--seeds", "0", "1", "--cache-dir", str(tmp_path / "cache")]
-    bc.main([*args, "--methods", "kmeans_faiss", "icon"])
+    bc.main([*args, "--methods", "kmeans_faiss", "icon", "icon_auto_k"])
     bc.main([*args, "--methods", "kmeans_sklearn", "--table"])  # merged into the same file
 
     data = json.loads((tmp_path / "clustering_digits.json").read_text())
-    assert list(data["methods"]) == ["kmeans_sklearn", "kmeans_faiss", "icon"]  # the harness's order
+    assert list(data["methods"]) == ["kmeans_sklearn", "kmeans_faiss", "icon", "icon_auto_k"]  # the harness's order
     assert data["fit_shape"] == [1797, 64] and data["seeds"] == [0, 1]
     for method in data["methods"].values():
         assert "budget overrides" in method["protocol"] and "'--convergence.max_steps=12'" in method["protocol"]
@@ -31,8 +31,13 @@ def test_clustering_benchmark_writes_per_seed_results_and_a_table(tmp_path, monk
         assert method["hungarian_acc"]["std"] == pytest.approx(np.std(accs, ddof=1))
         assert all(0.1 < a <= 1 for a in accs), name
     icon_run = data["methods"]["icon"]["runs"][0]
-    best = icon_run["heads"][int(np.argmin(icon_run["head_losses"]))]
-    assert icon_run["selected_head"] == best  # label-free selection, by the head's number
+    scores = icon_run["judge_scores"]
+    assert icon_run["selection"] == "judge" and sorted(int(h) for h in scores) == icon_run["heads"]
+    assert icon_run["selected_head"] == int(max(scores, key=scores.get))  # label-free selection, by head number
+    for run in data["methods"]["icon_auto_k"]["runs"]:  # K chosen by the judge's curve, and scored at that K
+        search = run["num_clusters_search"]
+        best = max(search["scores"], key=lambda k: (search["scores"][k]["best"], -int(k)))
+        assert run["num_clusters"] == search["chosen"] == int(best) and search["range"] == [2, min(50, 1797 // 20)]
     assert icon_run["steps"] == 12 and icon_run["converged"] is False  # the shrunk budget ends it, and it says so
     assert "| kmeans_faiss |" in capsys.readouterr().out
 
