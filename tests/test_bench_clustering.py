@@ -125,11 +125,12 @@ def test_a_revision_retires_only_its_method_s_rows(tmp_path):
         if yaml.safe_load((bc.PEERS / f"{m}.yaml").read_text())["model"].get("ema_momentum")
     }
     assert teachers == set(bc.REVISIONS) and not any(m.startswith("icon") for m in bc.REVISIONS)
+    assert bc.current_protocol("icon_random_heads").endswith(bc.ISSUE_32)  # every I-Con row since issue 32
     run = {"seed": 0, "hungarian_acc": 0.5, "nmi": 0.4, "ari": 0.3, "wall_s": 1.0, "steps": 10, "converged": True}
     row = {"runs": [run], "clusters": 3} | {
         k: {"mean": run[k], "std": 0.0} for k in ("hungarian_acc", "nmi", "ari", "wall_s")
     }
-    methods = {"icon": {"protocol": bc.PROTOCOL, **row}, "temi": {"protocol": bc.PROTOCOL, **row}}
+    methods = {"icon": {"protocol": bc.current_protocol("icon"), **row}, "temi": {"protocol": bc.PROTOCOL, **row}}
     data = {"dataset": "x", "source": "s", "num_clusters": 3, "seeds": [0], "command": "c", "methods": methods}
     path = tmp_path / "clustering_x.json"
     path.write_text(json.dumps(data))
