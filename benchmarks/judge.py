@@ -2,6 +2,7 @@
 
     python -m benchmarks.judge --dataset digits --dataset digits_lt10 [--seeds 0 1 2]
         → benchmarks/results/judge_<dataset>.json (and a table on stdout)
+    python -m benchmarks.judge --table      → README's table from those files
 
 Per seed of a set (a long-tailed set: the seed's own subset, as ``benchmarks.clustering`` draws it) the candidates
 are ``icon fit`` runs on the same features, one head each, built by the one builder (``HeadClusterer``), differing
@@ -17,6 +18,8 @@ candidates; and over seeds: the mean of each. The judge's rule is fixed in its m
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import time
 from pathlib import Path
 
@@ -117,6 +120,39 @@ def print_seed(name: str, seed: dict) -> None:
           f"({seed['loss_pick_acc']:.3f}), best {seed['best']} ({seed['best_acc']:.3f})", flush=True)  # fmt: skip
 
 
+def table(results: Path = RESULTS) -> str:
+    """README's judge table from ``judge_<set>.json`` (a set run one seed a file, ``judge_<set>_seed<s>.json``, is
+    pooled under its set): per set the mean accuracy of the judge's pick, the loss's pick and the best candidate,
+    the set-seeds where the judge's pick is within 1 point of the best, and the mean Spearman correlations."""
+    pooled: dict[str, list[dict]] = {}
+    for path in sorted(results.glob("judge_*.json")):
+        data = json.loads(path.read_text())
+        pooled.setdefault(re.sub(r"_seed\d+$", "", data["dataset"]), []).extend(data["seeds"])
+    lines = [
+        "| set | seeds | judge's pick | loss's pick | best candidate | judge within 1 point | ρ judge | ρ −loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    near = 0
+    for name, seeds in pooled.items():
+        mean = summary(seeds)
+        near += mean["best_acc"] - mean["judge_pick_acc"] <= 0.01
+        rho = [
+            f"{mean[k]:.2f}" if mean[k] is not None else "—" for k in ("spearman_judge_acc", "spearman_neg_loss_acc")
+        ]
+        lines.append(
+            f"| {name} | {len(seeds)} | {mean['judge_pick_acc']:.3f} | {mean['loss_pick_acc']:.3f} | "
+            f"{mean['best_acc']:.3f} | {mean['judge_within_1_point']}/{len(seeds)} | {rho[0]} | {rho[1]} |"
+        )
+    total = sum(len(seeds) for seeds in pooled.values())
+    within = sum(summary(seeds)["judge_within_1_point"] for seeds in pooled.values())
+    lines += [
+        "",
+        f"The judge's pick is within 1 point of the best candidate on {within} of {total} set-seeds, and in the mean "
+        f"on {near} of {len(pooled)} sets.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, action="append")
@@ -127,7 +163,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--budget", action="append", default=[], help="an override added to every candidate's fit: --budget=--key=value"
     )
+    parser.add_argument("--table", action="store_true", help="print README's judge table from --out's JSON files")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(Path(args.out)))
+        return []
     data = vars(clustering_arguments().parse_args([]))  # where the data sets live: the clustering benchmark's
     args = argparse.Namespace(**{**data, **vars(args)})
     return [run(name, args) for name in [*(args.dataset or []), *(args.features or [])] or ["digits"]]

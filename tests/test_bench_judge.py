@@ -50,3 +50,19 @@ def test_rank_correlation_is_spearmans_and_none_for_a_constant():
     expected = np.corrcoef(rankdata(score), rankdata(acc))[0, 1]  # Pearson of the ranks
     assert rank_correlation(score, acc) == pytest.approx(expected)
     assert rank_correlation(np.ones(4), acc) is None
+
+
+def test_the_table_pools_a_sets_seed_files_and_counts_picks_within_a_point(tmp_path):
+    from benchmarks import judge
+
+    def seed(s: int, picked: float, best: float) -> dict:
+        rho = {"spearman_judge_acc": 0.5, "spearman_neg_loss_acc": None}
+        return {"seed": s, "judge_pick_acc": picked, "loss_pick_acc": 0.4, "best_acc": best, **rho}
+
+    files = {"x_seed0": [seed(0, 0.50, 0.505)], "x_seed1": [seed(1, 0.40, 0.455)], "y": [seed(0, 0.7, 0.7)]}
+    for name, seeds in files.items():
+        (tmp_path / f"judge_{name}.json").write_text(json.dumps({"dataset": name, "seeds": seeds}))
+    lines = judge.table(tmp_path).splitlines()
+    assert "| x | 2 | 0.450 | 0.400 | 0.480 | 1/2 | 0.50 | — |" in lines  # pooled: means over its two seed files
+    assert "| y | 1 | 0.700 | 0.400 | 0.700 | 1/1 | 0.50 | — |" in lines
+    assert lines[-1].endswith("on 2 of 3 set-seeds, and in the mean on 1 of 2 sets.")
