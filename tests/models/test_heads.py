@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import adjusted_rand_score
 
 from icon_lightning.baselines import FaissKMeans
+from icon_lightning.classical import KNNSpectralClustering
 from icon_lightning.data import ClusteringDataModule, DigitsDataset
 from icon_lightning.models import IConModule
 from icon_lightning.models.heads import ClusterHeads
@@ -54,22 +56,25 @@ def test_partition_start_needs_linear_heads_and_valid_ids():
         ClusterHeads(3, 2).init_from_partition(0, x, torch.full((10,), 2))
 
 
-def test_module_starts_its_first_head_from_kmeans_once(tmp_path):
+def test_module_starts_its_first_heads_from_kmeans_and_spectral_clustering_once(tmp_path):
     dm = ClusteringDataModule(DigitsDataset(), views="clean", cache_dir=str(tmp_path), k=3)
     dm.prepare_data()
     dm.setup("fit")
     torch.manual_seed(0)
     module = IConModule(load_recipe("icon_clustering"), feature_dim=64, num_clusters=10, num_heads=3)
-    assert module.bank.head_init == ["kmeans"]  # the default for linear heads
+    assert module.bank.head_init == ["kmeans", "spectral"]  # the default for linear heads
     torch.manual_seed(0)
     seed = int(torch.randint(0, 2**31 - 1, ()).item())  # the module's first draw, before the heads' weights
     torch.randn(1000)  # what data preparation draws in between (a fresh extraction's loader) changes nothing
     module.bank.start(dm.train_features, module.init_seed)
     x = dm.train_features.numpy()
     labels = FaissKMeans(10, n_init=10, random_state=seed).fit(x).labels_
+    spectral = KNNSpectralClustering(10, 10, random_state=seed + 1).fit(x).labels_  # head 1: the next seed
     with torch.no_grad():
-        start = module(dm.train_features)[:, 0].argmax(1).numpy()
-    assert np.array_equal(start, labels)  # k-means' own partition, not just a similar one
+        start = module(dm.train_features)[:, :2].argmax(2).numpy()
+    assert np.array_equal(start[:, 0], labels)  # k-means' own partition, not just a similar one
+    # head 1: the nearest-centroid rule of spectral clustering's partition (not convex: most rows keep their label)
+    assert np.mean(start[:, 1] == spectral) > 0.9 and adjusted_rand_score(start[:, 1], labels) < 0.99
     assert bool(module.bank.started)
 
     class Trainer:  # setup() must not start the heads again (a second fit, or after a restored checkpoint)
