@@ -2,7 +2,7 @@
 
     python -m benchmarks.judge --dataset digits --dataset digits_lt10 [--seeds 0 1 2]
         → benchmarks/results/judge_<dataset>.json (and a table on stdout)
-    python -m benchmarks.judge --table      → README's table from those files
+    python -m benchmarks.judge --table [--readme]  → README's table from those files (--readme: written into it)
 
 Per seed of a set (a long-tailed set: the seed's own subset, as ``benchmarks.clustering`` draws it) the candidates
 are ``icon fit`` runs on the same features, one head each, built by the one builder (``HeadClusterer``), differing
@@ -153,6 +153,22 @@ def table(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKERS = ("<!-- judge-table -->", "<!-- judge-table-end -->")
+
+
+def readme_block(text: str) -> str:
+    """README's generated judge table: the text between its two markers."""
+    start, end = (text.index(m) for m in MARKERS)
+    return text[start + len(MARKERS[0]) : end].strip()
+
+
+def write_readme(table_text: str, path: Path = README) -> None:
+    text = path.read_text()
+    start, end = (text.index(m) for m in MARKERS)
+    path.write_text(text[: start + len(MARKERS[0])] + "\n" + table_text.strip() + "\n" + text[end:])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=DATASETS, action="append")
@@ -164,9 +180,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--budget", action="append", default=[], help="an override added to every candidate's fit: --budget=--key=value"
     )
     parser.add_argument("--table", action="store_true", help="print README's judge table from --out's JSON files")
+    parser.add_argument("--readme", action="store_true", help="with --table: write it into README.md")
     args = parser.parse_args(argv)
     if args.table:
         print(table(Path(args.out)))
+        if args.readme:
+            write_readme(table(Path(args.out)))
         return []
     data = vars(clustering_arguments().parse_args([]))  # where the data sets live: the clustering benchmark's
     args = argparse.Namespace(**{**data, **vars(args)})

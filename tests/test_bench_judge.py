@@ -66,3 +66,14 @@ def test_the_table_pools_a_sets_seed_files_and_counts_picks_within_a_point(tmp_p
     assert "| x | 2 | 0.450 | 0.400 | 0.480 | 1/2 | 0.50 | — |" in lines  # pooled: means over its two seed files
     assert "| y | 1 | 0.700 | 0.400 | 0.700 | 1/1 | 0.50 | — |" in lines
     assert lines[-1].endswith("on 2 of 3 set-seeds, and in the mean on 1 of 2 sets.")
+
+
+def test_readmes_judge_table_is_the_committed_json(tmp_path):
+    """README's judge table is generated from benchmarks/results/judge_*.json, never edited by hand."""
+    from benchmarks import judge
+
+    assert judge.readme_block(judge.README.read_text()) == judge.table().strip()
+    copy = tmp_path / "README.md"
+    copy.write_text(f"intro\n{judge.MARKERS[0]}\nstale\n{judge.MARKERS[1]}\nrest\n")
+    judge.write_readme("| new |", copy)
+    assert judge.readme_block(copy.read_text()) == "| new |" and copy.read_text().endswith("rest\n")
