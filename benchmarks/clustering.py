@@ -33,12 +33,14 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from benchmarks import common
 from benchmarks.common import (
     LONG_TAILED_RULE,
     RESULTS,
@@ -512,20 +514,10 @@ def targets_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 MARKERS = ("<!-- clustering-results -->", "<!-- clustering-table -->")
-
-
-def readme_block(text: str) -> str:
-    """The generated part of README's results section: the text between its two markers."""
-    start, end = (text.index(m) for m in MARKERS)
-    return text[start + len(MARKERS[0]) : end].strip()
-
-
-def write_readme(table: str, path: Path = README) -> None:
-    text = path.read_text()
-    old = readme_block(text)
-    path.write_text(text.replace(old, table.strip(), 1))
+readme_block = partial(common.readme_block, markers=MARKERS)  # the generated part of README's results section
+write_readme = partial(common.write_readme_block, markers=MARKERS)
+README = common.README
 
 
 def gap_line(rows: dict, best: str) -> str:

@@ -109,3 +109,19 @@ def long_tailed_subset(labels: np.ndarray, ratio: int, seed: int) -> tuple[np.nd
         "rule": LONG_TAILED_RULE,
     }
     return index, record
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(text: str, *, markers: tuple[str, str]) -> str:
+    """A generated part of README: the text between its two ``markers``."""
+    start, end = (text.index(m) for m in markers)
+    return text[start + len(markers[0]) : end].strip()
+
+
+def write_readme_block(table: str, path: Path = README, *, markers: tuple[str, str]) -> None:
+    """Replace README's part between ``markers`` by ``table`` (the rest of the file as it was)."""
+    text = path.read_text()
+    start, end = (text.index(m) for m in markers)
+    path.write_text(text[: start + len(markers[0])] + "\n" + table.strip() + "\n" + text[end:])

@@ -21,11 +21,13 @@ import argparse
 import json
 import re
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
+from benchmarks import common
 from benchmarks.clustering import DATASETS, load_split
 from benchmarks.clustering import arguments as clustering_arguments
 from benchmarks.common import RESULTS, write_result
@@ -153,20 +155,10 @@ def table(results: Path = RESULTS) -> str:
     return "\n".join(lines)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 MARKERS = ("<!-- judge-table -->", "<!-- judge-table-end -->")
-
-
-def readme_block(text: str) -> str:
-    """README's generated judge table: the text between its two markers."""
-    start, end = (text.index(m) for m in MARKERS)
-    return text[start + len(MARKERS[0]) : end].strip()
-
-
-def write_readme(table_text: str, path: Path = README) -> None:
-    text = path.read_text()
-    start, end = (text.index(m) for m in MARKERS)
-    path.write_text(text[: start + len(MARKERS[0])] + "\n" + table_text.strip() + "\n" + text[end:])
+readme_block = partial(common.readme_block, markers=MARKERS)  # README's generated judge table
+write_readme = partial(common.write_readme_block, markers=MARKERS)
+README = common.README
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

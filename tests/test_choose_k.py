@@ -20,6 +20,7 @@ from icon_lightning.data.num_clusters import checked_range, default_range
 from icon_lightning.metrics.judge import judge_rows
 from icon_lightning.models.choose_k import Starts, chosen_k, coarse_grid, fine_grid, search_num_clusters
 from icon_lightning.models.parts import HEAD_INITS
+from tests.test_predict_new_data import quiet
 
 
 def blobs(n: int = 360, centers: int = 6, seed: int = 0, std: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -98,18 +99,6 @@ def test_separated_blobs_give_their_number_and_labels_change_nothing(tmp_path):
         found = search_num_clusters(clusters.features(), clusters.range)
         records.append({k: v for k, v in found.record().items() if k != "wall_time_s"})
     assert records[0] == records[1] == records[2] and records[0]["chosen"] == 6
-
-
-def quiet(root: Path) -> list[str]:
-    return [
-        f"--data.cache_dir={root / 'cache'}",
-        f"--trainer.default_root_dir={root / 'runs'}",
-        "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-    ]
 
 
 def test_icon_fit_without_labels_searches_k_fits_it_and_predicts_with_it(tmp_path, capsys):
