@@ -166,3 +166,12 @@ def test_a_partial_set_says_which_rows_it_lacks(tmp_path, monkeypatch):
     (tmp_path / "clustering_x.json").write_text(json.dumps(data))
     table = bc.markdown_table([tmp_path / "clustering_x.json"])
     assert "Not run on this set yet: kmeans_sklearn, kmeans_faiss, spectral" in table
+
+
+def test_an_empty_generated_block_is_filled_in_place(tmp_path):
+    """A README whose generated block is empty gets the table between its markers (replacing the empty old text
+    wrote it at the top of the file)."""
+    copy = tmp_path / "README.md"
+    copy.write_text(f"intro\n{bc.MARKERS[0]}\n{bc.MARKERS[1]}\nrest\n")
+    bc.write_readme("| table |", copy)
+    assert copy.read_text() == f"intro\n{bc.MARKERS[0]}\n| table |\n{bc.MARKERS[1]}\nrest\n"
