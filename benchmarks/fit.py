@@ -38,10 +38,12 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks.common import LONG_TAILED_RATIOS, RESULTS, long_tailed_name, long_tailed_subset, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,9 +246,9 @@ def merged(result: dict, path: Path) -> dict:
 def table(results: Path = RESULTS) -> str:
     """The README table: one line per dataset and setting, mean ± std over seeds."""
     lines = [
-        "| set | setting | seeds | converged | steps | wall (s, process) | × k-means | peak RSS (MB) | accuracy "
-        "| NMI |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| set | setting | measured | seeds | converged | steps | wall (s, process) | × k-means | peak RSS (MB) "
+        "| accuracy | NMI |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(summary: dict, key: str, digits: int) -> str:
@@ -265,11 +267,17 @@ def table(results: Path = RESULTS) -> str:
         for setting, entry in data["settings"].items():
             s = entry["summary"]
             lines.append(
-                f"| {data['dataset']} | {setting} | {s['seeds']} | {s['converged']}/{s['seeds']} | "
+                f"| {data['dataset']} | {setting} | {entry['measured'][:10]} | {s['seeds']} | "
+                f"{s['converged']}/{s['seeds']} | "
                 f"{cell(s, 'steps', 0)} | {cell(s, 'process_wall_s', 1)} | {ratio(s)} | {cell(s, 'peak_rss_mb', 0)} | "
                 f"{cell(s, 'hungarian_acc', 3)} | {cell(s, 'nmi', 3)} |"
             )
     return "\n".join(lines)
+
+
+MARKERS = ("<!-- fit-table -->", "<!-- fit-table-end -->")
+readme_block = partial(common.readme_block, markers=MARKERS)  # README's generated fit table
+write_readme = partial(common.write_readme_block, markers=MARKERS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,9 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="folder for fit_<dataset>.json (default: benchmarks/results)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further icon fit arguments (tests)")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--readme", action="store_true", help="with --table: write it into README.md")
     args = parser.parse_args(argv)
     if args.table:
         print(table(Path(args.out) if args.out else RESULTS))
+        if args.readme:
+            write_readme(table(Path(args.out) if args.out else RESULTS))
         return
     work = Path(args.work) if args.work else Path(f"/tmp/icon-bench-fit-{os.getpid()}-{int(time.time())}")
     for name in args.dataset or ["digits"]:

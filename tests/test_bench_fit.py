@@ -7,6 +7,7 @@ import json
 import numpy as np
 from sklearn.datasets import load_digits
 
+from benchmarks import common
 from benchmarks import fit as bench
 
 
@@ -46,7 +47,9 @@ def test_one_run_records_what_its_metrics_json_says(tmp_path):
     assert row["peak_rss_mb"] > 100 and row["process_wall_s"] > row["fit_wall_s"] > 0
     assert row["kmeans_process_wall_s"] > 0  # the reference: scikit-learn k-means at the same K, its own process
     ratio = row["process_wall_s"] / row["kmeans_process_wall_s"]
-    assert f"| digits | default | 1 | 0/1 | 30 | {row['process_wall_s']:.1f} | {ratio:.1f} |" in bench.table(out)
+    day = result["settings"]["default"]["measured"][:10]
+    line = f"| digits | default | {day} | 1 | 0/1 | 30 | {row['process_wall_s']:.1f} | {ratio:.1f} |"
+    assert line in bench.table(out)
 
 
 def test_the_k_means_reference_runs_at_the_settings_k(tmp_path):
@@ -64,3 +67,8 @@ def test_a_run_of_one_setting_keeps_the_files_other_settings(tmp_path):
     assert new["settings"] == {"default": 1, "one_head": 3, "unpruned": 4}
     other = {"dataset": "digits", "command": "icon fit --other", "settings": {"unpruned": 4}}
     assert bench.merged(other, path) == other  # another command's figures are not mixed in
+
+
+def test_readmes_fit_table_is_the_committed_json():
+    """README's fit table is generated from benchmarks/results/fit_*.json (``--table --readme``)."""
+    assert bench.readme_block(common.README.read_text()) == bench.table().strip()
