@@ -160,7 +160,7 @@ def test_a_partial_set_says_which_rows_it_lacks(tmp_path, monkeypatch):
     import benchmarks.clustering as bc
 
     run = {"seed": 0, "hungarian_acc": 0.5, "nmi": 0.4, "ari": 0.3, "wall_s": 1.0, "steps": 10, "converged": True}
-    row = {"protocol": bc.current_protocol(), "runs": [run], "clusters": 3}
+    row = {"protocol": bc.current_protocol("icon"), "runs": [run], "clusters": 3}
     row |= {k: {"mean": run[k], "std": 0.0} for k in ("hungarian_acc", "nmi", "ari", "wall_s")}
     data = {"dataset": "x", "source": "s", "num_clusters": 3, "seeds": [0], "command": "c", "methods": {"icon": row}}
     (tmp_path / "clustering_x.json").write_text(json.dumps(data))
