@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,6 +91,14 @@ def first_command(path: Path) -> list[str]:
         "--data.views",
         "clean",
     ]
+
+
+def in_checkout(command: str) -> str:
+    """``command`` with any checkout's path before ``configs/`` taken out: what a user types in the checkout."""
+    return re.sub(r"\S*/(configs/)", r"\1", command)
+
+
+COMMAND = in_checkout("icon " + " ".join(first_command(Path("<features.npz>"))))  # what every row ran
 
 
 def features_file(name: str, cache: Path, seed: int = 0) -> tuple[Path, dict | None]:
@@ -227,7 +236,7 @@ def bench(name: str, settings: list[str], seeds: list[int], work: Path, extra: l
     return {
         "dataset": name,
         "source": DATASETS[name],
-        "command": "icon " + " ".join(first_command(Path("<features.npz>"))),
+        "command": COMMAND,
         "settings": per_setting,
     }
 
@@ -238,7 +247,8 @@ def merged(result: dict, path: Path) -> dict:
     if not path.exists():
         return result
     earlier = json.loads(path.read_text())
-    if earlier.get("dataset") != result["dataset"] or earlier.get("command") != result["command"]:
+    same = in_checkout(earlier.get("command", "")) == in_checkout(result["command"])
+    if earlier.get("dataset") != result["dataset"] or not same:
         return result
     return {**result, "settings": {**earlier["settings"], **result["settings"]}}
 

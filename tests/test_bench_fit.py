@@ -67,6 +67,11 @@ def test_a_run_of_one_setting_keeps_the_files_other_settings(tmp_path):
     assert new["settings"] == {"default": 1, "one_head": 3, "unpruned": 4}
     other = {"dataset": "digits", "command": "icon fit --other", "settings": {"unpruned": 4}}
     assert bench.merged(other, path) == other  # another command's figures are not mixed in
+    # a file written in another checkout (its absolute config path) is the same command
+    elsewhere = bench.COMMAND.replace("configs/", "/elsewhere/clone/configs/")
+    path.write_text(json.dumps({"dataset": "digits", "command": elsewhere, "settings": {"default": 1}}))
+    here = {"dataset": "digits", "command": bench.COMMAND, "settings": {"k30": 5}}
+    assert bench.merged(here, path)["settings"] == {"default": 1, "k30": 5} and "/work" not in bench.COMMAND
 
 
 def test_readmes_fit_table_is_the_committed_json():
