@@ -27,7 +27,7 @@ DEFAULT_LR = 1e-2
 # k-NN graph long tails: issue 32), never pruned, the judge choosing between them and the random heads' survivor
 DEFAULT_HEAD_INIT = ("kmeans", "spectral")
 DEFAULT_KEEP_HEADS = 1  # heads left by pruning: the run reports one head, and each survivor costs a head's price
-DEFAULT_PRUNE_EVERY = 10  # optimizer steps between prunings: 10 heads pay their price for 40 steps (10→5→3→2→1)
+DEFAULT_PRUNE_EVERY = 10  # optimizer steps between prunings: the 8 random heads are 1 by step 30 (8→4→2→1)
 JUDGE_EVERY = 50  # optimizer steps between the judge's scorings before the last step (``HeadJudge.due``)
 OLD_LAYOUT = "head_ids"  # a key of the checkpoints written before the head bank (heads shrunk at each pruning)
 
@@ -171,11 +171,11 @@ class IConModule(HeadBankModule):
     feature_dim, num_clusters, num_classes, num_samples: linked from the DataModule by the CLI.
     num_heads, head_temperature, projection_dim, head_hidden_dim: see ``ClusterHeads`` (hidden: MLP heads).
     head_init: None → ``["kmeans", "spectral"]`` for linear cluster heads (one head: ``["kmeans"]``), none
-        otherwise. How the first heads
-        start, one entry a head: ``kmeans`` (k-means of the clean train features, a different seed each) or
-        ``spectral`` (spectral clustering of their 10-NN graph), as the nearest-centroid rule of that partition;
-        the other heads start at random. Started heads are never pruned (``keep_heads``); the selection chooses
-        among them and the random heads' survivors. Linear heads only.
+        otherwise. How the first heads start, one entry a head: ``kmeans`` (k-means of the clean train features,
+        a different seed each) or ``spectral`` (spectral clustering of their 10-NN graph), as the
+        nearest-centroid rule of that partition; the other heads start at random. Started heads are never
+        pruned (``keep_heads``); the selection chooses among them and the random heads' survivors. Linear heads
+        only.
     optimizer: None → Adam at lr 1e-2. scheduler: None → no fixed schedule (the ``Convergence`` callback halves
         the LR on plateaus); any ``LRSchedulerCallable``, stepped every optimizer step or, with
         ``scheduler_interval: epoch``, every epoch (the ImageNet preset: the paper's StepLR, halved every 10 of
