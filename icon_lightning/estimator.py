@@ -122,8 +122,9 @@ class HeadClusterer(ClusterMixin, BaseEstimator):
     """``icon fit`` with ``config`` (a recipe name or YAML path) and ``overrides`` on (N, D) features (module doc).
 
     Every default is ``icon fit``'s: the features are centred and L2-normalised, full batch up to 4,096 anchors
-    (else 128 per cluster), 10 heads pruned by training loss to one, Adam 1e-2 halved on training-loss plateaus
-    until the third (``Convergence``). ``n_clusters`` is ``data.num_clusters`` (an integer, 2 ≤ K ≤ N, or ``"auto"``:
+    (else 128 per cluster), 10 heads (the k-means and spectral starts kept, the random heads halved by training
+    loss to one, the judge choosing among the three), Adam 1e-2 halved on training-loss plateaus until the third
+    (``Convergence``). ``n_clusters`` is ``data.num_clusters`` (an integer, 2 ≤ K ≤ N, or ``"auto"``:
     the judge chooses K, ``models.choose_k``; ``n_clusters_`` is the fit's K, ``record_["num_clusters_search"]``
     what the search tried).
     ``random_state`` gives the run's seed (``seed_everything`` and the DataModule's sampling, ``data.seed``) as in
