@@ -65,9 +65,9 @@ class Judge:
     def __init__(self, features, sample: int = SAMPLE, seed: int = 0) -> None:
         import torch
 
-        x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        x = np.asarray(features)  # no copy of all N rows: only the judged ones are taken, in float64
         self.rows = torch.as_tensor(judge_rows(len(x), sample, seed))
-        self.features = x[self.rows]
+        self.features = torch.as_tensor(x[self.rows.numpy()], dtype=torch.float64)
         unit = torch.nn.functional.normalize(self.features, dim=1)
         self.distances = (1 - unit @ unit.T).clamp_(0, 2).fill_diagonal_(0).float()  # scikit-learn's cosine
 
