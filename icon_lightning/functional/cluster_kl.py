@@ -9,6 +9,10 @@ q~ = (1−α) q + α/M_i. With p = S + u_i/M_i (``SparseTarget``):
 The first sum costs O(nnz·K); the second, the only dense one, is taken in row blocks by
 ``weighted_log_affine`` (a matmul, a log and a reciprocal per block, the gradients formed in the same pass),
 so memory stays O(block × M). Every function takes a leading head dimension H: all heads in one call.
+
+The dense sum is exact up to ``DENSE_EXACT_MAX`` rows × candidates. Above it (the data module's stochastic batches
+beyond K ≈ 10, where B and M both grow with K and the term would cost H·B·M·K, ∝ K³), it is estimated without bias
+on a uniformly drawn block of rows × candidates of that size (``dense_block``); the pair terms and T_i stay exact.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from torch import Tensor
 
 from icon_lightning.functional.sparse import SparseTarget
 
+# The uniform term of the loss is taken exactly up to this many rows × candidates per head: 4,096², the data module's
+# largest full batch (``data.loaders.FULL_BATCH_MAX``; a test keeps them equal), which also covers its stochastic
+# batches up to K = 10 (3 × 1,280 rows). Larger ones draw a block of about this size (``dense_block``).
+DENSE_EXACT_MAX = 4096 * 4096
 CHUNK_ELEMENTS = 1 << 20  # (rows × M × H) or (pairs × K × H) elements per block: 4 MB in float32, near cache
 PROBABILITY_SPACE_MIN = 1e-30  # as in functional.cluster: below this row total, take the dense log-space path
 
@@ -131,6 +139,47 @@ def weighted_log_affine(
     return _WeightedLogAffine.apply(a, b, shift, self_col, weight, pair_rows, pair_cols, pair_weight)
 
 
+def dense_block(rows: int, cols: int, budget: int, device=None) -> tuple[Tensor, Tensor, float] | None:
+    """None where rows × cols ≤ ``budget`` (the dense term is taken exactly). Else a block to estimate it on:
+    (row indices, column indices, scale), r of ``rows`` and c of ``cols`` drawn uniformly without replacement, each
+    kept in the proportion √(budget / (rows · cols)), and scale = (rows / r)(cols / c). The draws are independent,
+    so scale × the block's sum is an unbiased estimate of the whole sum, in value and gradient. Torch's global
+    generator draws them: a seeded run repeats."""
+    if rows * cols <= budget:
+        return None
+    keep = math.sqrt(budget / (rows * cols))
+    r, c = max(1, math.ceil(rows * keep)), max(1, math.ceil(cols * keep))
+    pick_rows = torch.randperm(rows, device=device)[:r]
+    pick_cols = torch.randperm(cols, device=device)[:c]
+    return pick_rows, pick_cols, (rows / r) * (cols / c)
+
+
+def sampled_log_affine(
+    a: Tensor,
+    b: Tensor,
+    shift: Tensor,
+    self_col: Tensor,
+    weight: Tensor,
+    pair_rows: Tensor,
+    pair_cols: Tensor,
+    pair_weight: Tensor,
+    block: tuple[Tensor, Tensor, float],
+) -> Tensor:
+    """``weighted_log_affine`` with its dense sum estimated on ``block`` (``dense_block``: unbiased) and its pair sum
+    exact, from the pairs' own rows (O(pairs · K))."""
+    pick_rows, pick_cols, scale = block
+    position = torch.full((b.shape[1],), -1, dtype=torch.long, device=b.device)  # a candidate's column in the block
+    position[pick_cols] = torch.arange(len(pick_cols), device=b.device)
+    own = self_col[pick_rows]
+    own = torch.where(own >= 0, position[own.clamp_min(0)], own)  # -1: the row's self pair is not in the block
+    none = pair_rows[:0]
+    dense = weighted_log_affine(
+        a[:, pick_rows], b[:, pick_cols], shift[pick_rows], own, weight[pick_rows] * scale, none, none, pair_weight[:0]
+    )
+    at_pairs = shift[pair_rows] + (a[:, pair_rows] * b[:, pair_cols]).sum(-1)  # (H, pairs)
+    return dense + torch.log(at_pairs) @ pair_weight
+
+
 def log_row_normaliser(log_phi_a: Tensor, log_wphi_c: Tensor, log_size: Tensor, self_col: Tensor) -> Tensor:
     """(H, B) log T_i = log Σ_c φ_ic (n_c − [self] w_s φ_sc) / n_c, the total affinity over valid candidates.
 
@@ -198,7 +247,8 @@ def sparse_cluster_kl(
     shared cluster likelihood q~ against a sparse p: the values ``IConLoss`` minimises and logs.
 
     log_phi_a: (H, B, K), log_phi_c: (H, M, K) log cluster probabilities; log_weight_c: optional (M,) log
-    degrees (normalized cuts). alpha: q's debiasing (0: plain q). Equal to the dense path to rounding.
+    degrees (normalized cuts). alpha: q's debiasing (0: plain q). Equal to the dense path to rounding up to
+    ``DENSE_EXACT_MAX`` rows × candidates; above, the uniform term is an unbiased estimate (``dense_block``).
     Returns None, for the caller's dense path, where this one would lose precision: p with a uniform part
     against a plain q (α = 0: log q is not bounded below), or an anchor whose total affinity is below
     ``PROBABILITY_SPACE_MIN`` (alone in a very sharp cluster).
@@ -223,7 +273,7 @@ def sparse_cluster_kl(
         if log_total is None:
             return None
         position = torch.cumsum(has_positive.long(), 0) - 1
-        cross_entropy = weighted_log_affine(
+        terms = (
             phi_a * torch.exp(math.log1p(-alpha) - log_total).unsqueeze(-1),  # (1−α) φ_ic / T_i
             psi_c,
             alpha / m[rows],
@@ -233,6 +283,8 @@ def sparse_cluster_kl(
             p.cols,
             -values / count,
         )  # −Σ_j p~_ij log q~_ij, averaged over anchors: q~_ij = (1−α) s_ij / T_i + α/M_i
+        block = dense_block(len(rows), psi_c.shape[1], DENSE_EXACT_MAX, psi_c.device)
+        cross_entropy = weighted_log_affine(*terms) if block is None else sampled_log_affine(*terms, block)
     else:
         log_size = torch.logsumexp(log_wphi_c, 1, keepdim=True)  # (H, 1, K)
         log_total = log_row_normaliser(log_phi_a, log_wphi_c, log_size, p.self_col)  # (H, B)

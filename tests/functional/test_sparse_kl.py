@@ -240,3 +240,90 @@ def test_a_cluster_nobody_uses_gives_no_nan_in_float32():
     (g,), (g_ref,) = torch.autograd.grad(out.loss, z), torch.autograd.grad(ref.loss, z64)
     assert bool(torch.isfinite(g).all())
     torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the sampled uniform term above DENSE_EXACT_MAX
+def test_exact_size_covers_every_full_batch_and_the_batches_up_to_ten_clusters():
+    """The sampled estimate never touches a full batch (``batch_size='auto'``) nor a stochastic batch up to K = 10:
+    every result measured before it stays exact."""
+    from icon_lightning.data.loaders import ANCHORS_PER_CLUSTER, FULL_BATCH_MAX, auto_anchors
+
+    assert cluster_kl.DENSE_EXACT_MAX == FULL_BATCH_MAX**2
+    rows_at_ten = 3 * auto_anchors(10**6, 10)  # anchors, their two sampled neighbours each: the rows of a step
+    assert rows_at_ten == 3 * 10 * ANCHORS_PER_CLUSTER and rows_at_ten**2 <= cluster_kl.DENSE_EXACT_MAX
+    assert cluster_kl.dense_block(FULL_BATCH_MAX, FULL_BATCH_MAX, cluster_kl.DENSE_EXACT_MAX) is None
+    assert cluster_kl.dense_block(3 * auto_anchors(10**6, 30), 3 * auto_anchors(10**6, 30), FULL_BATCH_MAX**2)
+
+
+def _sampled_problem():
+    anchors, candidates, offset = problem("teacher", seed=11)
+    loss = IConLoss(P_CASES["augmentation_and_knn"](), Q_CASES["debiased"]())
+    return loss, anchors, candidates, offset
+
+
+def test_sampled_uniform_term_is_unbiased_in_value_and_gradient(monkeypatch):
+    """Above the exact size the uniform term is drawn on a block of about DENSE_EXACT_MAX rows × candidates: over
+    many draws the mean loss and gradient are the exact ones (float64, within 4 standard errors), while single draws
+    differ (it is sampled); the block's rows × columns stay near the budget."""
+    loss, anchors, candidates, offset = _sampled_problem()
+    exact, exact_grads = loss_and_grads(loss, anchors, candidates, offset)
+    budget = 100  # of B × M = 36 × 36: about 10 × 10 drawn
+    monkeypatch.setattr(cluster_kl, "DENSE_EXACT_MAX", budget)
+    sizes = []
+    real = cluster_kl.weighted_log_affine
+
+    def spy(a, b, *rest):
+        sizes.append(a.shape[1] * b.shape[1])
+        return real(a, b, *rest)
+
+    monkeypatch.setattr(cluster_kl, "weighted_log_affine", spy)
+    torch.manual_seed(12)
+    draws = [loss_and_grads(loss, anchors, candidates, offset) for _ in range(3000)]
+    values = torch.stack([out.loss for out, _ in draws])
+    grads = torch.stack([g[0] for _, g in draws])
+    assert max(sizes) <= 1.25 * budget and len(sizes) == len(draws)
+    assert float(values.std()) > 1e-3 * float(exact.loss.detach().abs())  # really sampled
+    error = float((values.mean() - exact.loss).abs())
+    assert error <= 4 * float(values.std()) / len(values) ** 0.5
+    grad_error = (grads.mean(0) - exact_grads[0]).norm()
+    grad_se = (grads.var(0).sum() / len(grads)).sqrt()
+    assert float(grad_error) <= 4 * float(grad_se)  # the sum over all entries of the squared errors ~ χ² at its mean
+    assert float(exact_grads[0].norm()) > 20 * float(grad_se)  # the check can see a bias of 5 % of the gradient
+
+
+def test_a_biased_block_would_be_caught(monkeypatch):
+    """The unbiasedness test's power: dropping the block's scale (a biased estimate) moves the mean by far more than
+    its 4 standard errors."""
+    loss, anchors, candidates, offset = _sampled_problem()
+    exact = loss(anchors, candidates, self_offset=offset).loss.detach()
+    monkeypatch.setattr(cluster_kl, "DENSE_EXACT_MAX", 100)
+    real = cluster_kl.dense_block
+    monkeypatch.setattr(cluster_kl, "dense_block", lambda *a: (lambda r: (r[0], r[1], 1.0))(real(*a)))
+    torch.manual_seed(12)
+    with torch.no_grad():
+        values = torch.stack([loss(anchors, candidates, self_offset=offset).loss for _ in range(500)])
+    assert float((values.mean() - exact).abs()) > 10 * float(values.std()) / len(values) ** 0.5
+
+
+def test_sampled_block_keeps_the_pairs_and_self_pairs_exact(monkeypatch):
+    """With the uniform weights zeroed, the sampled path is the pair sum alone, exactly, whatever the block; self
+    pairs that fall in the block are left out (log 1): the block's sum equals brute force on its rows and columns."""
+    g = torch.Generator().manual_seed(13)
+    a = torch.rand(2, 9, 3, generator=g, dtype=torch.float64)
+    b = torch.rand(2, 11, 3, generator=g, dtype=torch.float64)
+    shift = torch.rand(9, generator=g, dtype=torch.float64) + 0.1
+    self_col = torch.tensor([0, 3, -1, 10, 2, -1, 5, 6, 7])
+    pair_rows, pair_cols = torch.tensor([0, 0, 2, 5, 5, 8]), torch.tensor([1, 4, 0, 0, 10, 3])
+    pair_weight = torch.randn(6, generator=g, dtype=torch.float64)
+    weight = torch.randn(9, generator=g, dtype=torch.float64)
+    block = (torch.tensor([1, 3, 6, 8]), torch.tensor([3, 10, 5, 0, 9]), 2.5)
+    zero = torch.zeros(9, dtype=torch.float64)
+    args = (a, b, shift, self_col)
+    pairs_only = cluster_kl.sampled_log_affine(*args, zero, pair_rows, pair_cols, pair_weight, block)
+    y = torch.log(shift.view(1, -1, 1) + a @ b.transpose(1, 2))
+    torch.testing.assert_close(pairs_only, y[:, pair_rows, pair_cols] @ pair_weight, rtol=1e-13, atol=0)
+    dense_only = cluster_kl.sampled_log_affine(*args, weight, pair_rows[:0], pair_cols[:0], pair_weight[:0], block)
+    r, c = block[0], block[1]
+    mask = (c.view(1, -1) != self_col[r].view(-1, 1)).to(y.dtype)  # rows 1, 3, 6 have their self column drawn
+    ref = 2.5 * ((y[:, r][:, :, c] * mask).sum(-1) @ weight[r])
+    torch.testing.assert_close(dense_only, ref, rtol=1e-13, atol=0)
