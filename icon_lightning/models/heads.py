@@ -4,9 +4,11 @@ or a projection for representations."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from icon_lightning.settings import PositiveFloat, PositiveInt, check_arguments
 
@@ -15,6 +17,20 @@ def check_heads(num_clusters, projection_dim) -> None:
     """The one-line error ``ClusterHeads``' annotations do not say (their limits: ``settings.check_arguments``)."""
     if num_clusters < 1 and projection_dim is None:
         raise ValueError("num_clusters: expected ≥ 1 (or a projection_dim for representation learning)")
+
+
+class HeadWeightNorm(nn.Module):
+    """Weight normalisation of stacked linear heads (a ``parametrize`` parametrization of ``weight`` (H, K, D)):
+    weight = g · v / ‖v‖, the norm over D for each head and output unit, g (H, K, 1) and v (H, K, D) the trained
+    parameters (``parametrizations.weight.original0``, ``original1``): on each head what
+    ``torch.nn.utils.parametrizations.weight_norm`` (dim 0) makes of an ``nn.Linear(D, K)``, which starts at
+    g = ‖w‖, v = w (``right_inverse``); the bias is not normalised. TURTLE's task encoder."""
+
+    def forward(self, weight_g: Tensor, weight_v: Tensor) -> Tensor:
+        return weight_v * (weight_g / torch.linalg.vector_norm(weight_v, dim=-1, keepdim=True))
+
+    def right_inverse(self, weight: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.linalg.vector_norm(weight, dim=-1, keepdim=True), weight
 
 
 def stacked_linear(in_dim: int, out_dim: int, num_heads: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -41,6 +57,7 @@ class ClusterHeads(nn.Module):
     ``hidden_bias`` (H, hidden), ``out_weight`` (H, hidden, K), ``out_bias`` (H, K).
     projection_dim: when set, an MLP D → D' → D' first (representation learning); the heads then act on it.
     With ``num_clusters=0`` the module returns the projection itself as (B, 1, D') (one head).
+    norm: ``weight``: linear heads are weight-normalised (``HeadWeightNorm``: TURTLE's task encoder); None: plain.
     """
 
     def __init__(
@@ -51,10 +68,15 @@ class ClusterHeads(nn.Module):
         temperature: PositiveFloat = 1.0,
         projection_dim: PositiveInt | None = None,
         hidden_dim: PositiveInt | None = None,
+        norm: Literal["weight"] | None = None,
     ) -> None:
         super().__init__()
         check_arguments(ClusterHeads.__init__, locals())
         check_heads(num_clusters, projection_dim)
+        if norm is not None and (hidden_dim is not None or num_clusters < 1):
+            raise ValueError(
+                f"head_norm: {norm!r} normalises linear cluster heads; MLP heads and projections have none"
+            )
         num_heads = num_heads if num_clusters >= 1 else 1
         self.num_heads, self.num_clusters, self.temperature = num_heads, num_clusters, float(temperature)
         self.projection = nn.Identity()
@@ -67,6 +89,8 @@ class ClusterHeads(nn.Module):
         self.kind = "projection" if num_clusters < 1 else "linear" if hidden_dim is None else "mlp"
         if self.kind == "linear":
             self.weight, self.bias = stacked_linear(dim, num_clusters, num_heads)
+            if norm == "weight":
+                parametrize.register_parametrization(self, "weight", HeadWeightNorm())
         elif self.kind == "mlp":
             self.hidden_weight, self.hidden_bias = stacked_linear(dim, hidden_dim, num_heads)
             bound = 1 / hidden_dim**0.5  # nn.Linear's default initialisation, per head
@@ -129,5 +153,10 @@ def set_linear_head(
     if not 0 <= head < cluster_heads.num_heads:
         raise ValueError(f"replace_head: expected a head number in [0, {cluster_heads.num_heads}), got {head}")
     scale = cluster_heads.temperature if stored_scale is None else stored_scale
-    cluster_heads.weight[head] = (weight * scale).to(cluster_heads.weight)
+    if parametrize.is_parametrized(cluster_heads, "weight"):  # weight-normalised: this head's g and v
+        g, v = cluster_heads.parametrizations.weight.original0, cluster_heads.parametrizations.weight.original1
+        v[head] = (weight * scale).to(v)
+        g[head] = torch.linalg.vector_norm(v[head], dim=-1, keepdim=True)
+    else:
+        cluster_heads.weight[head] = (weight * scale).to(cluster_heads.weight)
     cluster_heads.bias[head] = (bias * scale).to(cluster_heads.bias)
