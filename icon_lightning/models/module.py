@@ -193,6 +193,8 @@ class IConModule(HeadBankModule):
         train features (``metrics.judge``: its rule and reasons), scored every ``JUDGE_EVERY`` steps and at the last
         step; ``loss``: the lowest mean training loss over the last epoch (the loss carries a balance prior, so it
         prefers balanced partitions: issue 32). Cluster heads only; a projection is selected by ``loss``.
+    head_norm: ``weight``: weight-normalised linear heads (``heads.HeadWeightNorm``, TURTLE's task encoder); None:
+        plain linear heads.
     """
 
     def __init__(
@@ -217,6 +219,7 @@ class IConModule(HeadBankModule):
         keep_heads: PositiveInt | None = DEFAULT_KEEP_HEADS,
         prune_every: PositiveInt = DEFAULT_PRUNE_EVERY,
         selection: Literal["judge", "loss"] = "judge",
+        head_norm: Literal["weight"] | None = None,
     ) -> None:
         check_arguments(IConModule.__init__, locals())  # the annotations' limits, as `icon` checks them at parse time
         super().__init__(num_heads if num_clusters >= 1 else 1, num_clusters, num_classes)  # owns ``evaluation``
@@ -229,7 +232,8 @@ class IConModule(HeadBankModule):
         # torch's generator (a fresh extraction, a cached one) and the other heads' random weights (their number)
         # cannot change where head h starts
         self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        heads = ClusterHeads(feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim)
+        dims = (feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim, head_norm)
+        heads = ClusterHeads(*dims)
         linear = heads.is_linear and projection_dim is None
         head_init = (list(DEFAULT_HEAD_INIT[:num_heads]) if linear else []) if head_init is None else head_init
         self.bank = HeadBank(heads, head_init, ema_momentum, teacher_candidates, keep_heads, prune_every)
