@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: timing, matmul throughput, atomic JSON results, long-tailed set names."""
+"""Helpers shared by the benchmark scripts: timing, matmul throughput, atomic JSON results, long-tailed set names, and
+the generated blocks of README.md and docs/*.md (found by their markers wherever they are)."""
 
 from __future__ import annotations
 
@@ -111,17 +112,44 @@ def long_tailed_subset(labels: np.ndarray, ratio: int, seed: int) -> tuple[np.nd
     return index, record
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """The pages that may hold a generated block: README.md, then every ``docs/*.md``."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def block_file(markers: tuple[str, str], root: Path = ROOT) -> Path:
+    """The one page of ``pages(root)`` that holds the generated block between ``markers`` (README's tables moved to
+    docs/ pages: a generator writes wherever its block is); none, or more than one, is a one-line error."""
+    holders = [page for page in pages(root) if page.is_file() and markers[0] in page.read_text()]
+    if len(holders) != 1:
+        found = ", ".join(str(page.relative_to(root)) for page in holders) or "none of them"
+        raise ValueError(f"{markers[0]}: expected in exactly one of README.md and docs/*.md, found in {found}")
+    text = holders[0].read_text()
+    if markers[1] not in text[text.index(markers[0]) :]:
+        raise ValueError(f"{markers[1]}: expected after {markers[0]} in {holders[0].relative_to(root)}")
+    return holders[0]
 
 
 def readme_block(text: str, *, markers: tuple[str, str]) -> str:
-    """A generated part of README: the text between its two ``markers``."""
+    """A generated part of a page: the text between its two ``markers``."""
     start, end = (text.index(m) for m in markers)
     return text[start + len(markers[0]) : end].strip()
 
 
-def write_readme_block(table: str, path: Path = README, *, markers: tuple[str, str]) -> None:
-    """Replace README's part between ``markers`` by ``table`` (the rest of the file as it was)."""
+def read_block(markers: tuple[str, str], root: Path = ROOT) -> str:
+    """The generated block between ``markers``, from the page that holds it (``block_file``)."""
+    return readme_block(block_file(markers, root).read_text(), markers=markers)
+
+
+def write_readme_block(table: str, path: Path | None = None, *, markers: tuple[str, str]) -> Path:
+    """Replace the part between ``markers`` by ``table`` (the rest of the file as it was), in ``path`` or, by
+    default, in the one page of README.md and docs/*.md that holds the markers (``block_file``); returns the page."""
+    path = Path(path) if path is not None else block_file(markers)
     text = path.read_text()
     start, end = (text.index(m) for m in markers)
     path.write_text(text[: start + len(markers[0])] + "\n" + table.strip() + "\n" + text[end:])
+    return path

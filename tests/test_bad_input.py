@@ -401,17 +401,37 @@ def test_every_bad_cli_input_ends_in_one_line(case, tmp_path, monkeypatch):
     assert fragment in line and line.startswith("icon: error: ") and "Traceback" not in out, out
 
 
-if __name__ == "__main__":  # README's table
+BAD_INPUT_MARKERS = ("<!-- bad-input-table -->", "<!-- bad-input-table-end -->")  # docs/bad-input.md
+
+
+def cli_table() -> str:
+    """docs/bad-input.md's table: each case's last line, with what changes from run to run or with any default
+    (temporary folders, a run's config key and time, the `--debug` hint) written as `…`, `<key>`, `<time>-<id>`."""
+    import re
     import tempfile
 
-    print("| bad input | what `icon` prints (one line, exit 1 or 2) |\n|---|---|")
+    lines = ["| bad input | what `icon` prints (one line, exit 1 or 2) |", "|---|---|"]
     for case, (build, _) in CLI_CASES.items():
         with tempfile.TemporaryDirectory() as folder:
             try:
                 line = run_case(build(Path(folder))).splitlines()[-1].replace(folder, "…")
             except BaseException as error:  # noqa: BLE001 - a case that escapes is reported, not hidden
                 line = f"UNCAUGHT {type(error).__name__}: {error}"
-        print(f"| {case} | `{line.replace('|', '/')}` |")
+        line = re.sub(r"-[0-9a-f]{8}/", "-<key>/", line.replace("  (--debug or ICON_DEBUG=1 shows the traceback)", ""))
+        line = re.sub(r"-\d{8}-\d{6}-[0-9a-f]{4}", "-<time>-<id>", line)
+        lines.append(f"| {case} | `{line.replace('|', '/')}` |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # docs/bad-input.md's table; --readme writes it there
+    import sys
+
+    from benchmarks.common import write_readme_block
+
+    table = cli_table()
+    print(table)
+    if "--readme" in sys.argv[1:]:
+        write_readme_block(table, markers=BAD_INPUT_MARKERS)
 
 
 def test_features_along_fewer_directions_than_clusters_warn_by_name(tmp_path):

@@ -75,5 +75,5 @@ def test_a_run_of_one_setting_keeps_the_files_other_settings(tmp_path):
 
 
 def test_readmes_fit_table_is_the_committed_json():
-    """README's fit table is generated from benchmarks/results/fit_*.json (``--table --readme``)."""
-    assert bench.readme_block(common.README.read_text()) == bench.table().strip()
+    """The fit table (docs/speed.md) is generated from benchmarks/results/fit_*.json (``--table --readme``)."""
+    assert common.read_block(bench.MARKERS) == bench.table().strip()

@@ -1,0 +1,155 @@
+"""README's results summary, and every page block generated from ``benchmarks/results/*.json``.
+
+    python -m benchmarks.summary              → print README's results summary
+    python -m benchmarks.summary --readme     → write it between its markers (README.md)
+    python -m benchmarks.summary --docs       → rewrite every block of README.md and docs/*.md that is generated from
+                                                the JSON results (this summary, the clustering results, the fit,
+                                                judge, training-step and memory tables), each in the page that
+                                                holds it
+
+The summary is made from ``benchmarks/results/clustering_*.json`` alone: for each method that ran under the
+clustering benchmark's current protocol (``benchmarks.clustering.current_rows``; rows of an earlier protocol are never
+shown), its Hungarian accuracy, mean over seeds, on each set; one table for the balanced sets and one for their
+long-tailed versions. Methods and sets are whatever the JSON holds (a new peer config's rows appear once its
+benchmark has run); nothing here lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import common
+from benchmarks.common import RESULTS, long_tailed_name
+
+MARKERS = ("<!-- results-summary -->", "<!-- results-summary-end -->")
+COMMAND = "python -m benchmarks.summary --readme"
+# the training-step table of docs/speed.md (benchmarks.train_step.table of train_step_cpu.json)
+TRAIN_STEP_MARKERS = ("<!-- train-step-table -->", "<!-- train-step-table-end -->")
+# the memory table of docs/speed.md (ddp_memory_cpu.json, ``make bench-ddp-memory``)
+DDP_MEMORY_MARKERS = ("<!-- ddp-memory-table -->", "<!-- ddp-memory-table-end -->")
+
+
+def _cell(row: dict | None, k: int, best: bool) -> str:
+    if row is None:
+        return "—"
+    clusters = row.get("clusters", k)
+    over = clusters != "auto" and clusters > k
+    score = row["over_clustering_acc" if over else "hungarian_acc"]["mean"]
+    text = f"**{score:.3f}**" if best else f"{score:.3f}"
+    return text + " (oc)" if over else text
+
+
+def _best(rows: dict, k: int) -> str | None:
+    """The clustering table's best row of a set: highest mean accuracy among the rows at the set's K."""
+    fixed = [m for m in rows if rows[m].get("clusters", k) == k]
+    return max(fixed, key=lambda m: rows[m]["hungarian_acc"]["mean"]) if fixed else None
+
+
+def _table(sets: list[tuple[str, int, dict]], methods: list[str]) -> list[str]:
+    lines = ["| method | " + " | ".join(name for name, _, _ in sets) + " |", "|---" + "|---:" * len(sets) + "|"]
+    best = [_best(rows, k) for _, k, rows in sets]
+    for method in methods:
+        if not any(method in rows for _, _, rows in sets):
+            continue
+        cells = [_cell(rows.get(method), k, method == b) for (_, k, rows), b in zip(sets, best)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(paths: list[Path]) -> str:
+    """README's results summary from the clustering results files ``paths``: per method (rows in the order the
+    results files first name them), Hungarian accuracy on each set, mean over its seeds; bold: the set's best row
+    at the set's K (the clustering table's rule); then a line per method saying what it is (the JSON's
+    description) and how often the I-Con default is the best row."""
+    from benchmarks.clustering import current_rows  # the one owner of "which rows are current"
+
+    sets, methods, described = [], [], {}
+    for path in paths:
+        data, rows = json.loads(path.read_text()), current_rows(path)
+        if not rows:
+            continue
+        sets.append((data["dataset"], data["num_clusters"], rows))
+        for method, row in rows.items():
+            if method not in described:
+                methods.append(method)
+                described[method] = row.get("description", "")
+    balanced = [s for s in sets if long_tailed_name(s[0])[1] is None]
+    long_tailed = [s for s in sets if long_tailed_name(s[0])[1] is not None]
+    seeds = sorted({len(row["runs"]) for _, _, rows in sets for row in rows.values()})
+    lines = [
+        f"Hungarian accuracy, mean over {' or '.join(map(str, seeds))} seeds (labels only score); **bold**: the best "
+        "row of the set at its number of classes; a row run with `--data.num_clusters auto` is scored at the K it "
+        "chose, never bold; (oc): over-clustering accuracy; —: not run under the current "
+        f"protocol. Generated from `benchmarks/results/clustering_*.json` by `{COMMAND}`; every row, with NMI, ARI, "
+        "steps and wall time, is in [docs/results.md](docs/results.md).",
+        "",
+    ]
+    for title, group in (
+        ("Balanced sets", balanced),
+        ("Long-tailed versions (imbalance ratio 10 or 100)", long_tailed),
+    ):
+        if group:
+            lines += [f"**{title}**", "", *_table(group, methods), ""]
+    lines += [f"- `{method}`: {described[method]}" for method in methods]
+    with_icon = [(rows, k) for _, k, rows in sets if "icon" in rows]
+    wins = sum(_best(rows, k) == "icon" for rows, k in with_icon)
+    lines += ["", f"The I-Con default (`icon`) is the best row on {wins} of the {len(with_icon)} sets it ran on."]
+    return "\n".join(lines)
+
+
+def results_summary(results: Path = RESULTS) -> str:
+    return summary(sorted(results.glob("clustering_*.json")))
+
+
+def ddp_memory_table(path: Path = RESULTS / "ddp_memory_cpu.json") -> str:
+    """Memory per process after ``setup`` and a read of every view row (MiB, ``/proc/self/smaps_rollup``), one line
+    per setting and rank of ``benchmarks.ddp_memory``'s results file."""
+    lines = ["| views | rank | RSS | PSS (shared pages split) | private | peak RSS |", "|---|---:|---:|---:|---:|---:|"]
+    for row in json.loads(path.read_text())["rows"]:
+        mib = row["after_setup_and_reads"]
+        values = " | ".join(f"{mib[key]:,.0f}" for key in ("rss", "pss", "private", "peak_rss"))
+        lines.append(f"| {row['views']} | {row['rank']} | {values} |")
+    return "\n".join(lines)
+
+
+def generated_blocks() -> dict[tuple[str, str], tuple[str, Callable[[], str]]]:
+    """Every block of README.md and docs/*.md generated from ``benchmarks/results/*.json``: its markers → (the
+    command that writes it, the function that makes it now). tests/test_docs.py holds each page to it."""
+    from benchmarks import clustering, fit, judge, train_step
+
+    def steps() -> str:
+        return train_step.table(json.loads((RESULTS / "train_step_cpu.json").read_text())["rows"])
+
+    return {
+        MARKERS: (COMMAND, results_summary),
+        clustering.MARKERS: (
+            "python -m benchmarks.clustering --table --readme",
+            lambda: clustering.markdown_table(sorted(RESULTS.glob("clustering_*.json"))),
+        ),
+        fit.MARKERS: ("python -m benchmarks.fit --table --readme", fit.table),
+        judge.MARKERS: ("python -m benchmarks.judge --table --readme", judge.table),
+        TRAIN_STEP_MARKERS: ("python -m benchmarks.summary --docs", steps),
+        DDP_MEMORY_MARKERS: ("python -m benchmarks.summary --docs", ddp_memory_table),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", action="store_true", help="write the summary into README.md")
+    parser.add_argument("--docs", action="store_true", help="rewrite every JSON-generated block of README and docs/")
+    args = parser.parse_args(argv)
+    if args.docs:
+        for markers, (_, make) in generated_blocks().items():
+            print(f"{markers[0]} → {common.write_readme_block(make(), markers=markers)}")
+        return
+    text = results_summary()
+    print(text)
+    if args.readme:
+        common.write_readme_block(text, markers=MARKERS)
+
+
+if __name__ == "__main__":
+    main()
