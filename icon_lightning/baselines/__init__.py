@@ -6,8 +6,9 @@ deep clusterers SCAN, TEMI and TURTLE as objectives of the same Lightning run (t
 """
 
 from icon_lightning.baselines.objectives import SCANLoss, TEMILoss
+from icon_lightning.baselines.pairs import SampledNeighbours
 from icon_lightning.baselines.turtle import TURTLELoss
 from icon_lightning.classical.kmeans import FaissKMeans
 from icon_lightning.classical.spectral import KNNSpectralClustering
 
-__all__ = ["FaissKMeans", "KNNSpectralClustering", "SCANLoss", "TEMILoss", "TURTLELoss"]
+__all__ = ["FaissKMeans", "KNNSpectralClustering", "SampledNeighbours", "SCANLoss", "TEMILoss", "TURTLELoss"]

@@ -33,7 +33,8 @@ class ClusteringDataModule(L.LightningDataModule):
     num_views: V views per anchor; None → 2 augmented views (the paper), or 1 with ``views='clean'``, whose views
         would all be the same clean feature.
     num_neighbours: S neighbours sampled per anchor; none in full-batch training, where every neighbour already
-        is a candidate.
+        is a candidate. They are drawn from the item's k-NN table row, and the item itself when the objective's p
+        asks (``data_needs()["neighbours_include_self"]``: SCAN's release).
     batch_size: anchors per step and process; ``auto``: the whole dataset when it fits the paper's 4,096
         anchors (full batch: p and the loss are exact), else 128 anchors per cluster (at most 4,096; the rule is
         ``loaders.auto_anchors``), split evenly between processes.

@@ -204,6 +204,7 @@ def prepare(
     num_views: int,
     num_neighbours: int,
     seed: int,
+    neighbours_include_self: bool = False,
     num_clusters: int = 0,
     extract: bool = False,
 ) -> PreparedData:
@@ -233,7 +234,8 @@ def prepare(
         )
     cached = views == "cached"
     view_features = prep.views(dataset, view_pool, mean, views_in_memory) if cached else None
-    draw = AnchorDataset(len(clean), table.pool, num_views, view_pool if cached else 0, num_neighbours, seed)
+    pool = np.concatenate([np.arange(len(clean))[:, None], table.pool], 1) if neighbours_include_self else table.pool
+    draw = AnchorDataset(len(clean), pool, num_views, view_pool if cached else 0, num_neighbours, seed)
     features = torch.from_numpy(clean)
     train_eval = EvalDataset(features, labels, table.table, table.degree)
     val = train_eval

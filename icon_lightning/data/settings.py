@@ -71,6 +71,13 @@ def needed_width(trainer) -> int:
     return int(model.data_needs().get("knn_width", 0)) if hasattr(model, "data_needs") else 0
 
 
+def needs_self(trainer) -> bool:
+    """Whether the attached model's objective samples an anchor's neighbours from the item itself too
+    (``data_needs()["neighbours_include_self"]``: SCAN's released p); False without a model that says so."""
+    model = getattr(trainer, "lightning_module", None)
+    return bool(model.data_needs().get("neighbours_include_self", False)) if hasattr(model, "data_needs") else False
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """The settings a fit's preparation reads (``prepare``): its views, the k-NN table, the anchors' draw, and
@@ -92,9 +99,10 @@ class FitSettings:
         return width, self.knn_backend, self.view_pool * (self.views == "cached")
 
     def prepare(
-        self, prep: FeaturePrep, dataset, val_dataset, width: int, sampled: int, num_clusters: int
+        self, prep: FeaturePrep, dataset, val_dataset, width: int, sampled: int, num_clusters: int, self_too=False
     ) -> PreparedData:
-        """The fit's ``PreparedData`` (``prepared.prepare``): a table of ``width``, ``sampled`` neighbours an anchor."""
+        """The fit's ``PreparedData`` (``prepared.prepare``): a table of ``width``, ``sampled`` neighbours an anchor
+        (drawn from the item too: ``self_too``)."""
         return prepare(
             prep,
             dataset,
@@ -107,6 +115,7 @@ class FitSettings:
             views_in_memory=self.views_in_memory,
             num_views=self.num_views,
             num_neighbours=sampled,
+            neighbours_include_self=self_too,
             seed=self.seed,
             num_clusters=num_clusters,
             extract=self.distributed_extraction,
@@ -163,9 +172,8 @@ class ClusteringData:
             return self.preparation.evaluate()
         sampled = self.loaders.sampled_neighbours(self.fit.num_neighbours, *self.batching(trainer))
         width = self.table_width(trainer)
-        self.preparation.fitted_by(
-            self.fit.prepare(self.prep, self.dataset, self.val_dataset, width, sampled, self.num_clusters)
-        )
+        data = (self.prep, self.dataset, self.val_dataset)
+        self.preparation.fitted_by(self.fit.prepare(*data, width, sampled, self.num_clusters, needs_self(trainer)))
 
     def state_dict(self) -> dict:
         """The fit's ``FitPreparation`` (mean, normalize, D, K): Lightning saves it into every checkpoint."""

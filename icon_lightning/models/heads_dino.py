@@ -4,6 +4,7 @@ weight-normalised bottleneck → K layer without bias; H of them held as stacks 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -95,3 +96,13 @@ def cluster_heads(
     if hidden_dim is None or projection_dim is not None or any(option is not None for option in options):
         raise ValueError("head_bottleneck_dim: DINO heads need head_hidden_dim, and no projection_dim or head_norm")
     return DINOHeads(feature_dim, num_clusters, num_heads, temperature, hidden_dim, bottleneck_dim)
+
+
+def module_heads(arguments: dict) -> ClusterHeads | DINOHeads:
+    """The heads an ``IConModule`` constructor's ``arguments`` (its ``locals()``) ask for (``cluster_heads``): its
+    ``head_bottleneck_dim``, dimensions and head options, ``ClusterHeads``' further arguments being the module's
+    ``head_<name>`` ones."""
+    a = arguments
+    dims = (a["feature_dim"], a["num_clusters"], a["num_heads"], a["head_temperature"], a["projection_dim"])
+    options = [a.get(f"head_{name}") for name in list(inspect.signature(ClusterHeads).parameters)[6:]]
+    return cluster_heads(a.get("head_bottleneck_dim"), *dims, a["head_hidden_dim"], *options)

@@ -18,6 +18,7 @@ from icon_lightning.loss import Objective
 from icon_lightning.models.bank import HeadBank
 from icon_lightning.models.evaluation import ClusterEvaluation
 from icon_lightning.models.heads import ClusterHeads, set_linear_head
+from icon_lightning.models.heads_dino import module_heads
 from icon_lightning.models.parts import TargetCache, global_head_losses
 from icon_lightning.settings import OpenUnitInterval, PositiveFloat, PositiveInt, check_arguments
 from icon_lightning.supervisory.graph import table_width
@@ -64,6 +65,13 @@ def optimizers(params, optimizer: OptimizerCallable | None, scheduler: LRSchedul
     if scheduler is None:
         return {"optimizer": optimizer}
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler(optimizer), "interval": interval}}
+
+
+def started_heads(heads, head_init: list[str] | None, projection_dim: int | None) -> list[str]:
+    """``head_init``, or its default (None): ``DEFAULT_HEAD_INIT`` for linear cluster heads on the features (one head:
+    its first entry), no started head otherwise."""
+    linear = heads.is_linear and projection_dim is None
+    return (list(DEFAULT_HEAD_INIT[: heads.num_heads]) if linear else []) if head_init is None else head_init
 
 
 class HeadBankModule(ClusterEvaluation):
@@ -170,6 +178,7 @@ class IConModule(HeadBankModule):
     backbone: frozen extractor for batches of images (``views: online``); None on cached features.
     feature_dim, num_clusters, num_classes, num_samples: linked from the DataModule by the CLI.
     num_heads, head_temperature, projection_dim, head_hidden_dim: see ``ClusterHeads`` (hidden: MLP heads).
+    head_bottleneck_dim: DINO heads instead (TEMI's: ``heads_dino.DINOHeads``, D → hidden → bottleneck → K).
     head_init: None → ``["kmeans", "spectral"]`` for linear cluster heads (one head: ``["kmeans"]``), none
         otherwise. How the first heads start, one entry a head: ``kmeans`` (k-means of the clean train features,
         a different seed each) or ``spectral`` (spectral clustering of their 10-NN graph), as the
@@ -220,6 +229,7 @@ class IConModule(HeadBankModule):
         prune_every: PositiveInt = DEFAULT_PRUNE_EVERY,
         selection: Literal["judge", "loss"] = "judge",
         head_norm: Literal["weight"] | None = None,
+        head_bottleneck_dim: PositiveInt | None = None,
     ) -> None:
         check_arguments(IConModule.__init__, locals())  # the annotations' limits, as `icon` checks them at parse time
         super().__init__(num_heads if num_clusters >= 1 else 1, num_clusters, num_classes)  # owns ``evaluation``
@@ -232,17 +242,15 @@ class IConModule(HeadBankModule):
         # torch's generator (a fresh extraction, a cached one) and the other heads' random weights (their number)
         # cannot change where head h starts
         self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        dims = (feature_dim, num_clusters, num_heads, head_temperature, projection_dim, head_hidden_dim, head_norm)
-        heads = ClusterHeads(*dims)
-        linear = heads.is_linear and projection_dim is None
-        head_init = (list(DEFAULT_HEAD_INIT[:num_heads]) if linear else []) if head_init is None else head_init
+        heads = module_heads(locals())  # DINO heads (head_bottleneck_dim), else ClusterHeads
+        head_init = started_heads(heads, head_init, projection_dim)
         self.bank = HeadBank(heads, head_init, ema_momentum, teacher_candidates, keep_heads, prune_every)
         self.targets = TargetCache()
 
     def data_needs(self) -> dict:
         """What the objective needs from the data, for the DataModule to ask: ``knn_width``, the widest k-NN table
-        row its p reads (0: none)."""
-        return {"knn_width": table_width(self.loss)}
+        row its p reads (0: none), and what its p declares (``data_needs()``, e.g. ``SampledNeighbours``')."""
+        return {"knn_width": table_width(self.loss), **getattr(getattr(self.loss, "p", None), "data_needs", dict)()}
 
     def features(self, batch: ClusteringBatch) -> Tensor:
         if batch.inputs.ndim > 2 and self.backbone is None:

@@ -57,9 +57,9 @@ def test_bad_features_are_named(estimator):
     "config, overrides",
     [
         ("icon_clustering", []),
-        (CONFIG_DIR / "peers" / "scan.yaml", ["--model.loss.init_args.p.init_args.k=10"]),
+        (CONFIG_DIR / "peers" / "scan_common.yaml", ["--model.loss.init_args.p.init_args.k=10"]),
         (  # linear heads on 300 points (the peer's 16 MLP heads of 512 are for real data)
-            CONFIG_DIR / "peers" / "temi.yaml",
+            CONFIG_DIR / "peers" / "temi_common.yaml",
             ["--model.loss.init_args.p.init_args.k=10", "--model.ema_momentum=0.9", "--model.head_hidden_dim=null"],
         ),
     ],
