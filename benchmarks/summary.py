@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def _cell(row: dict | None, k: int, best: bool) -> str:
     over = clusters != "auto" and clusters > k
     score = row["over_clustering_acc" if over else "hungarian_acc"]["mean"]
     text = f"**{score:.3f}**" if best else f"{score:.3f}"
+    chosen = sorted({run["num_clusters"] for run in row["runs"] if "num_clusters" in run})
+    if clusters == "auto" and chosen:  # the K each seed chose without labels: its range over the seeds
+        text += f" (K={chosen[0]})" if len(chosen) == 1 else f" (K={chosen[0]}–{chosen[-1]})"
     return text + " (oc)" if over else text
 
 
@@ -79,14 +83,14 @@ def summary(paths: list[Path]) -> str:
     balanced = [s for s in sets if long_tailed_name(s[0])[1] is None]
     long_tailed = [s for s in sets if long_tailed_name(s[0])[1] is not None]
     seeds = sorted({len(row["runs"]) for _, _, rows in sets for row in rows.values()})
-    lines = [
+    header = (
         f"Hungarian accuracy, mean over {' or '.join(map(str, seeds))} seeds (labels only score); **bold**: the best "
         "row of the set at its number of classes; a row run with `--data.num_clusters auto` is scored at the K it "
-        "chose, never bold; (oc): over-clustering accuracy; —: not run under the current "
+        "chose (K=: over the seeds), never bold; (oc): over-clustering accuracy; —: not run under the current "
         f"protocol. Generated from `benchmarks/results/clustering_*.json` by `{COMMAND}`; every row, with NMI, ARI, "
-        "steps and wall time, is in [docs/results.md](docs/results.md).",
-        "",
-    ]
+        "steps and wall time, is in [docs/results.md](docs/results.md)."
+    )
+    lines = [*textwrap.wrap(header, 117, break_on_hyphens=False, break_long_words=False), ""]
     for title, group in (
         ("Balanced sets", balanced),
         ("Long-tailed versions (imbalance ratio 10 or 100)", long_tailed),

@@ -87,11 +87,13 @@ def test_a_block_is_found_in_the_one_page_that_holds_it(tmp_path):
         common.block_file(markers, tmp_path)
 
 
-def _results_file(folder: Path, name: str, rows: dict[str, list[float]], k: int = 3, **extra) -> Path:
+def _results_file(folder: Path, name: str, rows: dict[str, list[float]], k: int = 3, ks=(), **extra) -> Path:
     import benchmarks.clustering as bc
 
     def method(name, accs, **more):
         runs = [{"seed": s, "hungarian_acc": a} for s, a in enumerate(accs)]
+        for run, chosen in zip(runs, ks if "clusters" in more else ()):
+            run["num_clusters"] = chosen
         mean = {"mean": sum(accs) / len(accs), "std": 0.0}
         return {
             "protocol": bc.current_protocol(name),
@@ -112,11 +114,11 @@ def test_the_summary_is_each_methods_mean_accuracy_from_the_json(tmp_path):
     seeds; the best row at the set's K is bold, a K-searching row never; a method absent from a set is —."""
     a = _results_file(tmp_path, "aset", {"kmeans_faiss": [0.5, 0.7], "a_new_peer": [0.8, 0.9], "icon": [0.1, 0.2]})
     auto = {"icon_auto_k": {"clusters": "auto"}}
-    b = _results_file(tmp_path, "aset_lt10", {"icon": [0.4, 0.5], "icon_auto_k": [0.9, 0.9]}, **auto)
+    b = _results_file(tmp_path, "aset_lt10", {"icon": [0.4, 0.5], "icon_auto_k": [0.9, 0.9]}, ks=(2, 4), **auto)
     text = summary.summary([a, b])
     assert "| method | aset |" in text and "| method | aset_lt10 |" in text  # balanced, then long-tailed
     assert "| kmeans_faiss | 0.600 |" in text and "| a_new_peer | **0.850** |" in text and "| icon | 0.150 |" in text
-    assert "| icon | **0.450** |" in text and "| icon_auto_k | 0.900 |" in text  # searched K: never bold
+    assert "| icon | **0.450** |" in text and "| icon_auto_k | 0.900 (K=2–4) |" in text  # searched K: never bold
     assert text.index("| a_new_peer |") < text.index("| icon |")  # the order the files name them
     assert "- `a_new_peer`: what a_new_peer is" in text
     assert text.endswith("is the best row on 1 of the 2 sets it ran on.")
