@@ -6,30 +6,38 @@
     python -m benchmarks.clustering --dataset fashion_mnist_test (Debian's dataset-fashion-mnist)
     python -m benchmarks.clustering --dataset digits_lt10       → clustering_digits_lt10.json (long-tailed)
     python -m benchmarks.clustering --features X.npz            → clustering_X.json (a user's features file)
+    python -m benchmarks.clustering --dataset digits --methods icon icon_published --seeds 0 --results /tmp/r
     python -m benchmarks.clustering --table [--readme]          → the README table from the JSON files (--readme
                                                                   writes it between README's two markers)
 
+The lists live in configs (``--configs``, default the package's configs/; docs/contributing.md): a data set is a
+file of ``benchmark/datasets/`` (its loader, paths, backbone, image size), a peer a file of ``peers/`` (a method
+named by its stem, described by its first comment line, a row of the table), an ablation or option of the I-Con
+default a file of ``ablations/`` (overrides on the default recipe; ``table: true``: a row of the table).
+
 Features come from the project's own pipeline (``cached_features``: EfficientNet-Lite0, ImageNet weights). The
-head-based methods (I-Con, its ablations, SCAN, TEMI) are ``icon fit`` on them, built by the one builder
+head-based methods (I-Con, its ablations, the peers) are ``icon fit`` on them, built by the one builder
 (``HeadClusterer``), which centres them by the fitting split's mean and L2-normalises them; the classical methods
 get the same preparation. Methods that fit on one split and score another
 (``cifar10_train_test``) fit on train and predict test. Labels only score; no method or hyper-parameter is
 chosen by them. Per-seed values, means and standard deviations go to the JSON.
 
-Long-tailed sets: ``digits_lt10``, ``digits_lt100``, ``cifar10_test_lt10``, ``cifar10_test_lt100``,
-``mnist_test_lt10``, ``mnist_test_lt100``, ``fashion_mnist_test_lt10``, ``fashion_mnist_test_lt100``
-(``LONG_TAILED``): the set's features, restricted to a subset whose class sizes fall geometrically by the ratio
-(``icon_lightning.data.long_tailed``: n_c = floor(n_max · r^(-c/(C-1))), n_max the smallest class's size, class 0
-largest). Each seed of a row fits and scores on its own subset (rows drawn by ``default_rng(seed)``; the class sizes
-are the same for every seed); each run records its subset (class sizes, ratio, sha256 of the indices). Scored by the
-same Hungarian accuracy, NMI and ARI; nothing label-based enters a method.
+Long-tailed sets: ``<set>_lt10``, ``<set>_lt100`` of every set whose file says ``long_tailed: true`` (digits,
+cifar10_test, mnist_test, fashion_mnist_test: ``LONG_TAILED``): the set's features, restricted to a subset whose
+class sizes fall geometrically by the ratio (``icon_lightning.data.long_tailed``: n_c = floor(n_max · r^(-c/(C-1))),
+n_max the smallest class's size, class 0 largest). Each seed of a row fits and scores on its own subset (rows drawn
+by ``default_rng(seed)``; the class sizes are the same for every seed); each run records its subset (class sizes,
+ratio, sha256 of the indices). Scored by the same Hungarian accuracy, NMI and ARI; nothing label-based enters a
+method.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -38,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from sklearn.cluster import KMeans
 
 from benchmarks import common
@@ -50,7 +59,7 @@ from benchmarks.common import (
     write_result,
 )
 from icon_lightning.baselines import FaissKMeans, KNNSpectralClustering
-from icon_lightning.data.datasets import DigitsDataset, FeaturesFile, IdxDataset, IndexedDataset, TarImageFolder
+from icon_lightning.data.datasets import FeaturesFile, IndexedDataset
 from icon_lightning.data.feature_store import FeatureStore, cached_features
 from icon_lightning.data.neighbours import centred_unit_rows
 from icon_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -107,48 +116,109 @@ PROTOCOL = "icon fit defaults (one builder): features file, views clean, the met
 # Revisions that change only the rows of the methods they name; such a method's row from before is of an earlier
 # protocol (not shown, re-run by --resume). TEMI is the one row with an EMA teacher (a test keeps it so).
 REVISIONS = {"temi": "a plateau counts once the EMA teacher has settled (Convergence: 749 steps at momentum 0.996)"}
-# every I-Con row (``icon*``) since issue 32's defaults: rows from before are of an earlier protocol
+# every row of the I-Con default (``icon``, the files of ``ablations/``) since issue 32: rows from before are of an
+# earlier protocol
 ISSUE_32 = "issue 32: heads started from k-means and spectral clustering kept to the end, the judge selects the head"
 BUDGET: list[str] = []
-# Long-tailed versions (``<set>_lt<r>``, r = 10, 100) of the transductive sets; none of cifar10_train_test.
-LONG_TAILED_BASES = ("digits", "cifar10_test", "mnist_test", "fashion_mnist_test")
-LONG_TAILED = long_tailed_names(LONG_TAILED_BASES)
-DATASETS = ("digits", "cifar10_test", "cifar10_train_test", "fashion_mnist_test", "mnist_test", *LONG_TAILED)
-# The table's rows (README): the classical methods, the peers, the I-Con defaults and the ablations that explain
-# them. The other rows of ``methods`` (options such as MLP heads) run with ``--methods``.
-TABLE_METHODS = (
-    "kmeans_sklearn",
-    "kmeans_faiss",
-    "spectral",
-    "scan",
-    "temi",
-    "turtle",
-    "icon",
-    "icon_no_debias",
-    "icon_no_walks",
-    "icon_random_heads",
-    "icon_one_head",
-    "icon_overcluster_3x",
-    "icon_self_label",
-)
+# The lists live in configs (README's contributing section, docs/contributing.md): a data set is a file of
+# ``benchmark/datasets/``, a peer a file of ``peers/`` (every one a table row), an ablation or option of the I-Con
+# default a file of ``ablations/`` (``table: true``: a table row), all under ``--configs`` (default: the package's
+# configs/). Nothing here lists them.
 PEERS = CONFIG_DIR / "peers"
+CLASSICAL = ("kmeans_sklearn", "kmeans_faiss", "spectral")  # the table's first rows; then the peers, icon, ablations
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _image_features(dataset: IndexedDataset, image_size: int, cache_dir: str, gray: bool = False) -> np.ndarray:
-    from icon_lightning.data.backbones import EfficientNetLite0
+def first_comment(path: Path) -> str:
+    """A config's first line, ``# <text>``, without the ``#``: its row's description (a data set's source)."""
+    line = path.read_text().split("\n", 1)[0]
+    if not line.startswith("#") or not line.lstrip("# ").strip():
+        raise ValueError(f"{path}: expected a first line '# <one-line description>'")
+    return line.lstrip("#").strip()
 
-    # ImageNet's mean and std, not Lite0's own (0.5, 0.5; what the DataModule uses since issue 31): the protocol the
-    # shared features and README's tables were made with, kept until the table is re-run (issue 33).
-    transform = eval_transform(image_size, IMAGENET_MEAN, IMAGENET_STD, grayscale_to_rgb=gray)
-    return np.asarray(cached_features(FeatureStore(cache_dir), EfficientNetLite0(), dataset, transform), np.float32)
+
+def config_files(configs: str | Path, folder: str) -> dict[str, Path]:
+    """The YAML files of ``configs/folder`` by stem (sorted): what the benchmark finds there."""
+    return {path.stem: path for path in sorted((Path(configs) / folder).glob("*.yaml"))}
+
+
+def read_config(path: Path, keys: tuple[str, ...]) -> dict:
+    """A benchmark config file's mapping, with only ``keys`` (an unknown key is named in one line)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of {keys}")
+    unknown = sorted(set(data) - set(keys))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; expected some of {list(keys)}")
+    return data
+
+
+DATASET_KEYS = ("fit", "score", "backbone", "image_size", "grayscale", "normalization", "long_tailed")
+
+
+def dataset_configs(configs: str | Path = CONFIG_DIR) -> dict[str, Path]:
+    """The benchmark's data sets: ``benchmark/datasets/<name>.yaml`` (one file a set)."""
+    return config_files(configs, "benchmark/datasets")
+
+
+def long_tailed_bases(configs: str | Path = CONFIG_DIR) -> tuple[str, ...]:
+    """The sets whose file says ``long_tailed: true`` (``<set>_lt10``, ``<set>_lt100``)."""
+    files = dataset_configs(configs)
+    return tuple(name for name, path in files.items() if read_config(path, DATASET_KEYS).get("long_tailed"))
+
+
+def dataset_names(configs: str | Path = CONFIG_DIR) -> tuple[str, ...]:
+    return (*dataset_configs(configs), *long_tailed_names(long_tailed_bases(configs)))
+
+
+# Long-tailed versions (``<set>_lt<r>``, r = 10, 100) of the sets whose file says so; none of cifar10_train_test.
+LONG_TAILED_BASES = long_tailed_bases()
+LONG_TAILED = long_tailed_names(LONG_TAILED_BASES)
+DATASETS = dataset_names()
+
+
+def _filled(value, values: dict, where: str):
+    """A config value with its ``{placeholders}`` filled from the command's arguments (``values``)."""
+    if isinstance(value, dict):
+        return {key: _filled(item, values, f"{where}.{key}") for key, item in value.items()}
+    if not isinstance(value, str):
+        return value
+    try:
+        return value.format(**values)
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"{where}: {value!r} names no argument of the command ({error})") from None
+
+
+def _instance(spec: dict, values: dict, where: str):
+    """``class_path`` / ``init_args`` (as in `icon`'s configs) built, the arguments' placeholders filled."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ValueError(f"{where}: expected a mapping with class_path (and init_args)")
+    module, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**_filled(spec.get("init_args") or {}, values, f"{where}.init_args"))
+
+
+def _features(dataset: IndexedDataset, spec: dict, values: dict, cache_dir: str, where: str) -> np.ndarray:
+    """The set's features: its items themselves (no ``backbone``), or the backbone's (cached, ``cached_features``)
+    on the images at ``image_size`` with the ``normalization`` named (imagenet, or the backbone's own)."""
+    if spec.get("backbone") is None:
+        return torch.stack([torch.as_tensor(dataset.load(i)) for i in range(len(dataset))]).numpy().astype(np.float32)
+    backbone = _instance(spec["backbone"], values, f"{where}.backbone")
+    size = int(_filled(spec.get("image_size", 224), values, f"{where}.image_size"))
+    norm = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "backbone": backbone.normalization}
+    if spec.get("normalization", "backbone") not in norm:
+        raise ValueError(f"{where}.normalization: expected imagenet or backbone, got {spec['normalization']!r}")
+    transform = eval_transform(size, *norm[spec.get("normalization", "backbone")], bool(spec.get("grayscale")))
+    return np.asarray(cached_features(FeatureStore(cache_dir), backbone, dataset, transform), np.float32)
 
 
 def load_split(name: str, args: argparse.Namespace) -> Split:
-    """The features and labels of ``name``: a dataset of ``DATASETS``, a long-tailed ``<set>_lt<r>`` of one (its
-    full set, with the ratio: ``Split.for_seed`` draws each seed's subset) or an ``.npz`` features file."""
+    """The features and labels of ``name``: a set of ``dataset_names`` (its file), a long-tailed ``<set>_lt<r>``
+    of one (its full set, with the ratio: ``Split.for_seed`` draws each seed's subset) or an ``.npz`` features
+    file."""
     base, ratio = long_tailed_name(name)
-    if ratio is None or base not in LONG_TAILED_BASES:  # cifar10_train_test_lt10: unknown, named below
+    configs = getattr(args, "configs", CONFIG_DIR)
+    if ratio is None or base not in long_tailed_bases(configs):  # cifar10_train_test_lt10: unknown, named below
         return _full_split(name, args)
     split = _full_split(base, args)
     source = f"{split.source}; long-tailed, imbalance ratio {ratio}, one subset per seed: {LONG_TAILED_RULE}"
@@ -160,131 +230,109 @@ def _full_split(name: str, args: argparse.Namespace) -> Split:
         data = FeaturesFile(name)
         x = data.features.numpy()
         return Split(Path(name).stem, x, x, data.labels, f"features file {name}")
-    if name == "digits":
-        data = DigitsDataset()
-        x = data.data.numpy().astype(np.float32)
-        return Split(name, x, x, data.labels, "scikit-learn digits, 64 raw pixels")
-    if name in ("cifar10_test", "cifar10_train_test"):
-        tars = Path(args.cifar10_tar_dir)
-        test = TarImageFolder(tars / "cifar10_jpeg_test.tar", split="test")
-        test_x = _image_features(test, 128, args.cache_dir)
-        source = "CIFAR-10 JPEG tar, EfficientNet-Lite0 (ImageNet) features at 128 px"
-        if name == "cifar10_test":
-            return Split(name, test_x, test_x, test.labels, source + ", test split")
-        train = TarImageFolder(tars / "cifar10_jpeg_train.tar", split="train")
-        train_x = _image_features(train, 128, args.cache_dir)
-        return Split(name, train_x, test_x, test.labels, source + ": fit on train (50 000), scored on test (10 000)")
-    if name == "fashion_mnist_test":
-        data = IdxDataset(args.fashion_dir, prefix="t10k")
-        x = _image_features(data, args.fashion_size, args.cache_dir, gray=True)
-        return Split(
-            name, x, x, data.labels, f"Fashion-MNIST test, EfficientNet-Lite0 features at {args.fashion_size} px"
-        )
-    if name == "mnist_test":
-        data = IdxDataset(args.mnist_dir, prefix="t10k")
-        x = _image_features(data, args.fashion_size, args.cache_dir, gray=True)
-        return Split(name, x, x, data.labels, f"MNIST test, EfficientNet-Lite0 features at {args.fashion_size} px")
-    raise ValueError(f"dataset: expected one of {DATASETS} or an .npz path, got {name!r}")
+    configs = getattr(args, "configs", CONFIG_DIR)
+    path = dataset_configs(configs).get(name)
+    if path is None:
+        raise ValueError(f"dataset: expected one of {dataset_names(configs)} or an .npz path, got {name!r}")
+    spec = read_config(path, DATASET_KEYS)
+    values = {**vars(args), "shared": SHARED, "configs": configs}
+    fit = _instance(spec.get("fit"), values, f"{path}: fit")
+    fit_x = _features(fit, spec, values, args.cache_dir, str(path))
+    source = _filled(first_comment(path), values, f"{path}: first line")
+    if spec.get("score") is None:  # transductive: fitted and scored on the same items
+        return Split(name, fit_x, fit_x, np.asarray(fit.labels), source)
+    score = _instance(spec["score"], values, f"{path}: score")
+    return Split(
+        name, fit_x, _features(score, spec, values, args.cache_dir, str(path)), np.asarray(score.labels), source
+    )
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def icon_loss(alpha_p: float, alpha_q: float, steps: int) -> dict:
-    """configs/recipes/icon_clustering.yaml's ``model.loss`` (k-NN, k = 3, propagated 2 steps, debiased by α), read
-    as a config, with an ablation edited in: α of p or q (0 drops the debiasing), ``steps``: ``Propagated``'s
-    count of the whole walk, as ``data.walk_steps`` counts it (1: the k-NN graph alone, no propagation)."""
-    config = recipe_config("icon_clustering")
-    propagated = config["init_args"]["p"]["init_args"]["base"]
-    if steps > 1:
-        propagated["init_args"]["steps"] = steps
-    else:
-        config["init_args"]["p"]["init_args"]["base"] = propagated["init_args"]["base"]
-    for side, alpha in (("p", alpha_p), ("q", alpha_q)):
-        if alpha:
-            config["init_args"][side]["init_args"]["alpha"] = alpha
-        else:
-            config["init_args"][side] = config["init_args"][side]["init_args"]["base"]
-    return config
-
-
 SPECTRAL_ARPACK_MAX = 20_000
-ALPHA = 0.6  # the recipe's α (configs/recipes/icon_clustering.yaml); the paper uses 0.6–0.8
-OVERCLUSTER = 3  # over-clustering rows use 3× the classes
+ABLATION_KEYS = ("table", "config", "clusters", "overrides")
 
 
-def self_label(consensus: bool) -> str:
-    callback = {"class_path": "icon_lightning.callbacks.SelfLabel", "init_args": {"consensus": consensus}}
-    return f"--trainer.callbacks+={json.dumps(callback)}"
+def ablation_configs(configs: str | Path = CONFIG_DIR) -> dict[str, dict]:
+    """``ablations/<name>.yaml`` by name: an ablation or option of the I-Con default, read (``ABLATION_KEYS``)."""
+    return {name: read_config(path, ABLATION_KEYS) for name, path in config_files(configs, "ablations").items()}
+
+
+def override_words(overrides: dict | None, where: str) -> list[str]:
+    """An ablation's ``overrides`` (key: value) as `icon`'s words: ``--key=value`` (a string as it is, any other
+    value as JSON, which `icon` parses as it parses YAML)."""
+    if not isinstance(overrides or {}, dict):
+        raise ValueError(f"{where}: expected a mapping of `icon fit` keys to values")
+    words = []
+    for key, value in (overrides or {}).items():
+        words.append(f"--{key}={value if isinstance(value, str) else json.dumps(value)}")
+    return words
+
+
+def cluster_count(setting, classes: int, where: str) -> int | str:
+    """An ablation's ``clusters``: absent, the classes; ``auto``, the judge's choice; ``<n>x``, n × the classes."""
+    if setting is None:
+        return classes
+    if setting == "auto":
+        return "auto"
+    match = re.fullmatch(r"(\d+)x", str(setting))
+    if not match or int(match[1]) < 1:
+        raise ValueError(f"{where}: expected auto or <n>x (n × the classes), got {setting!r}")
+    return int(match[1]) * classes
+
+
+def table_methods(configs: str | Path = CONFIG_DIR) -> tuple[str, ...]:
+    """The README table's rows: the classical methods, every peer (a file of ``peers/``), the I-Con default and
+    the ablations whose file says ``table: true``; the other ablations run with ``--methods``."""
+    ablations = [name for name, spec in ablation_configs(configs).items() if spec.get("table")]
+    return (*CLASSICAL, *config_files(configs, "peers"), "icon", *ablations)
 
 
 def methods(
-    num_clusters: int, num_fit: int = 0, cache_dir: str = ".cache/icon_lightning"
-) -> dict[str, tuple[str, Callable[[int], object], int]]:
+    num_clusters: int, num_fit: int = 0, cache_dir: str = ".cache/icon_lightning", configs: str | Path = CONFIG_DIR
+) -> dict[str, tuple[str, Callable[[int], object], int | str]]:
     """name → (description, seed → estimator, clusters). Spectral clustering solves with LOBPCG above 20 000 points:
     ARPACK's shift-invert LU had not finished on CIFAR-10 train's 50 000-point graph after 30 min; on CIFAR-10
-    test both solvers give the same partition (accuracy 0.476), LOBPCG in 9 s against 81 s. Rows whose clusters
-    exceed the classes (over-clustering) are scored by over-clustering accuracy. Head-based rows are ``icon fit``
-    with a config and overrides (``HeadClusterer``)."""
+    test both solvers give the same partition (accuracy 0.476), LOBPCG in 9 s against 81 s. Head-based rows are
+    ``icon fit`` with a config and overrides (``HeadClusterer``): every file of ``configs/peers`` (named by its
+    stem, described by its first comment line), the default recipe (``icon``) and every file of
+    ``configs/ablations`` (the default with its overrides). Rows whose clusters exceed the classes
+    (over-clustering) are scored by over-clustering accuracy."""
     solver = "lobpcg" if num_fit > SPECTRAL_ARPACK_MAX else None
     k = num_clusters  # the cluster count (never a k-NN width: those are in the configs)
-    over = OVERCLUSTER * k
 
-    def fit(
-        *overrides: str, config: str | Path = "icon_clustering", clusters: int | str = k
-    ) -> Callable[[int], object]:
-        words = [*overrides, *BUDGET]
+    def fit(config: str | Path, words: list[str], clusters: int | str) -> Callable[[int], object]:
+        words = [*words, *BUDGET]
         return lambda seed: HeadClusterer(config, words, clusters, seed, cache_dir=cache_dir)
 
-    def ablation(alpha_p: float, alpha_q: float, steps: int) -> str:
-        return f"--model.loss={json.dumps(icon_loss(alpha_p, alpha_q, steps))}"
-
+    alpha = recipe_config("icon_clustering")["init_args"]["p"]["init_args"]["alpha"]
     table = {
-        "kmeans_sklearn": ("k-means, scikit-learn, n_init=10", lambda s: KMeans(k, n_init=10, random_state=s)),
-        "kmeans_faiss": ("k-means, FAISS, n_init=10 (all points)", lambda s: FaissKMeans(k, n_init=10, random_state=s)),
+        "kmeans_sklearn": ("k-means, scikit-learn, n_init=10", lambda s: KMeans(k, n_init=10, random_state=s), k),
+        "kmeans_faiss": (
+            "k-means, FAISS, n_init=10 (all points)",
+            lambda s: FaissKMeans(k, n_init=10, random_state=s),
+            k,
+        ),
         "spectral": (
             f"spectral clustering, 10-NN graph (scikit-learn, {solver or 'arpack'})",
             lambda s: KNNSpectralClustering(k, 10, eigen_solver=solver, random_state=s),
-        ),
-        "scan": (
-            "SCAN (configs/peers/scan.yaml): top-20 neighbours, entropy weight 5",
-            fit(config=PEERS / "scan.yaml"),
-        ),
-        "temi": (
-            "TEMI (configs/peers/temi.yaml): β-PMI 0.6, EMA teacher, 16 MLP heads",
-            fit(config=PEERS / "temi.yaml"),
-        ),
-        "turtle": (
-            "TURTLE (configs/peers/turtle.yaml): one space, 10 inner Adam steps, entropy weight 10",
-            fit(config=PEERS / "turtle.yaml"),
-        ),
-        "icon": (f"I-Con defaults (icon fit): k-NN (k = 3) + 1-step walks, α = {ALPHA}", fit()),
-        "icon_auto_k": ("I-Con defaults, K chosen by the judge (--data.num_clusters auto)", fit(clusters="auto")),
-        "icon_random_heads": ("I-Con ablation: every head at random", fit("--model.head_init=[]")),
-        "icon_3_heads": ("I-Con ablation: 3 heads, one from k-means", fit("--model.num_heads=3")),
-        "icon_one_head": ("I-Con ablation: one head, from k-means", fit("--model.num_heads=1")),
-        "icon_spectral_head": (
-            "I-Con option: one head from k-means, one from spectral",
-            fit("--model.head_init=[kmeans,spectral]"),
-        ),
-        "icon_self_label": ("I-Con option: + self-labelling of the selected head", fit(self_label(False))),
-        "icon_consensus_self_label": ("I-Con option: + self-labelling on the heads' consensus", fit(self_label(True))),
-        "icon_mlp_heads": ("I-Con option: MLP heads (hidden 512)", fit("--model.head_hidden_dim=512")),
-        f"icon_overcluster_{OVERCLUSTER}x": (
-            f"I-Con option: {OVERCLUSTER}×{k} clusters, scored by over-clustering accuracy",
-            fit(clusters=over),
-        ),
-        "icon_no_debias": ("I-Con ablation: α = 0", fit(ablation(0.0, 0.0, 2))),
-        "icon_debias_p_only": (f"I-Con ablation: α = {ALPHA} on p only", fit(ablation(ALPHA, 0.0, 2))),
-        "icon_no_walks": ("I-Con ablation: k-NN only, no walks", fit(ablation(ALPHA, ALPHA, 1))),
-        "icon_walk_steps_3": (
-            "I-Con ablation: walks of 3 steps (Propagated(steps=3), data.walk_steps 3)",
-            fit(ablation(ALPHA, ALPHA, 3), "--data.walk_steps=3"),
+            k,
         ),
     }
-    clusters = {
-        name: over if name.startswith("icon_overcluster") else "auto" if name.endswith("auto_k") else k
-        for name in table
-    }
-    return {name: (desc, make, clusters[name]) for name, (desc, make) in table.items()}
+    for name, path in config_files(configs, "peers").items():
+        table[name] = (first_comment(path), fit(path, [], k), k)
+    table["icon"] = (
+        f"I-Con defaults (icon fit): k-NN (k = 3) + 1-step walks, α = {alpha}",
+        fit("icon_clustering", [], k),
+        k,
+    )
+    for name, path in config_files(configs, "ablations").items():
+        if name in table:
+            raise ValueError(f"{path}: the method {name!r} is also a peer or a built-in row; rename the file")
+        spec = read_config(path, ABLATION_KEYS)
+        clusters = cluster_count(spec.get("clusters"), k, f"{path}: clusters")
+        words = override_words(spec.get("overrides"), f"{path}: overrides")
+        table[name] = (first_comment(path), fit(spec.get("config", "icon_clustering"), words, clusters), clusters)
+    return table
 
 
 def run_method(split: Split, make: Callable[[int], object], seed: int, clusters: int) -> dict:
@@ -334,23 +382,24 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
     split = load_split(name, args)
     k = split.num_classes
     first, subset = split.for_seed(args.seeds[0])  # a long-tailed set's subsets: one size and shape for every seed
-    table = methods(k, len(first.fit_x), args.cache_dir)
-    chosen = args.methods or list(TABLE_METHODS)
+    configs = args.configs
+    table = methods(k, len(first.fit_x), args.cache_dir, configs)
+    chosen = args.methods or list(table_methods(configs))
     unknown = sorted(set(chosen) - set(table))
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; expected some of {list(table)}")
-    path = RESULTS / f"clustering_{split.name}.json"
+    path = Path(args.results or RESULTS) / f"clustering_{split.name}.json"
     print(f"{split.name}: fit {first.fit_x.shape}, score {first.score_x.shape}, {k} clusters; {split.source}")
     # Merge into an existing file, and write after every method: one method can be re-run, and an interrupted
     # run resumes with --resume (methods already in the file are skipped).
     # Every method's entry names the protocol it ran under, so rows from an earlier protocol kept in the same file
     # are never attributed to this one, and --resume re-runs them.
-    results = current_rows(path)
+    results = current_rows(path, configs)
     ran: set[str] = set()
 
     def save() -> Path:
         # Re-read first: another process may have added other methods of this dataset meanwhile.
-        results.update({m: v for m, v in current_rows(path).items() if m not in ran})
+        results.update({m: v for m, v in current_rows(path, configs).items() if m not in ran})
         payload = {
             "dataset": split.name,
             "source": split.source,
@@ -362,7 +411,7 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
             "command": f"python -m benchmarks.clustering --{'features' if name.endswith('.npz') else 'dataset'} {name}",
             "methods": {m: results[m] for m in table if m in results},
         }
-        return write_result(path.name, payload)
+        return write_result(path.name, payload, path)
 
     for method in chosen:
         done = results.get(method)
@@ -373,7 +422,7 @@ def benchmark(name: str, args: argparse.Namespace) -> Path:
         results[method] = {
             "description": description,
             "clusters": clusters,
-            "protocol": current_protocol(method),
+            "protocol": current_protocol(method, configs),
             "runs": runs,
             **summarise(runs),
         }
@@ -397,19 +446,23 @@ def long_tailed_record(subset: dict | None) -> dict:
     return {"long_tailed": {key: subset[key] for key in keys}}
 
 
-def current_protocol(method: str = "") -> str:
-    """The protocol a row of ``method`` runs under now: ``PROTOCOL``, the method's revision, the budget."""
-    text = REVISIONS.get(method) or (ISSUE_32 if method.startswith("icon") else None)
+def current_protocol(method: str = "", configs: str | Path = CONFIG_DIR) -> str:
+    """The protocol a row of ``method`` runs under now: ``PROTOCOL``, the method's revision, the budget. Issue 32's
+    revision is every row of the I-Con default (``icon``, a file of ``ablations/``), never a peer's
+    (``icon_published``)."""
+    default = method == "icon" or (Path(configs) / "ablations" / f"{method}.yaml").is_file()
+    text = REVISIONS.get(method) or (ISSUE_32 if default else None)
     revision = f"; {text}" if text else ""
     return PROTOCOL + revision + (f"; budget overrides {list(BUDGET)}" if BUDGET else "")
 
 
-def current_rows(path: Path) -> dict:
+def current_rows(path: Path, configs: str | Path = CONFIG_DIR) -> dict:
     """The methods of a results file that ran under the current protocol: a file is rewritten with these only,
     so rows of an earlier protocol are removed rather than shown beside this one's."""
     if not path.exists():
         return {}
-    return {m: v for m, v in methods_of(json.loads(path.read_text())).items() if v["protocol"] == current_protocol(m)}
+    rows = methods_of(json.loads(path.read_text())).items()
+    return {m: v for m, v in rows if v["protocol"] == current_protocol(m, configs)}
 
 
 def methods_of(data: dict) -> dict:
@@ -422,7 +475,7 @@ def methods_of(data: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- README table
-def markdown_table(paths: list[Path]) -> str:
+def markdown_table(paths: list[Path], configs: str | Path = CONFIG_DIR) -> str:
     """README's results: per set, the rows that ran under this protocol (rows of an earlier protocol are never
     shown beside them), then a line naming the best method, the I-Con default and the gap in points."""
     revisions = "".join(f" {m}: {text}." for m, text in {**REVISIONS, "icon*": ISSUE_32}.items())
@@ -437,7 +490,7 @@ def markdown_table(paths: list[Path]) -> str:
     ]
     for path in paths:
         data = json.loads(path.read_text())
-        rows = {m: v for m, v in methods_of(data).items() if v["protocol"] == current_protocol(m)}
+        rows = {m: v for m, v in methods_of(data).items() if v["protocol"] == current_protocol(m, configs)}
         if not rows:
             lines += [f"**{data['dataset']}**: not run under this protocol yet (`{data['command']}`)", ""]
             continue
@@ -466,7 +519,7 @@ def markdown_table(paths: list[Path]) -> str:
                 f"| {name} | {acc} | {m['nmi']['mean']:.3f} ± {m['nmi']['std']:.3f} "
                 f"| {m['ari']['mean']:.3f} ± {m['ari']['std']:.3f} | {steps} | {m['wall_s']['mean']:.1f} |"
             )
-        missing = [m for m in TABLE_METHODS if m not in rows]
+        missing = [m for m in table_methods(configs) if m not in rows]
         partial = (
             f" Not run on this set yet: {', '.join(missing)} (the best is among the rows above only)."
             if missing
@@ -533,7 +586,9 @@ def gap_line(rows: dict, best: str) -> str:
 def arguments() -> argparse.ArgumentParser:
     """The command's arguments (``arguments().parse_args([])``: the defaults, e.g. where the data sets live)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=DATASETS, action="append")
+    parser.add_argument(
+        "--dataset", action="append", help=f"a set of --configs' benchmark/datasets (here: {', '.join(DATASETS)})"
+    )
     parser.add_argument("--features", action="append", help="an .npz features file (features, labels) as a dataset")
     parser.add_argument("--methods", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -542,6 +597,10 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--mnist-dir", default=str(SHARED / "mnist"))
     parser.add_argument("--fashion-size", type=int, default=64)
     parser.add_argument("--cache-dir", default=".cache/icon_lightning")
+    parser.add_argument(
+        "--configs", default=str(CONFIG_DIR), help="the folder of peers/, ablations/ and benchmark/datasets/"
+    )
+    parser.add_argument("--results", default=None, help="the folder of the JSON results (default benchmarks/results)")
     parser.add_argument("--resume", action="store_true", help="skip methods already in the JSON with every seed")
     parser.add_argument("--table", action="store_true", help="print the README table from the JSON results")
     parser.add_argument("--readme", action="store_true", help="with --table: write it into README.md's results")
@@ -553,10 +612,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if len(args.seeds) < 1:
         parser.error("--seeds: at least one seed")
+    known = dataset_names(args.configs)
+    for name in args.dataset or []:
+        if name not in known:
+            parser.error(f"--dataset: expected one of {', '.join(known)} (files of {args.configs}), got {name!r}")
     for name in [*(args.dataset or []), *(args.features or [])]:
         benchmark(name, args)
     if args.table:
-        table = markdown_table(sorted(RESULTS.glob("clustering_*.json")))
+        table = markdown_table(sorted(Path(args.results or RESULTS).glob("clustering_*.json")), args.configs)
         print(table)
         if args.readme:
             write_readme(table)

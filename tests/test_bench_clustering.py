@@ -94,23 +94,31 @@ def test_the_gap_line_names_the_best_and_the_i_con_default():
 
 def test_the_table_methods_are_the_issue_s_and_all_exist():
     table = bc.methods(10)
-    assert set(bc.TABLE_METHODS) <= set(table)
+    assert set(bc.table_methods()) <= set(table)  # the table's rows live in configs (tests/test_config_lists.py)
     for peer in ("scan", "temi", "turtle"):
-        assert peer in bc.TABLE_METHODS
+        assert peer in bc.table_methods()
 
 
 def test_the_icon_rows_are_the_recipe_and_its_edits():
-    """The benchmark rebuilt the recipe in Python; it now reads configs/recipes/icon_clustering.yaml."""
+    """The benchmark rebuilt the recipe in Python; it now reads configs/recipes/icon_clustering.yaml, and the
+    ablations' edits of it are configs/ablations/<name>.yaml."""
     from icon_lightning import learned, supervisory
     from icon_lightning.recipes import build_objective, load_recipe
 
-    icon_loss = lambda *a: build_objective(bc.icon_loss(*a))  # noqa: E731
-    recipe, default = load_recipe("icon_clustering"), icon_loss(bc.ALPHA, bc.ALPHA, 2)
-    chain = lambda loss: (type(loss.p), type(loss.p.base), loss.p.base.steps, loss.p.base.base.k, loss.p.alpha)  # noqa: E731
-    assert chain(default) == chain(recipe) and (type(default.q), default.q.alpha) == (type(recipe.q), recipe.q.alpha)
-    ablated = icon_loss(0.0, 0.6, 1)  # no debiasing of p, no walks
-    assert isinstance(ablated.p, supervisory.KNNGraph) and ablated.p.k == 3 and isinstance(ablated.q, learned.Debiased)
-    assert icon_loss(0.6, 0.0, 3).p.base.steps == 3 and isinstance(icon_loss(0.6, 0.0, 3).q, learned.UniformCluster)
+    # the loss ablations moved from Python (bc.icon_loss) to configs/ablations/<name>.yaml (issue 33)
+    ablations = bc.ablation_configs()
+    icon_loss = lambda name: build_objective(ablations[name]["overrides"]["model.loss"])  # noqa: E731
+    recipe, alpha = load_recipe("icon_clustering"), 0.6
+    chain = lambda loss: (type(loss.p), type(loss.p.base), loss.p.base.k, loss.p.alpha)  # noqa: E731
+    no_walks = icon_loss("icon_no_walks")  # k-NN only, debiased on both sides as the recipe
+    assert chain(no_walks) == (type(recipe.p), supervisory.KNNGraph, recipe.p.base.base.k, recipe.p.alpha)
+    assert (type(no_walks.q), no_walks.q.alpha) == (type(recipe.q), recipe.q.alpha) and recipe.q.alpha == alpha
+    no_debias = icon_loss("icon_no_debias")
+    assert isinstance(no_debias.p, supervisory.Propagated) and no_debias.p.steps == recipe.p.base.steps
+    assert isinstance(no_debias.q, learned.UniformCluster)
+    p_only = icon_loss("icon_debias_p_only")
+    assert p_only.p.alpha == alpha and isinstance(p_only.q, learned.UniformCluster)
+    assert icon_loss("icon_walk_steps_3").p.base.steps == 3 and icon_loss("icon_walk_steps_3").q.alpha == alpha
 
 
 def test_a_revision_retires_only_its_method_s_rows(tmp_path):
