@@ -4,8 +4,8 @@
     python -m benchmarks.summary --readme     → write it between its markers (README.md)
     python -m benchmarks.summary --docs       → rewrite every block of README.md and docs/*.md that is generated from
                                                 the JSON results (this summary, the clustering results, the fit,
-                                                judge, training-step and memory tables), each in the page that
-                                                holds it
+                                                judge, data-speed, training-step and memory tables), each in
+                                                the page that holds it
 
 The summary is made from ``benchmarks/results/clustering_*.json`` alone: for each method that ran under the
 clustering benchmark's current protocol (``benchmarks.clustering.current_rows``; rows of an earlier protocol are never
@@ -29,6 +29,8 @@ MARKERS = ("<!-- results-summary -->", "<!-- results-summary-end -->")
 COMMAND = "python -m benchmarks.summary --readme"
 # the training-step table of docs/speed.md (benchmarks.train_step.table of train_step_cpu.json)
 TRAIN_STEP_MARKERS = ("<!-- train-step-table -->", "<!-- train-step-table-end -->")
+# the data table of docs/speed.md (k-NN, extraction and cluster-kernel JSON files)
+DATA_SPEED_MARKERS = ("<!-- data-speed-table -->", "<!-- data-speed-table-end -->")
 # the memory table of docs/speed.md (ddp_memory_cpu.json, ``make bench-ddp-memory``)
 DDP_MEMORY_MARKERS = ("<!-- ddp-memory-table -->", "<!-- ddp-memory-table-end -->")
 
@@ -119,6 +121,76 @@ def ddp_memory_table(path: Path = RESULTS / "ddp_memory_cpu.json") -> str:
     return "\n".join(lines)
 
 
+def _machine(data: dict) -> str:
+    info = data.get("machine", {})
+    if "gpu" in info:
+        return f"{info['gpu']} ({info['cores']} CPU cores)"
+    return data.get("device") or f"{info['cores']}-core CPU ({info['cpu']})"
+
+
+def _knn_rows(name: str) -> list[str]:
+    data = json.loads((RESULTS / name).read_text())
+    case = f"exact k-NN, {data['n']:,} × {data['d']} fp32, k = {data['k']}"
+    return [
+        f"| {case} | {_machine(data)} | {r['backend']}: {r['seconds']:.3g} s = {r['gflops']:,.0f} GFLOP/s = "
+        f"**{r['fraction_of_matmul']:.2g}** of fp32 matmul ({data['matmul_gflops']:,.0f} GFLOP/s, same run) "
+        f"| `{name}` |"
+        for r in data["rows"]
+    ]
+
+
+def _extraction_row(name: str) -> str:
+    data = json.loads((RESULTS / name).read_text())
+    case = f"extraction, {data['images']:,} CIFAR-10 test images, `{data['backbone']}` at {data['image_size']} px"
+    result = (
+        f"pipeline (tar → JPEG decode → transform → backbone → cache) {data['pipeline_images_per_s']:,.1f} img/s, "
+        f"bare forward loop {data['bare_images_per_s']:,.1f} img/s: ratio **{data['ratio_to_bare']:.2f}** "
+        f"({data['num_workers']} loader workers)"
+    )
+    return f"| {case} | {_machine(data)} | {result} | `{name}` |"
+
+
+def _tuning_row(name: str = "extraction_cpu_tuning.json") -> str:
+    data = json.loads((RESULTS / name).read_text())
+    runs = {(r["image_size"], r["cpu_tuning"]): r for r in data["runs"]}
+    parts = []
+    for size in sorted({s for s, _ in runs}):
+        off, on = runs[size, "off"], runs[size, "on"]
+        parts.append(
+            f"{size} px: **{off['pipeline_images_per_s']:.1f} → {on['pipeline_images_per_s']:.1f} img/s** "
+            f"({on['pipeline_images_per_s'] / off['pipeline_images_per_s']:.1f}×), user {off['pipeline_user_s']:.1f} "
+            f"→ {on['pipeline_user_s']:.1f} s, sys {off['pipeline_sys_s']:.1f} → {on['pipeline_sys_s']:.1f} s, "
+            f"minor faults {off['pipeline_minor_faults']:,} → {on['pipeline_minor_faults']:,}"
+        )
+    first = data["runs"][0]
+    case = f"CPU extraction without / with `cpu_tuning`, {first['images']:,} images, batches of {first['batch_size']}"
+    return f"| {case} | {_machine(data)} | {'; '.join(parts)} | `{name}` |"
+
+
+def data_speed_table() -> str:
+    """docs/speed.md's data table: k-NN, the k-NN cache key, feature extraction and the cluster kernel, each row
+    from the JSON file its last column names (``make bench-data``, ``make bench-kernel``)."""
+    lines = ["| benchmark | machine | result | JSON |", "|---|---|---|---|", *_knn_rows("knn_cpu.json")]
+    key = json.loads((RESULTS / "knn_fingerprint_cpu.json").read_text())
+    lines.append(
+        f"| k-NN cache key: SHA-256 of every byte, {key['rows']:,} × {key['dim']:,} {key['dtype']} "
+        f"({key['gigabytes']:.2f} GB, memory-mapped) | {_machine(key)} | "
+        + ", ".join(f"{s:.2f} s" for s in key["seconds"])
+        + " (just written, then again) | `knn_fingerprint_cpu.json` |"
+    )
+    lines += _knn_rows("knn_cuda.json")
+    lines += [_extraction_row("extraction_cpu.json"), _tuning_row()]
+    lines += [_extraction_row(p.name) for p in sorted(RESULTS.glob("extraction_cuda*.json"))]
+    kernel = json.loads((RESULTS / "cluster_kernel_cuda.json").read_text())
+    for r in (r for r in kernel["rows"] if (r["B"], r["K"]) == (4096, 1000)):
+        lines.append(
+            f"| cluster kernel fwd+bwd, {kernel['dtype']}, B = {r['B']}, K = {r['K']} | {_machine(kernel)} | "
+            f"{r['kernel_ms']:.1f} ms vs {r['matmul_ms']:.1f} ms for a plain B×K·K×B matmul fwd+bwd "
+            f"(**{r['fraction_of_matmul']:.2f}** of matmul) | `cluster_kernel_cuda.json` |"
+        )
+    return "\n".join(lines)
+
+
 def generated_blocks() -> dict[tuple[str, str], tuple[str, Callable[[], str]]]:
     """Every block of README.md and docs/*.md generated from ``benchmarks/results/*.json``: its markers → (the
     command that writes it, the function that makes it now). tests/test_docs.py holds each page to it."""
@@ -137,6 +209,7 @@ def generated_blocks() -> dict[tuple[str, str], tuple[str, Callable[[], str]]]:
         judge.MARKERS: ("python -m benchmarks.judge --table --readme", judge.table),
         TRAIN_STEP_MARKERS: ("python -m benchmarks.summary --docs", steps),
         DDP_MEMORY_MARKERS: ("python -m benchmarks.summary --docs", ddp_memory_table),
+        DATA_SPEED_MARKERS: ("python -m benchmarks.summary --docs", data_speed_table),
     }
 
 

@@ -134,3 +134,22 @@ def test_the_bad_input_table_is_what_the_cases_print_now(monkeypatch):
     monkeypatch.chdir(ROOT)  # the cases' relative config paths
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert common.read_block(BAD_INPUT_MARKERS) == cli_table()
+
+
+def test_the_data_speed_table_states_each_json_file_s_numbers():
+    """Each row reads its own file: the k-NN seconds and fraction of matmul, the extraction rates and their ratio."""
+    results = common.RESULTS
+    table = summary.data_speed_table()
+    for name in ("knn_cpu.json", "knn_cuda.json"):
+        for row in json.loads((results / name).read_text())["rows"]:
+            assert (
+                f"{row['backend']}: {row['seconds']:.3g} s" in table and f"**{row['fraction_of_matmul']:.2g}**" in table
+            )
+    tuning = {
+        (r["image_size"], r["cpu_tuning"]): r["pipeline_images_per_s"]
+        for r in json.loads((results / "extraction_cpu_tuning.json").read_text())["runs"]
+    }
+    for size in (128, 224):
+        off, on = tuning[size, "off"], tuning[size, "on"]
+        assert f"{size} px: **{off:.1f} → {on:.1f} img/s** ({on / off:.1f}×)" in table
+    assert len(table.splitlines()) == 2 + 2 + 1 + 2 + 1 + 1 + len(list(results.glob("extraction_cuda*.json"))) + 1
