@@ -270,3 +270,26 @@ def test_a_short_released_fit_on_digits_uses_every_cluster_and_beats_chance_by_f
     assert record["metrics"]["val/hungarian_acc/best"] > 0.35
     labels = run.model.assign(run.datamodule.train_features.float()).numpy()
     assert len(np.unique(labels)) == 10  # the entropy term keeps every cluster in use
+
+
+def test_a_released_fit_s_checkpoint_predicts_its_own_labels(tmp_path):
+    """The weight-normalised encoder's g and v travel in the checkpoint (``icon predict`` rebuilds the head from the
+    saved ``head_norm``): predicting the fitted file gives the fit's labels, on the raw rows."""
+    from pathlib import Path
+
+    from icon_lightning.cli import cli_main, features_command
+    from icon_lightning.data.datasets import DigitsDataset
+
+    path = tmp_path / "digits.npz"
+    np.savez(path, features=DigitsDataset().data.numpy()[:500] * np.float32(0.37))
+    quiet = [f"--data.cache_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--data.num_clusters=10"]  # fmt: skip
+    fit = cli_main([*features_command(path, CONFIG), *quiet, "--seed_everything=0", "--trainer.max_steps=12"])
+    ckpt = Path(fit.run_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert "bank.heads.parametrizations.weight.original0" in state and "bank.heads.weight" not in state
+    predicted = cli_main(["predict", *features_command(path, CONFIG)[1:], *quiet, f"--ckpt_path={ckpt}"])
+    labels = np.load(Path(predicted.run_dir) / "predictions.npy")
+    own = fit.model.cpu().eval().assign(fit.datamodule.train_features.float()).numpy()
+    np.testing.assert_array_equal(labels, own)
+    assert parametrize.is_parametrized(predicted.model.heads, "weight")
