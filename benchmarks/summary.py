@@ -4,7 +4,7 @@
     python -m benchmarks.summary --readme     → write it between its markers (README.md)
     python -m benchmarks.summary --docs       → rewrite every block of README.md and docs/*.md that is generated from
                                                 the JSON results (this summary, the clustering results, the fit,
-                                                judge, data-speed, training-step and memory tables), each in
+                                                judge, data-speed, training-step, memory and α-sweep tables), each in
                                                 the page that holds it
 
 The summary is made from ``benchmarks/results/clustering_*.json`` alone: for each method that ran under the
@@ -31,6 +31,9 @@ COMMAND = "python -m benchmarks.summary --readme"
 TRAIN_STEP_MARKERS = ("<!-- train-step-table -->", "<!-- train-step-table-end -->")
 # the data table of docs/speed.md (k-NN, extraction and cluster-kernel JSON files)
 DATA_SPEED_MARKERS = ("<!-- data-speed-table -->", "<!-- data-speed-table-end -->")
+# the digits α sweep of docs/runs-and-sweeps.md (`icon sweep experiments/digits/sweep.yaml`'s sweep_summary.json)
+ALPHA_SWEEP_MARKERS = ("<!-- alpha-sweep-table -->", "<!-- alpha-sweep-table-end -->")
+ALPHA_SWEEP = common.ROOT / "experiments" / "digits" / "results" / "sweep_summary.json"
 # the memory table of docs/speed.md (ddp_memory_cpu.json, ``make bench-ddp-memory``)
 DDP_MEMORY_MARKERS = ("<!-- ddp-memory-table -->", "<!-- ddp-memory-table-end -->")
 
@@ -191,6 +194,23 @@ def data_speed_table() -> str:
     return "\n".join(lines)
 
 
+def alpha_sweep_table(path: Path = ALPHA_SWEEP) -> str:
+    """Validation Hungarian accuracy of the debias-α sweep, mean ± std (numpy's, over the seeds) per α on p only,
+    on q only and on both, from an ``icon sweep`` summary (one row per trial)."""
+    import numpy as np
+
+    p_key, q_key = "model.loss.init_args.p.init_args.alpha", "model.loss.init_args.q.init_args.alpha"
+    trials = json.loads(path.read_text())
+    lines = ["| α | α on p only | α on q only | α on both |", "|---|---|---|---|"]
+    for alpha in sorted({t[p_key] for t in trials}):
+        cells = []
+        for p, q in ((alpha, 0.0), (0.0, alpha), (alpha, alpha)):
+            acc = [t["val/hungarian_acc/best"] for t in trials if (t[p_key], t[q_key]) == (p, q)]
+            cells.append(f"{np.mean(acc):.3f} ± {np.std(acc):.3f}" if acc else "—")
+        lines.append(f"| {alpha} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def generated_blocks() -> dict[tuple[str, str], tuple[str, Callable[[], str]]]:
     """Every block of README.md and docs/*.md generated from ``benchmarks/results/*.json``: its markers → (the
     command that writes it, the function that makes it now). tests/test_docs.py holds each page to it."""
@@ -210,6 +230,7 @@ def generated_blocks() -> dict[tuple[str, str], tuple[str, Callable[[], str]]]:
         TRAIN_STEP_MARKERS: ("python -m benchmarks.summary --docs", steps),
         DDP_MEMORY_MARKERS: ("python -m benchmarks.summary --docs", ddp_memory_table),
         DATA_SPEED_MARKERS: ("python -m benchmarks.summary --docs", data_speed_table),
+        ALPHA_SWEEP_MARKERS: ("python -m benchmarks.summary --docs", alpha_sweep_table),
     }
 
 
