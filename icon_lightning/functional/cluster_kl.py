@@ -164,9 +164,12 @@ def sampled_log_affine(
     pair_cols: Tensor,
     pair_weight: Tensor,
     block: tuple[Tensor, Tensor, float],
+    log_a: Tensor,
+    log_b: Tensor,
 ) -> Tensor:
     """``weighted_log_affine`` with its dense sum estimated on ``block`` (``dense_block``: unbiased) and its pair sum
-    exact, from the pairs' own rows (O(pairs · K))."""
+    exact: log y at the pairs from ``log_a`` = log a, ``log_b`` = log b in log space (``pair_log_matmul_exp``,
+    blocked: memory O(block × K) however many pairs)."""
     pick_rows, pick_cols, scale = block
     position = torch.full((b.shape[1],), -1, dtype=torch.long, device=b.device)  # a candidate's column in the block
     position[pick_cols] = torch.arange(len(pick_cols), device=b.device)
@@ -176,8 +179,8 @@ def sampled_log_affine(
     dense = weighted_log_affine(
         a[:, pick_rows], b[:, pick_cols], shift[pick_rows], own, weight[pick_rows] * scale, none, none, pair_weight[:0]
     )
-    at_pairs = shift[pair_rows] + (a[:, pair_rows] * b[:, pair_cols]).sum(-1)  # (H, pairs)
-    return dense + torch.log(at_pairs) @ pair_weight
+    at_pairs = torch.logaddexp(pair_log_matmul_exp(log_a, log_b, pair_rows, pair_cols), torch.log(shift[pair_rows]))
+    return dense + at_pairs @ pair_weight
 
 
 def log_row_normaliser(log_phi_a: Tensor, log_wphi_c: Tensor, log_size: Tensor, self_col: Tensor) -> Tensor:
@@ -273,8 +276,9 @@ def sparse_cluster_kl(
         if log_total is None:
             return None
         position = torch.cumsum(has_positive.long(), 0) - 1
+        log_scale = (math.log1p(-alpha) - log_total).unsqueeze(-1)
         terms = (
-            phi_a * torch.exp(math.log1p(-alpha) - log_total).unsqueeze(-1),  # (1−α) φ_ic / T_i
+            phi_a * torch.exp(log_scale),  # (1−α) φ_ic / T_i
             psi_c,
             alpha / m[rows],
             p.self_col[rows],
@@ -284,7 +288,11 @@ def sparse_cluster_kl(
             -values / count,
         )  # −Σ_j p~_ij log q~_ij, averaged over anchors: q~_ij = (1−α) s_ij / T_i + α/M_i
         block = dense_block(len(rows), psi_c.shape[1], DENSE_EXACT_MAX, psi_c.device)
-        cross_entropy = weighted_log_affine(*terms) if block is None else sampled_log_affine(*terms, block)
+        if block is None:
+            cross_entropy = weighted_log_affine(*terms)
+        else:
+            log_psi_c = log_wphi_c - log_size
+            cross_entropy = sampled_log_affine(*terms, block, log_phi_rows + log_scale, log_psi_c)
     else:
         log_size = torch.logsumexp(log_wphi_c, 1, keepdim=True)  # (H, 1, K)
         log_total = log_row_normaliser(log_phi_a, log_wphi_c, log_size, p.self_col)  # (H, B)
