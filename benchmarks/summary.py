@@ -4,7 +4,8 @@
     python -m benchmarks.summary --readme     → write it between its markers (README.md)
     python -m benchmarks.summary --docs       → rewrite every block of README.md and docs/*.md that is generated from
                                                 the JSON results (this summary, the clustering results, the fit,
-                                                judge, data-speed, training-step, memory and α-sweep tables), each in
+                                                judge, data-speed, training-step, memory and α-sweep tables, and the
+                                                benchmark's config-file rows), each in
                                                 the page that holds it
 
 The summary is made from ``benchmarks/results/clustering_*.json`` alone: for each method that ran under the
@@ -34,6 +35,8 @@ DATA_SPEED_MARKERS = ("<!-- data-speed-table -->", "<!-- data-speed-table-end --
 # the digits α sweep of docs/runs-and-sweeps.md (`icon sweep experiments/digits/sweep.yaml`'s sweep_summary.json)
 ALPHA_SWEEP_MARKERS = ("<!-- alpha-sweep-table -->", "<!-- alpha-sweep-table-end -->")
 ALPHA_SWEEP = common.ROOT / "experiments" / "digits" / "results" / "sweep_summary.json"
+# the benchmark's config-file rows of docs/protocols.md (configs/peers/*.yaml, configs/ablations/*.yaml)
+METHOD_CONFIGS_MARKERS = ("<!-- method-configs -->", "<!-- method-configs-end -->")
 # the memory table of docs/speed.md (ddp_memory_cpu.json, ``make bench-ddp-memory``)
 DDP_MEMORY_MARKERS = ("<!-- ddp-memory-table -->", "<!-- ddp-memory-table-end -->")
 
@@ -211,6 +214,17 @@ def alpha_sweep_table(path: Path = ALPHA_SWEEP) -> str:
     return "\n".join(lines)
 
 
+def method_configs_table(configs: Path = common.ROOT / "configs") -> str:
+    """The clustering benchmark's rows that are config files: every ``peers/*.yaml`` and ``ablations/*.yaml``,
+    named by its stem and described by its first comment line (as the benchmark names and describes them)."""
+    lines = ["| row | file | what it is (the file's first line) |", "|---|---|---|"]
+    for folder in ("peers", "ablations"):
+        for path in sorted((configs / folder).glob("*.yaml")):
+            first = path.read_text().splitlines()[0] if path.read_text().strip() else ""
+            lines.append(f"| `{path.stem}` | `configs/{folder}/{path.name}` | {first.lstrip('#').strip() or '—'} |")
+    return "\n".join(lines)
+
+
 def generated_blocks() -> dict[tuple[str, str], tuple[str, Callable[[], str]]]:
     """Every block of README.md and docs/*.md generated from ``benchmarks/results/*.json``: its markers → (the
     command that writes it, the function that makes it now). tests/test_docs.py holds each page to it."""
@@ -231,6 +245,7 @@ def generated_blocks() -> dict[tuple[str, str], tuple[str, Callable[[], str]]]:
         DDP_MEMORY_MARKERS: ("python -m benchmarks.summary --docs", ddp_memory_table),
         DATA_SPEED_MARKERS: ("python -m benchmarks.summary --docs", data_speed_table),
         ALPHA_SWEEP_MARKERS: ("python -m benchmarks.summary --docs", alpha_sweep_table),
+        METHOD_CONFIGS_MARKERS: ("python -m benchmarks.summary --docs", method_configs_table),
     }
 
 
