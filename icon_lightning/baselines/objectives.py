@@ -33,6 +33,10 @@ class SCANLoss(Objective):
     this process's B anchors, without their sampled neighbours) or ``candidates`` (every row the anchors are
     compared with: 2B in a square batch of anchors and sampled neighbours, the global batch under DDP).
     entropy_weight: w (5 in the paper). SCAN's second stage (self-labelling) is not part of this loss.
+    entropy_floor: None (default) takes H of the mean assignment as it is; a number clamps its entries from below
+    first, as the release does (``losses.py`` ``entropy``: ``torch.clamp(x, min=EPS)``, EPS = 1e-8), which keeps the
+    gradient finite (zero below the floor) when a cluster's mean probability underflows to 0 (0 · log 0 has an
+    infinite derivative).
     In I-Con's terms the consistency term is the cross-entropy of the k-NN p against the unnormalised
     cluster affinity ⟨φ_i, φ_j⟩; the entropy term stands in for the normalisation that q would add.
     """
@@ -45,8 +49,12 @@ class SCANLoss(Objective):
         entropy_weight: float = 5.0,
         temperature: float = 1.0,
         entropy_over: Literal["anchors", "candidates"] = "anchors",
+        entropy_floor: float | None = None,
     ) -> None:
         super().__init__()
+        if entropy_floor is not None and not 0 < entropy_floor < 1:
+            raise ValueError(f"entropy_floor: expected a number in (0, 1) or None, got {entropy_floor}")
+        self.entropy_floor = entropy_floor
         check_positive("temperature", temperature)
         if entropy_weight < 0:
             raise ValueError(f"entropy_weight: expected ≥ 0, got {entropy_weight}")
@@ -64,7 +72,8 @@ class SCANLoss(Objective):
             log_a = torch.log_softmax(anchors.z.to(dtype) / self.temperature, -1)
             log_c = torch.log_softmax(candidates.z.to(dtype) / self.temperature, -1)
             consistency = _positive_mean(scan_consistency(log_a, log_c, p), p)
-            spread = entropy(self.spread_rows(anchors, log_a, log_c).exp().mean(0))
+            mean = self.spread_rows(anchors, log_a, log_c).exp().mean(0)
+            spread = entropy(mean if self.entropy_floor is None else mean.clamp_min(self.entropy_floor))
         terms = {"consistency": consistency, "entropy": spread}
         return LossOutput(loss=consistency - self.entropy_weight * spread, terms=terms)
 
