@@ -13,10 +13,12 @@ from torch.nn.utils import parametrize
 from icon_lightning.settings import PositiveFloat, PositiveInt, check_arguments
 
 
-def check_heads(num_clusters, projection_dim) -> None:
-    """The one-line error ``ClusterHeads``' annotations do not say (their limits: ``settings.check_arguments``)."""
+def check_heads(num_clusters, projection_dim, hidden_dim=None, norm=None) -> None:
+    """The one-line errors ``ClusterHeads``' annotations do not say (their limits: ``settings.check_arguments``)."""
     if num_clusters < 1 and projection_dim is None:
         raise ValueError("num_clusters: expected ≥ 1 (or a projection_dim for representation learning)")
+    if norm is not None and (hidden_dim is not None or num_clusters < 1):
+        raise ValueError(f"head_norm: {norm!r} normalises linear cluster heads; MLP heads and projections have none")
 
 
 class HeadWeightNorm(nn.Module):
@@ -72,11 +74,7 @@ class ClusterHeads(nn.Module):
     ) -> None:
         super().__init__()
         check_arguments(ClusterHeads.__init__, locals())
-        check_heads(num_clusters, projection_dim)
-        if norm is not None and (hidden_dim is not None or num_clusters < 1):
-            raise ValueError(
-                f"head_norm: {norm!r} normalises linear cluster heads; MLP heads and projections have none"
-            )
+        check_heads(num_clusters, projection_dim, hidden_dim, norm)
         num_heads = num_heads if num_clusters >= 1 else 1
         self.num_heads, self.num_clusters, self.temperature = num_heads, num_clusters, float(temperature)
         self.projection = nn.Identity()
