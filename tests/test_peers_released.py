@@ -342,7 +342,8 @@ def test_the_sampled_neighbour_is_the_one_positive_of_its_anchor_in_the_batch_la
     assert torch.equal(p, dense)  # one-hot rows at the anchors, nothing for the neighbour rows
     both = SampledNeighbours(symmetric=True)(rows_, rows_, None)
     assert torch.equal(both[:9].sum(1), torch.ones(9)) and torch.equal(both[6, [0, 3]], torch.tensor([0.5, 0.5]))
-    assert SampledNeighbours(include_self=True).data_needs() == {"neighbours_include_self": True}
+    needs = {"sampled_neighbours": True, "neighbours_include_self": True}
+    assert SampledNeighbours(include_self=True).data_needs() == needs
     with pytest.raises(ValueError, match="data.num_neighbours: expected rows of B anchors"):
         sampled_pairs(torch.zeros(4, dtype=torch.long), torch.arange(4))  # full batch: no neighbour rows
 
@@ -445,3 +446,14 @@ def test_a_released_temi_fit_warms_up_freezes_the_last_layer_and_trains_every_he
     assert not any(torch.equal(a, b) for a, b in zip(first, second)) and not torch.equal(second[0], third[0])
     assert _neighbours_of_anchors(run, seen, include_self=False) == 0
     np.testing.assert_array_equal(run.datamodule.train_features.numpy(), raw)
+
+
+@pytest.mark.slow
+def test_a_set_smaller_than_the_batch_trains_on_all_of_it_each_anchor_with_its_sampled_neighbour(tmp_path):
+    """N = 1,797 ≤ a batch of 2,048: every step is the whole set (the release's drop_last would leave no batch), and
+    the anchors keep their sampled neighbours (the full batch drops them for the in-batch graph p)."""
+    run, raw, seen = _digits_fit(tmp_path, TEMI, ["--trainer.max_epochs=2", "--data.batch_size=2048"])
+    assert run.record["steps"] == 2 and [len(index) for index, _ in seen.batches] == [2 * len(raw)] * 2
+    assert _neighbours_of_anchors(run, seen, include_self=False) == 0
+    assert sorted(seen.batches[0][0][: len(raw)].tolist()) == list(range(len(raw)))
+    assert not torch.equal(seen.batches[0][0][len(raw) :], seen.batches[1][0][len(raw) :])  # drawn anew each step

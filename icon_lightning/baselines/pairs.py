@@ -40,9 +40,8 @@ def sampled_pairs(view: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         sampled = stop - start - width
         if width % anchors or sampled % anchors or not sampled:
             raise ValueError(
-                f"data.num_neighbours: expected rows of B anchors × V views then B × S ≥ 1 sampled neighbours; a "
-                f"block has {width} anchor rows of {anchors} items and {sampled} neighbour rows (full-batch training "
-                "samples none: set data.batch_size below N)"
+                f"data.num_neighbours: expected rows of B anchors × V views then B × S ≥ 1 sampled neighbours; "
+                f"a block has {width} anchor rows of {anchors} items and {sampled} neighbour rows"
             )
         per_anchor = sampled // anchors
         anchor_rows = start + torch.arange(width, device=view.device)
@@ -71,7 +70,7 @@ class SampledNeighbours(Supervisory):
 
     def data_needs(self) -> dict:
         """What the data must sample for this p (``IConModule.data_needs`` passes it on)."""
-        return {"neighbours_include_self": self.include_self}
+        return {"sampled_neighbours": True, "neighbours_include_self": self.include_self}
 
     @torch.no_grad()
     def forward(self, anchors: Rows, candidates: Rows, valid: Tensor | None) -> Tensor:

@@ -71,11 +71,13 @@ def needed_width(trainer) -> int:
     return int(model.data_needs().get("knn_width", 0)) if hasattr(model, "data_needs") else 0
 
 
-def needs_self(trainer) -> bool:
-    """Whether the attached model's objective samples an anchor's neighbours from the item itself too
-    (``data_needs()["neighbours_include_self"]``: SCAN's released p); False without a model that says so."""
+def model_needs(trainer) -> dict:
+    """What the attached model's objective asks of the data (``data_needs()``); {} without a model that says. Its p
+    may declare (``SampledNeighbours``, the peers' released positive): ``sampled_neighbours``, the anchors' sampled
+    rows are its positives (kept in full-batch training too), and ``neighbours_include_self``, they are drawn from
+    the item itself as well as its k-NN table row."""
     model = getattr(trainer, "lightning_module", None)
-    return bool(model.data_needs().get("neighbours_include_self", False)) if hasattr(model, "data_needs") else False
+    return model.data_needs() if hasattr(model, "data_needs") else {}
 
 
 @dataclass(frozen=True)
@@ -170,10 +172,13 @@ class ClusteringData:
         first asks, after Lightning restored a checkpoint's preparation (``load_state_dict`` runs after ``setup``)."""
         if stage not in (None, "fit"):
             return self.preparation.evaluate()
-        sampled = self.loaders.sampled_neighbours(self.fit.num_neighbours, *self.batching(trainer))
-        width = self.table_width(trainer)
-        data = (self.prep, self.dataset, self.val_dataset)
-        self.preparation.fitted_by(self.fit.prepare(*data, width, sampled, self.num_clusters, needs_self(trainer)))
+        needs, sampled = model_needs(trainer), self.fit.num_neighbours
+        if not needs.get("sampled_neighbours", False):  # full batch: every neighbour is a candidate already
+            sampled = self.loaders.sampled_neighbours(sampled, *self.batching(trainer))
+        data, self_too = (self.prep, self.dataset, self.val_dataset), bool(needs.get("neighbours_include_self"))
+        self.preparation.fitted_by(
+            self.fit.prepare(*data, self.table_width(trainer), sampled, self.num_clusters, self_too)
+        )
 
     def state_dict(self) -> dict:
         """The fit's ``FitPreparation`` (mean, normalize, D, K): Lightning saves it into every checkpoint."""
