@@ -9,8 +9,9 @@ For task encoder θ (a head: labels τ_θ(x) = softmax(θ x)), each step (the re
 2. the outer loss is the inner learner's cross-entropy with its predictions detached, minus ``gamma`` times the
    entropy of the batch's mean label:  mean_i CE(softmax(w x_i), τ_θ(x_i)) − γ · H(mean_i τ_θ(x_i)).
 
-Only θ receives gradients from the outer loss. The task encoder here is a plain linear head (the release wraps it
-in weight normalisation), and one representation space is used (the release averages τ over several).
+Only θ receives gradients from the outer loss. The task encoder is the module's head: weight-normalised as released
+with ``model.head_norm: weight`` (configs/peers/turtle.yaml, the release's protocol), plain linear in the ablation
+configs/peers/turtle_common.yaml. One representation space is used (the release's default averages τ over two).
 """
 
 from __future__ import annotations
