@@ -66,6 +66,41 @@ class _PairLogSumExp(torch.autograd.Function):
         return grad_a, grad_b, None, None
 
 
+class _PairLogAffine(torch.autograd.Function):
+    """(H, P) log(shift[rows] + Σ_c a[h, rows, c] b[h, cols, c]) for P pairs, in blocks of pairs; a, b ≥ 0."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, shift: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        h, _, k = a.shape
+        out = a.new_empty(h, len(rows))
+        for s, e in _blocks(len(rows), h * k):
+            r, c = rows[s:e], cols[s:e]
+            out[:, s:e] = torch.log(torch.einsum("hpk,hpk->hp", a[:, r], b[:, c]) + shift[r])
+        ctx.save_for_backward(a, b, rows, cols, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b, rows, cols, out = ctx.saved_tensors
+        h, _, k = a.shape
+        grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
+        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
+        for s, e in _blocks(len(rows), h * k):
+            r, c = rows[s:e], cols[s:e]
+            g = (grad[:, s:e] * torch.exp(-out[:, s:e])).unsqueeze(-1)  # ∂ log y / ∂y = 1 / y
+            if grad_a is not None:
+                grad_a.index_add_(1, r, g * b[:, c])
+            if grad_b is not None:
+                grad_b.index_add_(1, c, g * a[:, r])
+        return grad_a, grad_b, None, None, None
+
+
+def pair_log_affine(a: Tensor, b: Tensor, shift: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """(H, P) log(shift[rows] + (a bᵀ)[:, rows, cols]) for a (H, B, K), b (H, M, K) ≥ 0 and shift (B,) > 0, without
+    the (B, M) matrix: memory O(block × K) in forward and backward."""
+    return _PairLogAffine.apply(a, b, shift, rows, cols)
+
+
 def pair_log_matmul_exp(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """(H, P) ``log_matmul_exp(a, b)[:, rows, cols]`` for a (H, B, K), b (H, M, K), without the (B, M)
     matrix: exact in log space (no underflow), memory O(block × K) in forward and backward."""
@@ -164,12 +199,9 @@ def sampled_log_affine(
     pair_cols: Tensor,
     pair_weight: Tensor,
     block: tuple[Tensor, Tensor, float],
-    log_a: Tensor,
-    log_b: Tensor,
 ) -> Tensor:
     """``weighted_log_affine`` with its dense sum estimated on ``block`` (``dense_block``: unbiased) and its pair sum
-    exact: log y at the pairs from ``log_a`` = log a, ``log_b`` = log b in log space (``pair_log_matmul_exp``,
-    blocked: memory O(block × K) however many pairs)."""
+    exact (``pair_log_affine``: blocked, memory O(block × K) however many pairs)."""
     pick_rows, pick_cols, scale = block
     position = torch.full((b.shape[1],), -1, dtype=torch.long, device=b.device)  # a candidate's column in the block
     position[pick_cols] = torch.arange(len(pick_cols), device=b.device)
@@ -179,7 +211,7 @@ def sampled_log_affine(
     dense = weighted_log_affine(
         a[:, pick_rows], b[:, pick_cols], shift[pick_rows], own, weight[pick_rows] * scale, none, none, pair_weight[:0]
     )
-    at_pairs = torch.logaddexp(pair_log_matmul_exp(log_a, log_b, pair_rows, pair_cols), torch.log(shift[pair_rows]))
+    at_pairs = pair_log_affine(a, b, shift, pair_rows, pair_cols)
     return dense + at_pairs @ pair_weight
 
 
@@ -276,9 +308,8 @@ def sparse_cluster_kl(
         if log_total is None:
             return None
         position = torch.cumsum(has_positive.long(), 0) - 1
-        log_scale = (math.log1p(-alpha) - log_total).unsqueeze(-1)
         terms = (
-            phi_a * torch.exp(log_scale),  # (1−α) φ_ic / T_i
+            phi_a * torch.exp(math.log1p(-alpha) - log_total).unsqueeze(-1),  # (1−α) φ_ic / T_i
             psi_c,
             alpha / m[rows],
             p.self_col[rows],
@@ -288,11 +319,7 @@ def sparse_cluster_kl(
             -values / count,
         )  # −Σ_j p~_ij log q~_ij, averaged over anchors: q~_ij = (1−α) s_ij / T_i + α/M_i
         block = dense_block(len(rows), psi_c.shape[1], DENSE_EXACT_MAX, psi_c.device)
-        if block is None:
-            cross_entropy = weighted_log_affine(*terms)
-        else:
-            log_psi_c = log_wphi_c - log_size
-            cross_entropy = sampled_log_affine(*terms, block, log_phi_rows + log_scale, log_psi_c)
+        cross_entropy = weighted_log_affine(*terms) if block is None else sampled_log_affine(*terms, block)
     else:
         log_size = torch.logsumexp(log_wphi_c, 1, keepdim=True)  # (H, 1, K)
         log_total = log_row_normaliser(log_phi_a, log_wphi_c, log_size, p.self_col)  # (H, B)

@@ -319,13 +319,29 @@ def test_sampled_block_keeps_the_pairs_and_self_pairs_exact(monkeypatch):
     block = (torch.tensor([1, 3, 6, 8]), torch.tensor([3, 10, 5, 0, 9]), 2.5)
     zero = torch.zeros(9, dtype=torch.float64)
     args = (a, b, shift, self_col)
-    logs = (torch.log(a), torch.log(b))
-    pairs_only = cluster_kl.sampled_log_affine(*args, zero, pair_rows, pair_cols, pair_weight, block, *logs)
+    pairs_only = cluster_kl.sampled_log_affine(*args, zero, pair_rows, pair_cols, pair_weight, block)
     y = torch.log(shift.view(1, -1, 1) + a @ b.transpose(1, 2))
     torch.testing.assert_close(pairs_only, y[:, pair_rows, pair_cols] @ pair_weight, rtol=1e-13, atol=0)
     none = pair_rows[:0]
-    dense_only = cluster_kl.sampled_log_affine(*args, weight, none, none, pair_weight[:0], block, *logs)
+    dense_only = cluster_kl.sampled_log_affine(*args, weight, none, none, pair_weight[:0], block)
     r, c = block[0], block[1]
     mask = (c.view(1, -1) != self_col[r].view(-1, 1)).to(y.dtype)  # rows 1, 3, 6 have their self column drawn
     ref = 2.5 * ((y[:, r][:, :, c] * mask).sum(-1) @ weight[r])
     torch.testing.assert_close(dense_only, ref, rtol=1e-13, atol=0)
+
+
+def test_pair_log_affine_against_brute_force_in_tiny_blocks(monkeypatch):
+    """log(shift + a bᵀ) at the pairs, value and gradients, blocked down to a few pairs a block."""
+    g = torch.Generator().manual_seed(14)
+    a = torch.rand(2, 9, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(2, 11, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    shift = torch.rand(9, generator=g, dtype=torch.float64) + 0.1
+    rows, cols = torch.tensor([0, 0, 2, 5, 5, 8, 8]), torch.tensor([1, 4, 0, 0, 10, 3, 3])
+    upstream = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    ref = torch.log(shift.view(1, -1, 1) + a @ b.transpose(1, 2))[:, rows, cols]
+    monkeypatch.setattr(cluster_kl, "CHUNK_ELEMENTS", 2 * 2 * 3)
+    out = cluster_kl.pair_log_affine(a, b, shift, rows, cols)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=0)
+    got = torch.autograd.grad((out * upstream).sum(), (a, b))
+    for x, r in zip(got, torch.autograd.grad((ref * upstream).sum(), (a, b))):
+        torch.testing.assert_close(x, r, rtol=1e-12, atol=1e-14)
