@@ -10,9 +10,10 @@ The first sum costs O(nnz·K); the second, the only dense one, is taken in row b
 ``weighted_log_affine`` (a matmul, a log and a reciprocal per block, the gradients formed in the same pass),
 so memory stays O(block × M). Every function takes a leading head dimension H: all heads in one call.
 
-The dense sum is exact up to ``DENSE_EXACT_MAX`` rows × candidates. Above it (the data module's stochastic batches
-beyond K ≈ 10, where B and M both grow with K and the term would cost H·B·M·K, ∝ K³), it is estimated without bias
-on a uniformly drawn block of rows × candidates of that size (``dense_block``); the pair terms and T_i stay exact.
+The dense sum costs H·B·M·K. It is exact up to ``DENSE_EXACT_WORK`` = B·M·K per head, its cost at K = 10 on the data
+module's largest batch. Above it (stochastic batches beyond K = 10, where B and M both grow with K: ∝ K³), it is
+estimated without bias on a uniformly drawn block of rows × candidates of that cost (``dense_block``), so its cost no
+longer grows with K; the pair terms and T_i stay exact.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from torch import Tensor
 
 from icon_lightning.functional.sparse import SparseTarget
 
-# The uniform term of the loss is taken exactly up to this many rows × candidates per head: 4,096², the data module's
-# largest full batch (``data.loaders.FULL_BATCH_MAX``; a test keeps them equal), which also covers its stochastic
-# batches up to K = 10 (3 × 1,280 rows). Larger ones draw a block of about this size (``dense_block``).
-DENSE_EXACT_MAX = 4096 * 4096
+# The uniform term of the loss is taken exactly up to this many rows × candidates × clusters per head: 4,096² × 10,
+# the data module's largest full batch (``data.loaders.FULL_BATCH_MAX``; a test keeps them equal) at K = 10, which
+# also covers its stochastic batches up to K = 10 (3 × 1,280 rows). Larger ones draw a block of this cost.
+DENSE_EXACT_WORK = 4096 * 4096 * 10
 CHUNK_ELEMENTS = 1 << 20  # (rows × M × H) or (pairs × K × H) elements per block: 4 MB in float32, near cache
 PROBABILITY_SPACE_MIN = 1e-30  # as in functional.cluster: below this row total, take the dense log-space path
 
@@ -283,7 +284,7 @@ def sparse_cluster_kl(
 
     log_phi_a: (H, B, K), log_phi_c: (H, M, K) log cluster probabilities; log_weight_c: optional (M,) log
     degrees (normalized cuts). alpha: q's debiasing (0: plain q). Equal to the dense path to rounding up to
-    ``DENSE_EXACT_MAX`` rows × candidates; above, the uniform term is an unbiased estimate (``dense_block``).
+    ``DENSE_EXACT_WORK`` rows × candidates × K; above, the uniform term is an unbiased estimate (``dense_block``).
     Returns None, for the caller's dense path, where this one would lose precision: p with a uniform part
     against a plain q (α = 0: log q is not bounded below), or an anchor whose total affinity is below
     ``PROBABILITY_SPACE_MIN`` (alone in a very sharp cluster).
@@ -318,7 +319,7 @@ def sparse_cluster_kl(
             p.cols,
             -values / count,
         )  # −Σ_j p~_ij log q~_ij, averaged over anchors: q~_ij = (1−α) s_ij / T_i + α/M_i
-        block = dense_block(len(rows), psi_c.shape[1], DENSE_EXACT_MAX, psi_c.device)
+        block = dense_block(len(rows), psi_c.shape[1], DENSE_EXACT_WORK // psi_c.shape[2], psi_c.device)
         cross_entropy = weighted_log_affine(*terms) if block is None else sampled_log_affine(*terms, block)
     else:
         log_size = torch.logsumexp(log_wphi_c, 1, keepdim=True)  # (H, 1, K)

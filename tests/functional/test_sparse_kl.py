@@ -242,17 +242,20 @@ def test_a_cluster_nobody_uses_gives_no_nan_in_float32():
     torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6)
 
 
-# ------------------------------------------------------------------ the sampled uniform term above DENSE_EXACT_MAX
-def test_exact_size_covers_every_full_batch_and_the_batches_up_to_ten_clusters():
+# ------------------------------------------------------------------ the sampled uniform term above DENSE_EXACT_WORK
+def test_exact_work_covers_every_batch_up_to_ten_clusters():
     """The sampled estimate never touches a full batch (``batch_size='auto'``) nor a stochastic batch up to K = 10:
-    every result measured before it stays exact."""
+    every result measured before it stays exact. Beyond, the drawn block costs what K = 10's largest batch costs."""
     from icon_lightning.data.loaders import ANCHORS_PER_CLUSTER, FULL_BATCH_MAX, auto_anchors
 
-    assert cluster_kl.DENSE_EXACT_MAX == FULL_BATCH_MAX**2
+    work = cluster_kl.DENSE_EXACT_WORK
+    assert work == FULL_BATCH_MAX**2 * 10
     rows_at_ten = 3 * auto_anchors(10**6, 10)  # anchors, their two sampled neighbours each: the rows of a step
-    assert rows_at_ten == 3 * 10 * ANCHORS_PER_CLUSTER and rows_at_ten**2 <= cluster_kl.DENSE_EXACT_MAX
-    assert cluster_kl.dense_block(FULL_BATCH_MAX, FULL_BATCH_MAX, cluster_kl.DENSE_EXACT_MAX) is None
-    assert cluster_kl.dense_block(3 * auto_anchors(10**6, 30), 3 * auto_anchors(10**6, 30), FULL_BATCH_MAX**2)
+    assert rows_at_ten == 3 * 10 * ANCHORS_PER_CLUSTER and rows_at_ten**2 * 10 <= work
+    assert cluster_kl.dense_block(FULL_BATCH_MAX, FULL_BATCH_MAX, work // 10) is None
+    rows_at_30 = 3 * auto_anchors(10**6, 30)
+    picked_rows, picked_cols, _ = cluster_kl.dense_block(rows_at_30, rows_at_30, work // 30)
+    assert len(picked_rows) * len(picked_cols) * 30 <= 1.01 * work
 
 
 def _sampled_problem():
@@ -262,13 +265,13 @@ def _sampled_problem():
 
 
 def test_sampled_uniform_term_is_unbiased_in_value_and_gradient(monkeypatch):
-    """Above the exact size the uniform term is drawn on a block of about DENSE_EXACT_MAX rows × candidates: over
+    """Above the exact work the uniform term is drawn on a block of about DENSE_EXACT_WORK / K rows × candidates: over
     many draws the mean loss and gradient are the exact ones (float64, within 4 standard errors), while single draws
     differ (it is sampled); the block's rows × columns stay near the budget."""
     loss, anchors, candidates, offset = _sampled_problem()
     exact, exact_grads = loss_and_grads(loss, anchors, candidates, offset)
     budget = 100  # of B × M = 36 × 36: about 10 × 10 drawn
-    monkeypatch.setattr(cluster_kl, "DENSE_EXACT_MAX", budget)
+    monkeypatch.setattr(cluster_kl, "DENSE_EXACT_WORK", budget * K)
     sizes = []
     real = cluster_kl.weighted_log_affine
 
@@ -296,7 +299,7 @@ def test_a_biased_block_would_be_caught(monkeypatch):
     its 4 standard errors."""
     loss, anchors, candidates, offset = _sampled_problem()
     exact = loss(anchors, candidates, self_offset=offset).loss.detach()
-    monkeypatch.setattr(cluster_kl, "DENSE_EXACT_MAX", 100)
+    monkeypatch.setattr(cluster_kl, "DENSE_EXACT_WORK", 100 * K)
     real = cluster_kl.dense_block
     monkeypatch.setattr(cluster_kl, "dense_block", lambda *a: (lambda r: (r[0], r[1], 1.0))(real(*a)))
     torch.manual_seed(12)
