@@ -79,6 +79,7 @@ bench-clustering: install ## every method x 3 seeds per dataset (CLUSTERING_DATA
 	for d in $(CLUSTERING_DATASETS); do OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.clustering --dataset $$d \
 		--cifar10-tar-dir $(SHARED)/cifar10 || exit 1; done
 	$(BIN)/python -m benchmarks.clustering --table --readme
+	$(BIN)/python -m benchmarks.summary --docs
 
 IMAGENET_ROOT ?=
 MODEL ?= s14

@@ -114,8 +114,16 @@ class Split:
 # in the JSON.
 PROTOCOL = "icon fit defaults (one builder): features file, views clean, the method's config + overrides"
 # Revisions that change only the rows of the methods they name; such a method's row from before is of an earlier
-# protocol (not shown, re-run by --resume). TEMI is the one row with an EMA teacher (a test keeps it so).
-REVISIONS = {"temi": "a plateau counts once the EMA teacher has settled (Convergence: 749 steps at momentum 0.996)"}
+# protocol (not shown, re-run by --resume). Since issue 33 ``scan``, ``temi`` and ``turtle`` are the peers as their
+# authors released them; their rows from before ran the common protocol (now ``<peer>_common``). The EMA teacher's
+# settling revision names the common-protocol TEMI row (a test keeps it so).
+RELEASED = "issue 33: the peer as its authors released it (configs/peers/<peer>.yaml: their optimiser, heads, schedule)"
+REVISIONS = {
+    "scan": RELEASED,
+    "temi": RELEASED,
+    "turtle": RELEASED,
+    "temi_common": "a plateau counts once the EMA teacher has settled (Convergence: 749 steps at momentum 0.996)",
+}
 # every row of the I-Con default (``icon``, the files of ``ablations/``) since issue 32: rows from before are of an
 # earlier protocol
 ISSUE_32 = "issue 32: heads started from k-means and spectral clustering kept to the end, the judge selects the head"

@@ -122,17 +122,18 @@ def test_the_icon_rows_are_the_recipe_and_its_edits():
 
 
 def test_a_revision_retires_only_its_method_s_rows(tmp_path):
-    """TEMI's rows from before its revision (the EMA teacher settles before a plateau counts) are of an earlier
-    protocol: not shown, named as missing; the other rows of the same file stay. The revised methods are exactly
-    the table's peers whose config keeps an EMA teacher."""
+    """TEMI's rows from before its revision (issue 33: as released) are of an earlier protocol: not shown, named as
+    missing; the other rows of the same file stay. The revised methods are exactly the released peers and the
+    common-protocol rows whose config keeps an EMA teacher (the plateau waits for it to settle)."""
     import yaml
 
     teachers = {
-        m
+        f"{m}_common"
         for m in ("scan", "temi", "turtle")
-        if yaml.safe_load((bc.PEERS / f"{m}.yaml").read_text())["model"].get("ema_momentum")
+        if yaml.safe_load((bc.PEERS / f"{m}_common.yaml").read_text())["model"].get("ema_momentum")
     }
-    assert teachers == set(bc.REVISIONS) and not any(m.startswith("icon") for m in bc.REVISIONS)
+    assert set(bc.REVISIONS) == {"scan", "temi", "turtle"} | teachers == {"scan", "temi", "turtle", "temi_common"}
+    assert not any(m.startswith("icon") for m in bc.REVISIONS)
     assert bc.current_protocol("icon_random_heads").endswith(bc.ISSUE_32)  # every I-Con row since issue 32
     run = {"seed": 0, "hungarian_acc": 0.5, "nmi": 0.4, "ari": 0.3, "wall_s": 1.0, "steps": 10, "converged": True}
     row = {"runs": [run], "clusters": 3} | {
