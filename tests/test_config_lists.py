@@ -102,7 +102,11 @@ def test_the_table_keeps_its_rows_and_adds_every_peer():
     table = bc.table_methods()
     peers = tuple(bc.config_files(CONFIG_DIR, "peers"))
     assert set(OLD_TABLE) <= set(table) and set(peers) <= set(table) and "icon_published" in table
-    assert set(table) - set(OLD_TABLE) == set(peers) - {"scan", "temi", "turtle"}  # nothing else joined
+    # nothing else joined but issue 33's rows of their own: the K-free mode and the selection rule
+    assert set(table) - set(OLD_TABLE) == set(peers) - {"scan", "temi", "turtle"} | {
+        "icon_auto_k",
+        "icon_loss_selection",
+    }
     assert table[:3] == bc.CLASSICAL and table.index("icon") > max(table.index(p) for p in peers)
 
 
