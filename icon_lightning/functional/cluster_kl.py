@@ -19,6 +19,7 @@ longer grows with K; the pair terms and T_i stay exact.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -67,38 +68,44 @@ class _PairLogSumExp(torch.autograd.Function):
         return grad_a, grad_b, None, None
 
 
+def _csr(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A (shape) CSR matrix of entries (rows, cols, values), rows sorted."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    with warnings.catch_warnings():  # torch's "CSR support is in beta": these two products are tested here
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
 class _PairLogAffine(torch.autograd.Function):
-    """(H, P) log(shift[rows] + Σ_c a[h, rows, c] b[h, cols, c]) for P pairs, in blocks of pairs; a, b ≥ 0."""
+    """(H, P) log(shift[rows] + Σ_c a[h, rows, c] b[h, cols, c]) for P pairs, a, b ≥ 0: the products by
+    ``torch.sparse.sampled_addmm`` at the pairs (a CSR pattern), the gradients by CSR @ dense products."""
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, shift: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        h, _, k = a.shape
-        out = a.new_empty(h, len(rows))
-        for s, e in _blocks(len(rows), h * k):
-            r, c = rows[s:e], cols[s:e]
-            out[:, s:e] = torch.log(torch.einsum("hpk,hpk->hp", a[:, r], b[:, c]) + shift[r])
-        ctx.save_for_backward(a, b, rows, cols, out)
-        return out
+        shape = (a.shape[1], b.shape[1])
+        order = torch.argsort(rows, stable=True)
+        r, c = rows[order], cols[order]
+        pattern = _csr(r, c, a.new_ones(len(r)), shape)
+        products = [torch.sparse.sampled_addmm(pattern, a[h], b[h].T, beta=0.0).values() for h in range(len(a))]
+        log_y = torch.log(torch.stack(products) + shift[r])  # (H, P) in row order
+        ctx.save_for_backward(a, b, r, c, order, log_y)
+        return log_y.new_empty(log_y.shape).index_copy_(1, order, log_y)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        a, b, rows, cols, out = ctx.saved_tensors
-        h, _, k = a.shape
-        grad_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
-        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
-        for s, e in _blocks(len(rows), h * k):
-            r, c = rows[s:e], cols[s:e]
-            g = (grad[:, s:e] * torch.exp(-out[:, s:e])).unsqueeze(-1)  # ∂ log y / ∂y = 1 / y
-            if grad_a is not None:
-                grad_a.index_add_(1, r, g * b[:, c])
-            if grad_b is not None:
-                grad_b.index_add_(1, c, g * a[:, r])
+        a, b, r, c, order, log_y = ctx.saved_tensors
+        shape = (a.shape[1], b.shape[1])
+        g = grad[:, order] * torch.exp(-log_y)  # ∂ log y / ∂y = 1 / y, in row order
+        by_col = torch.argsort(c, stable=True)
+        grad_a = torch.stack([_csr(r, c, g[h], shape) @ b[h] for h in range(len(a))])
+        grad_b = torch.stack([_csr(c[by_col], r[by_col], g[h, by_col], shape[::-1]) @ a[h] for h in range(len(a))])
         return grad_a, grad_b, None, None, None
 
 
 def pair_log_affine(a: Tensor, b: Tensor, shift: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """(H, P) log(shift[rows] + (a bᵀ)[:, rows, cols]) for a (H, B, K), b (H, M, K) ≥ 0 and shift (B,) > 0, without
-    the (B, M) matrix: memory O(block × K) in forward and backward."""
+    the (B, M) matrix: memory O(H · P) beyond the inputs and their gradients."""
     return _PairLogAffine.apply(a, b, shift, rows, cols)
 
 
@@ -202,7 +209,7 @@ def sampled_log_affine(
     block: tuple[Tensor, Tensor, float],
 ) -> Tensor:
     """``weighted_log_affine`` with its dense sum estimated on ``block`` (``dense_block``: unbiased) and its pair sum
-    exact (``pair_log_affine``: blocked, memory O(block × K) however many pairs)."""
+    exact (``pair_log_affine``: sparse products at the pairs only)."""
     pick_rows, pick_cols, scale = block
     position = torch.full((b.shape[1],), -1, dtype=torch.long, device=b.device)  # a candidate's column in the block
     position[pick_cols] = torch.arange(len(pick_cols), device=b.device)
