@@ -17,8 +17,9 @@ default a file of ``ablations/`` (overrides on the default recipe; ``table: true
 
 Features come from the project's own pipeline (``cached_features``: EfficientNet-Lite0, ImageNet weights). The
 head-based methods (I-Con, its ablations, the peers) are ``icon fit`` on them, built by the one builder
-(``HeadClusterer``), which centres them by the fitting split's mean and L2-normalises them; the classical methods
-get the same preparation. Methods that fit on one split and score another
+(``HeadClusterer``), which centres them by the fitting split's mean and L2-normalises them unless the method's config
+says otherwise (the peers as released take the features as the backbone gives them: ``data.normalize: false``); the
+classical methods get the centred, L2-normalised features. Methods that fit on one split and score another
 (``cifar10_train_test``) fit on train and predict test. Labels only score; no method or hyper-parameter is
 chosen by them. Per-seed values, means and standard deviations go to the JSON.
 
