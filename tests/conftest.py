@@ -143,3 +143,21 @@ class EndProcessGroup(L.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def quiet_fit_words(path, config, tmp_path, *extra: str) -> list[str]:
+    """``icon fit`` words for a features file under ``config``, in-process and quiet: K = 10, the run's files under
+    ``tmp_path``, no logger, checkpoint or progress bar, on the CPU; ``extra`` last."""
+    from icon_lightning.cli import features_command
+
+    return [
+        *features_command(path, config),
+        "--data.num_clusters=10",
+        f"--data.cache_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+        *extra,
+    ]

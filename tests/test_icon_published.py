@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from icon_lightning.recipes import CONFIG_DIR
+from tests.conftest import quiet_fit_words
 
 CONFIG = CONFIG_DIR / "peers" / "icon_published.yaml"
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "imagenet_dinov2" / "config.yaml"
@@ -80,7 +81,7 @@ def test_a_30_epoch_fit_on_digits_halves_the_lr_every_10_epochs_and_selects_by_l
     """A real fit (full batch: 1,797 ≤ 4,096 anchors, so one step an epoch; about 3 s on 2 cores)."""
     from lightning.pytorch.callbacks import Callback
 
-    from icon_lightning.cli import assemble, features_command
+    from icon_lightning.cli import assemble
     from icon_lightning.data.datasets import DigitsDataset
     from icon_lightning.estimator import features_file
 
@@ -93,17 +94,7 @@ def test_a_30_epoch_fit_on_digits_halves_the_lr_every_10_epochs_and_selects_by_l
 
     x = DigitsDataset().data.numpy().astype(np.float32)
     path = features_file(x, tmp_path)
-    words = [
-        *features_command(path, CONFIG),
-        "--data.num_clusters=10",
-        f"--data.cache_dir={tmp_path}",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.accelerator=cpu",
-    ]
-    run = assemble(words)
+    run = assemble(quiet_fit_words(path, CONFIG, tmp_path))
     lrs = LearningRates()
     run.trainer.callbacks.append(lrs)
     record = run.execute().record

@@ -27,6 +27,7 @@ from icon_lightning.callbacks.peer_schedule import FreezeLastLayer, warmup_cosin
 from icon_lightning.models.heads_dino import DINOHeads, module_heads
 from icon_lightning.recipes import CONFIG_DIR
 from icon_lightning.rows import Rows
+from tests.conftest import quiet_fit_words
 
 PEERS = CONFIG_DIR / "peers"
 SCAN, TEMI = PEERS / "scan.yaml", PEERS / "temi.yaml"
@@ -354,7 +355,7 @@ def _digits_fit(tmp_path, config, extra=(), scale: float = 1.0):
     run, the file's rows, each step's LR, each step's batch (index, view) and the last layer at each epoch's end."""
     from lightning.pytorch.callbacks import Callback
 
-    from icon_lightning.cli import assemble, features_command
+    from icon_lightning.cli import assemble
     from icon_lightning.data.datasets import DigitsDataset
     from icon_lightning.estimator import features_file
 
@@ -376,19 +377,7 @@ def _digits_fit(tmp_path, config, extra=(), scale: float = 1.0):
                 self.last.append([p.detach().clone() for p in pl_module.heads.last_layer_parameters()])
 
     path = features_file(DigitsDataset().data.numpy().astype(np.float32) * np.float32(scale), tmp_path)
-    words = [
-        *features_command(path, config),
-        "--seed_everything=0",
-        "--data.num_clusters=10",
-        f"--data.cache_dir={tmp_path}",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.accelerator=cpu",
-        *extra,
-    ]
-    run = assemble(words)
+    run = assemble(quiet_fit_words(path, config, tmp_path, "--seed_everything=0", *extra))
     seen = Seen()
     run.trainer.callbacks.append(seen)
     return run.execute(), np.load(path)["features"], seen

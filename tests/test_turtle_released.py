@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 from icon_lightning.models.bank import HeadBank
 from icon_lightning.models.heads import ClusterHeads
 from icon_lightning.recipes import CONFIG_DIR
+from tests.conftest import quiet_fit_words
 
 PEERS = CONFIG_DIR / "peers"
 CONFIG, COMMON = PEERS / "turtle.yaml", PEERS / "turtle_common.yaml"
@@ -186,7 +187,7 @@ def _digits_fit(tmp_path, config, steps: int, extra=(), scale: float = 1.0):
     features."""
     from lightning.pytorch.callbacks import Callback
 
-    from icon_lightning.cli import assemble, features_command
+    from icon_lightning.cli import assemble
     from icon_lightning.data.datasets import DigitsDataset
 
     class Seen(Callback):
@@ -199,20 +200,9 @@ def _digits_fit(tmp_path, config, steps: int, extra=(), scale: float = 1.0):
     digits = DigitsDataset()
     path = tmp_path / "digits.npz"  # the rows and, to score only, the labels
     np.savez(path, features=digits.data.numpy().astype(np.float32) * np.float32(scale), labels=digits.labels)
-    words = [
-        *features_command(path, config),
-        f"--trainer.max_steps={steps}",
-        "--seed_everything=0",
-        "--data.num_clusters=10",
-        f"--data.cache_dir={tmp_path}",
-        f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=false",
-        "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.accelerator=cpu",
-        *extra,
-    ]
-    run = assemble(words)
+    run = assemble(
+        quiet_fit_words(path, config, tmp_path, f"--trainer.max_steps={steps}", "--seed_everything=0", *extra)
+    )
     seen, features = Seen(), []
     run.trainer.callbacks.append(seen)
     loss = run.model.loss
