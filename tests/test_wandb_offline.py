@@ -25,7 +25,11 @@ def closed_port() -> int:
 
 @pytest.fixture
 def logged_in(tmp_path, monkeypatch):
-    """A netrc entry for a W&B server on loopback, no WANDB_MODE: a logged-in user's environment."""
+    """A netrc entry for a W&B server on loopback, no WANDB_MODE: a logged-in user's environment, in a fresh W&B
+    session (an earlier test in this process may have started one, which would ignore these variables)."""
+    import wandb
+
+    wandb.teardown()
     netrc = tmp_path / "netrc"
     entry = "  login user\n  password " + "0" * 40 + "\n"
     netrc.write_text(f"machine api.wandb.ai\n{entry}machine 127.0.0.1\n{entry}")
